@@ -1,0 +1,5 @@
+"""`python -m builder` is the `modelpack` command."""
+
+from builder.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""User-facing errors: one type, carrying the message and the process exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_INVALID_INPUT = 2
+EXIT_VERIFICATION_FAILED = 3
+
+
+class ModelpackError(Exception):
+    """A failure the user can fix; the CLI prints the message without a traceback."""
+
+    exit_code = EXIT_INVALID_INPUT
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SpecError(ModelpackError):
+    """The spec file is missing, malformed or invalid."""
+
+
+class SourceError(ModelpackError):
+    """The base model or adapter checkpoint cannot be packaged as the spec asks."""
+
+
+class BundleError(ModelpackError):
+    """An existing bundle is incomplete or was changed after it was built."""
+
+
+class VerificationError(ModelpackError):
+    """The built bundle failed a verification check."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
