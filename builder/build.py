@@ -1,0 +1,156 @@
+"""The build: spec -> sources -> plan -> weights and files in staging -> verify -> publish."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import builder
+from builder import configs
+from builder.errors import SourceError, VerificationError
+from builder.execute import copy_side_files, write_weights
+from builder.plan import BuildPlan, plan_build
+from builder.publish import (
+    check_destination,
+    check_disk_space,
+    find_machine_paths,
+    publish,
+    sha256_file,
+    staging_folder,
+    write_manifest,
+)
+from builder.render import build_context, installed_versions, render_card, render_loader, render_requirements
+from builder.sources import read_adapter_checkpoint, read_base_model
+from builder.spec import Spec, load_spec
+from builder.verify import failure_message, verify_bundle
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    plan: BuildPlan
+    verification: dict | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildPlan:
+    """Load and check the spec and both sources, and plan the build; nothing is written."""
+    spec = load_spec(spec_path)
+    if output_dir is not None:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": output_dir.resolve()})})
+    base, adapter = read_base_model(spec.base.path), read_adapter_checkpoint(spec.adapter.path)
+    return plan_build(spec, base, adapter, spec_file=spec_path.resolve())
+
+
+def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, report: Report = lambda line: None,
+                 ) -> BuildResult:
+    """Execute the plan into a staging folder, verify it, and rename it into place."""
+    spec = plan.spec
+    dest = spec.output.dir
+    _check_output_is_not_a_source(dest, spec)
+    check_destination(dest, force=force)
+    check_disk_space(dest, plan.disk_needed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with staging_folder(dest) as staging:
+        report(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
+        write_weights(plan, staging)
+        copy_side_files(plan, staging)
+        context = _write_configs_and_render(plan, staging)
+        timings["write"] = time.perf_counter() - started
+
+        offenders = find_machine_paths(staging, [spec.base.path, spec.adapter.path, plan.spec_file.parent])
+        if offenders:
+            raise SourceError("the bundle would name paths of this machine:\n  " + "\n  ".join(offenders))
+        provenance = _provenance(plan)
+        write_manifest(staging, provenance)
+
+        verification = None
+        if verify:
+            report("verifying: loading the bundle in a fresh offline process")
+            verify_started = time.perf_counter()
+            verification = verify_bundle(staging, on_progress=report)
+            timings["verify"] = time.perf_counter() - verify_started
+            message = failure_message(verification)
+            if message:
+                raise VerificationError(message)
+            (staging / "verification.json").write_text(configs.dump_json(verification), encoding="utf-8")
+        (staging / "README.md").write_text(render_card(context, verification=verification), encoding="utf-8")
+        environment = verification["environment"] if verification else None
+        (staging / "requirements.txt").write_text(
+            render_requirements(context, environment=environment, extra_packages=_extra_packages(plan)),
+            encoding="utf-8",
+        )
+        write_manifest(staging, provenance)
+        publish(staging, dest)
+    timings["total"] = time.perf_counter() - started
+    return BuildResult(bundle=dest, plan=plan, verification=verification, timings=timings)
+
+
+def _check_output_is_not_a_source(dest: Path, spec: Spec) -> None:
+    for source in (spec.base.path, spec.adapter.path):
+        if dest == source or source in dest.parents or dest in source.parents:
+            raise SourceError(f"output.dir {dest} overlaps the source folder {source}; build somewhere else")
+
+
+def _write_configs_and_render(plan: BuildPlan, staging: Path):
+    """config.json, generation_config.json, tokenizer config and chat template, adapter config, load.py."""
+    template = configs.chat_template_of(plan)
+    special = configs.special_token_ids(plan)
+    end_of_turn = (
+        configs.end_of_turn_token(template, special, configs.tokenizer_config_tokens(plan)) if template else None
+    )
+    generation = configs.generation_config(plan, plan.base.generation_config, special.get(end_of_turn))
+    _write(staging / "config.json", configs.dump_json(configs.model_config(plan.base.config, plan.out_dtype)))
+    _write(staging / "generation_config.json", configs.dump_json(generation))
+    tokenizer_config = staging / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        _write(tokenizer_config, configs.dump_json(configs.tokenizer_config(tokenizer_config, template)))
+    if template is not None:
+        _write(staging / "chat_template.jinja", template)
+    if plan.mode == "separate":
+        _write(staging / "adapter" / "adapter_config.json", configs.dump_json(configs.adapter_config(plan.adapter.config)))
+    context = build_context(plan, generation=generation, end_of_turn_token=end_of_turn)
+    _write(staging / "load.py", render_loader(context))
+    _write(staging / "README.md", render_card(context, verification=None))
+    _write(staging / "requirements.txt",
+           render_requirements(context, environment=None, extra_packages=_extra_packages(plan)))
+    return context
+
+
+def _extra_packages(plan: BuildPlan) -> list[str]:
+    return ["tiktoken"] if any(c.dest.endswith(".tiktoken") for c in plan.copies) else []
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _provenance(plan: BuildPlan) -> dict:
+    """The spec as written, fingerprints of every source file read, and the tools that built the bundle."""
+    spec = plan.spec
+    read = [plan.base.path / "config.json", *plan.base.weight_files, plan.adapter.path / "adapter_config.json",
+            plan.adapter.weights_file, *(c.source for c in plan.copies)]
+    index = plan.base.path / "model.safetensors.index.json"
+    if index.is_file():
+        read.append(index)
+    if plan.base.generation_config is not None:
+        read.append(plan.base.path / "generation_config.json")
+    fingerprints = {}
+    for path in dict.fromkeys(read):
+        root, label = (plan.adapter.path, "adapter") if plan.adapter.path in path.parents else (plan.base.path, "base")
+        fingerprints[f"{label}/{path.relative_to(root).as_posix()}"] = sha256_file(path)
+    return {
+        "modelpack_version": builder.__version__,
+        "name": spec.name,
+        "mode": plan.mode,
+        "spec": {"file": plan.spec_file.name, "text": plan.spec_file.read_text(encoding="utf-8")},
+        "sources": {"base": str(spec.base.path), "adapter": str(spec.adapter.path), "sha256": fingerprints},
+        "ignored_training_files": [p.name for p in plan.adapter.ignored_files],
+        "tools": installed_versions(),
+    }

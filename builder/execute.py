@@ -1,0 +1,111 @@
+"""Executing a build plan's weights: stream each base tensor, merge its LoRA deltas, write shards and copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from builder.errors import SourceError
+from builder.merge import embedding_lora_delta, linear_lora_delta, merge_embedding_lora_delta, merge_lora_delta
+from builder.plan import BuildPlan, LoraDelta, ShardPlan, TensorPlan
+from builder.safetensors_io import ShardWriter, read_tensor, read_tensor_rows
+
+# A merged tensor is processed in row blocks whose float32 working copy stays under this size,
+# so peak memory is bounded by a block, not by the largest tensor (a 7B embedding is 2 GB in fp32).
+BLOCK_BYTES = 256 << 20
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+Progress = Callable[[int], None]
+
+
+def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda n: None) -> list[str]:
+    """Write every planned shard (and the index when there are several) into staging; returns file names."""
+    written = []
+    for shard in plan.shards:
+        write_shard(shard, staging / shard.filename, on_bytes=on_bytes)
+        written.append(shard.filename)
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": plan.weight_bytes},
+            "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+        }
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        written.append("model.safetensors.index.json")
+    return written
+
+
+def write_shard(shard: ShardPlan, path: Path, *, on_bytes: Progress) -> None:
+    writer = ShardWriter(path, [t.entry for t in shard.tensors], metadata={"format": "pt"})
+    try:
+        for tensor in shard.tensors:
+            if tensor.action == "copy":
+                writer.copy_bytes(tensor.name, tensor.source)
+            else:
+                for block in output_blocks(tensor):
+                    writer.write_tensor(tensor.name, block)
+            on_bytes(tensor.entry.nbytes)
+    finally:
+        writer.close()
+
+
+def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:
+    """The output tensor in row blocks: cast, or merged with its deltas and checked for NaN/Inf/overflow."""
+    shape = tensor.source.shape
+    if not shape:
+        yield read_tensor(tensor.source).to(tensor.out_dtype)
+        return
+    row_fp32_bytes = 4 * (tensor.source.nbytes // tensor.source.dtype.itemsize // shape[0])
+    block_rows = max(1, BLOCK_BYTES // max(row_fp32_bytes, 1))
+    factors = [(d, read_tensor(d.a), read_tensor(d.b)) for d in tensor.deltas]
+    for start in range(0, shape[0], block_rows):
+        end = min(shape[0], start + block_rows)
+        block = read_tensor_rows(tensor.source, start, end).to(tensor.out_dtype)
+        # Deltas apply one after another, each rounded into the output dtype, as peft merges layer by layer.
+        for delta, a, b in factors:
+            block = merge_delta_rows(block, delta, a, b, start, end, out_dtype=tensor.out_dtype)
+        if factors or tensor.out_dtype == torch.float16:
+            check_finite(tensor.name, block, out_dtype=tensor.out_dtype)
+        yield block
+
+
+def merge_delta_rows(
+    weight: torch.Tensor, delta: LoraDelta, a: torch.Tensor, b: torch.Tensor, start: int, end: int, *,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Merge one LoRA delta into rows [start, end) of its target tensor."""
+    if delta.kind == "embedding":
+        # Rows of (B @ A).T are columns of A: one per vocabulary entry.
+        rows = embedding_lora_delta(a[:, start:end], b, scaling=delta.scaling)
+        return merge_embedding_lora_delta(weight, rows, out_dtype=out_dtype)
+    if delta.fan_in_fan_out:
+        rows = linear_lora_delta(a[:, start:end], b, scaling=delta.scaling, fan_in_fan_out=True)
+    else:
+        rows = linear_lora_delta(a, b[start:end], scaling=delta.scaling, fan_in_fan_out=False)
+    return merge_lora_delta(weight, rows, out_dtype=out_dtype)
+
+
+def check_finite(name: str, merged: torch.Tensor, *, out_dtype: torch.dtype) -> None:
+    """Stop on NaN/Inf in a merged tensor; in float16 name the overflow and suggest bfloat16."""
+    if torch.isfinite(merged).all():
+        return
+    if out_dtype == torch.float16:
+        raise SourceError(
+            f"merged tensor {name!r} overflows float16 (values beyond +/-{FLOAT16_MAX:g} became inf); "
+            "set `output.dtype: bfloat16` (same range as float32) or float32"
+        )
+    raise SourceError(f"merged tensor {name!r} contains NaN or Inf; the adapter's weights for it are broken")
+
+
+def copy_side_files(plan: BuildPlan, staging: Path) -> list[str]:
+    """Copy tokenizer files, remote code and (separate mode) adapter weights byte for byte."""
+    written = []
+    for copy in plan.copies:
+        dest = staging / copy.dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(copy.source, dest)
+        written.append(copy.dest)
+    return written

@@ -1,0 +1,51 @@
+"""LoRA merge math as pure functions over tensors, following peft's default (non-safe) merge exactly."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+
+
+def pattern_value(patterns: Mapping[str, float], module_path: str, default: float) -> float:
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the module path's suffix wins.
+
+    A key is a regex matched against the whole path, anchored at a dot boundary ("(.*\\.)?key$").
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def lora_scaling(*, alpha: float, rank: int, use_rslora: bool) -> float:
+    """The factor peft multiplies B @ A by: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def linear_lora_delta(a: torch.Tensor, b: torch.Tensor, *, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """dW = (B @ A) * scaling in float32, transposed for Conv1D (fan_in_fan_out) layers."""
+    delta = b.float() @ a.float()
+    if fan_in_fan_out:
+        delta = delta.T
+    return delta * scaling
+
+
+def embedding_lora_delta(a: torch.Tensor, b: torch.Tensor, *, scaling: float) -> torch.Tensor:
+    """dW = (B @ A).T * scaling for lora_embedding_A (r x vocab) and lora_embedding_B (dim x r), in float32."""
+    return (b.float() @ a.float()).T * scaling
+
+
+def merge_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
+    """W' = W + dW, summed in float32 and rounded once into out_dtype (peft's `weight.data += delta_weight`).
+
+    The base weight is first cast to out_dtype, as when peft loads the base in that dtype before merging.
+    """
+    return (weight.to(out_dtype).float() + delta).to(out_dtype)
+
+
+def merge_embedding_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
+    """Embedding merge as peft does it: the delta is rounded into out_dtype first, then added (two roundings)."""
+    return (weight.to(out_dtype).float() + delta.to(out_dtype).float()).to(out_dtype)

@@ -1,0 +1,161 @@
+"""Rendering the bundle's loader script, model card and requirements from one context, with Jinja templates."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.resources
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+import yaml
+from jinja2 import Environment, FunctionLoader, StrictUndefined
+
+import builder
+from builder.configs import DTYPE_NAMES
+from builder.plan import BuildPlan
+
+# Packages a bundle needs at load time; peft only when the adapter stays separate.
+RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    rank: str
+    alpha: str
+    scaling: str
+    max_rank: int
+    target_modules: list[str]
+    modules: int
+    recorded_base: str
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """Everything the templates may use; StrictUndefined makes any other name an error."""
+
+    name: str
+    mode: str
+    dtype: str
+    trust_remote_code: bool
+    remote_code_files: list[str]
+    base_name: str
+    system_prompt: str | None
+    verify_max_new_tokens: int
+    prompts: list[dict]
+    probes: list[dict]
+    end_of_turn_token: str | None
+    generation: dict
+    card: dict
+    adapter: AdapterFacts
+    weight_files: list[str]
+    weight_size: str
+    modelpack_version: str
+    build_date: str
+
+
+def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str | None) -> RenderContext:
+    spec, adapter_config = plan.spec, plan.adapter.config
+    deltas = [d for t in plan.merged_tensors for d in t.deltas]
+    ranks = sorted({adapter_config.get("r", 8), *(adapter_config.get("rank_pattern") or {}).values()})
+    alphas = sorted({adapter_config.get("lora_alpha", 8), *(adapter_config.get("alpha_pattern") or {}).values()})
+    scalings = sorted({round(d.scaling, 6) for d in deltas})
+    targets = adapter_config.get("target_modules") or []
+    return RenderContext(
+        name=spec.name,
+        mode=spec.output.mode,
+        dtype=DTYPE_NAMES[plan.out_dtype],
+        trust_remote_code=spec.base.trust_remote_code and plan.base.needs_remote_code,
+        remote_code_files=[p.name for p in plan.base.remote_code_files],
+        base_name=base_model_name(plan),
+        system_prompt=spec.chat.system_prompt,
+        verify_max_new_tokens=spec.verify.max_new_tokens,
+        prompts=[p.model_dump() for p in spec.verify.prompts],
+        probes=[p.model_dump() for p in spec.verify.probes],
+        end_of_turn_token=end_of_turn_token,
+        generation=generation,
+        card=spec.card.model_dump(),
+        adapter=AdapterFacts(
+            rank=", ".join(map(str, ranks)),
+            alpha=", ".join(map(str, alphas)),
+            scaling=", ".join(f"{s:g}" for s in scalings) or "n/a (kept separate)",
+            max_rank=max(ranks),
+            target_modules=[targets] if isinstance(targets, str) else sorted(targets),
+            modules=len({d.module for d in deltas}) if deltas else len(plan.adapter.tensors) // 2,
+            recorded_base=str(adapter_config.get("base_model_name_or_path")),
+            checkpoint=plan.adapter.path.name,
+        ),
+        weight_files=[s.filename for s in plan.shards],
+        weight_size=f"{plan.weight_bytes / 1e9:.2f} GB" if plan.weight_bytes >= 1e8 else f"{plan.weight_bytes / 1e6:.1f} MB",
+        modelpack_version=builder.__version__,
+        build_date=datetime.date.today().isoformat(),
+    )
+
+
+def base_model_name(plan: BuildPlan) -> str:
+    """A hub-style id if the config records one ("Qwen/Qwen-7B-Chat"), else the base folder's name."""
+    recorded = str(plan.base.config.get("_name_or_path") or "")
+    if recorded.count("/") == 1 and not recorded.startswith((".", "/", "~")):
+        return recorded
+    return plan.base.path.name
+
+
+def _template_source(name: str) -> str:
+    return (importlib.resources.files("builder.templates") / name).read_text(encoding="utf-8")
+
+
+def _table_cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+
+_ENV = Environment(
+    loader=FunctionLoader(_template_source),
+    undefined=StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters["pyrepr"] = repr
+_ENV.filters["cell"] = _table_cell
+
+
+def render_loader(context: RenderContext) -> str:
+    return _ENV.get_template("load.py.jinja").render(**asdict(context))
+
+
+def render_card(context: RenderContext, *, verification: dict | None) -> str:
+    front_matter = {
+        "base_model": context.base_name,
+        "library_name": "peft" if context.mode == "separate" else "transformers",
+        "license": context.card["license"] or "other",
+        "language": context.card["language"],
+        "tags": list(dict.fromkeys([*context.card["tags"], "lora", "modelpack"])),
+        "pipeline_tag": "text-generation",
+    }
+    return _ENV.get_template("README.md.jinja").render(
+        **asdict(context),
+        front_matter=yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True),
+        verification=verification,
+    )
+
+
+def render_requirements(context: RenderContext, *, environment: dict | None, extra_packages: list[str]) -> str:
+    """Pinned versions: those the verification process reported, else this process's own."""
+    versions = dict(environment or installed_versions())
+    wanted = [*RUNTIME_PACKAGES, *(["peft"] if context.mode == "separate" else []), *extra_packages]
+    packages = [(p, versions[p]) for p in dict.fromkeys(wanted) if p in versions]
+    return _ENV.get_template("requirements.txt.jinja").render(
+        packages=packages, versions=versions, verified=environment is not None
+    )
+
+
+def installed_versions() -> dict:
+    import platform
+
+    found = {"python": platform.python_version()}
+    for package in (*RUNTIME_PACKAGES, "peft", "tiktoken"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

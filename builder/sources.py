@@ -1,0 +1,211 @@
+"""Reading the base model folder and the adapter checkpoint, without loading any weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import SourceError
+from builder.safetensors_io import TensorLocation, read_safetensors_header
+
+# Files a tokenizer may consist of; any of them present in a folder is copied as-is.
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_FILE_PATTERNS = ("*.tiktoken",)
+
+# What a trainer leaves in a checkpoint folder; never read, never copied (optimizer.pt alone is GBs).
+TRAINING_LEFTOVER_PATTERNS = (
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    "training_args.bin",
+    "global_step*",
+    "latest",
+    "zero_to_fp32.py",
+)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A local Hugging Face model folder: its config, where every weight tensor lies, and its side files."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorLocation]
+    weight_files: tuple[Path, ...]
+    tokenizer_files: tuple[Path, ...]
+    generation_config: dict | None
+    remote_code_files: tuple[Path, ...]
+
+    @property
+    def needs_remote_code(self) -> bool:
+        return bool(self.remote_code_files)
+
+
+@dataclass(frozen=True)
+class AdapterCheckpoint:
+    """A peft LoRA checkpoint folder: adapter_config.json, the adapter tensors, and any tokenizer it carries."""
+
+    path: Path
+    config: dict
+    weights_file: Path
+    tensors: dict[str, TensorLocation]
+    tokenizer_files: tuple[Path, ...]
+    ignored_files: tuple[Path, ...]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror}") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _tokenizer_files(folder: Path) -> tuple[Path, ...]:
+    found = [folder / name for name in TOKENIZER_FILE_NAMES if (folder / name).is_file()]
+    for pattern in TOKENIZER_FILE_PATTERNS:
+        found.extend(sorted(folder.glob(pattern)))
+    return tuple(found)
+
+
+def _auto_map_modules(*configs: dict | None) -> set[str]:
+    """Module names referenced by `auto_map` entries ("modeling_qwen.QWenLMHeadModel" -> "modeling_qwen")."""
+    modules = set()
+    for config in configs:
+        for target in (config or {}).get("auto_map", {}).values():
+            for ref in target if isinstance(target, list) else [target]:
+                if ref:
+                    # "repo--module.Class" refers to code in another repo: only the module part is local.
+                    modules.add(ref.split("--")[-1].rsplit(".", 1)[0])
+    return modules
+
+
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import|^\s*import\s+\.(\w+)", re.MULTILINE)
+
+
+def find_remote_code(folder: Path, *configs: dict | None) -> tuple[Path, ...]:
+    """The .py files a remote-code model needs: its auto_map modules and the local modules they import."""
+    pending = sorted(_auto_map_modules(*configs))
+    found: dict[str, Path] = {}
+    while pending:
+        module = pending.pop()
+        path = folder / f"{module.replace('.', '/')}.py"
+        if module in found or not path.is_file():
+            continue
+        found[module] = path
+        for match in _RELATIVE_IMPORT.finditer(path.read_text(encoding="utf-8", errors="replace")):
+            pending.append(match.group(1) or match.group(2))
+    return tuple(sorted(found.values()))
+
+
+def read_base_model(path: Path) -> BaseModel:
+    """Read a base model folder's config, safetensors headers and side files."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"base.path {path}: no config.json; point base.path at a Hugging Face model folder")
+    config = read_json(config_path)
+
+    index_path = path / "model.safetensors.index.json"
+    single_path = path / "model.safetensors"
+    tensors: dict[str, TensorLocation] = {}
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SourceError(f"{index_path}: has no 'weight_map'")
+        weight_files = tuple(path / name for name in dict.fromkeys(weight_map.values()))
+        for shard in weight_files:
+            if not shard.is_file():
+                raise SourceError(f"{index_path}: lists shard {shard.name}, which is missing from {path}")
+            for name, location in read_safetensors_header(shard).items():
+                if weight_map.get(name) == shard.name:
+                    tensors[name] = location
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise SourceError(f"{index_path}: tensor {missing[0]!r} is not in shard {weight_map[missing[0]]}")
+    elif single_path.is_file():
+        weight_files = (single_path,)
+        tensors = read_safetensors_header(single_path)
+    else:
+        legacy = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+        hint = (
+            f"it has only pickled weights ({legacy[0]}); convert them to safetensors first "
+            "(load with transformers and save_pretrained(safe_serialization=True))"
+            if legacy
+            else "no model.safetensors or model.safetensors.index.json"
+        )
+        raise SourceError(f"base.path {path}: {hint}")
+
+    tokenizer_config_path = path / "tokenizer_config.json"
+    tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else None
+    generation_config_path = path / "generation_config.json"
+    return BaseModel(
+        path=path,
+        config=config,
+        tensors=tensors,
+        weight_files=weight_files,
+        tokenizer_files=_tokenizer_files(path),
+        generation_config=read_json(generation_config_path) if generation_config_path.is_file() else None,
+        remote_code_files=find_remote_code(path, config, tokenizer_config),
+    )
+
+
+def read_adapter_checkpoint(path: Path) -> AdapterCheckpoint:
+    """Read a peft checkpoint folder's adapter config and tensor headers, skipping training leftovers."""
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise SourceError(
+            f"adapter.path {path}: no adapter_config.json; point adapter.path at the folder peft's "
+            "save_pretrained wrote (e.g. output/checkpoint-1560)"
+        )
+    config = read_json(config_path)
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise SourceError(f"{config_path}: peft_type is {peft_type!r}; modelpack packages LoRA adapters only")
+
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        legacy = path / "adapter_model.bin"
+        hint = (
+            "it has only the pickled adapter_model.bin; re-save the adapter with safetensors "
+            "(PeftModel.save_pretrained(..., safe_serialization=True))"
+            if legacy.is_file()
+            else "no adapter_model.safetensors"
+        )
+        raise SourceError(f"adapter.path {path}: {hint}")
+    tensors = read_safetensors_header(weights_file)
+    if not tensors:
+        raise SourceError(f"{weights_file}: holds no tensors; the training run saved an empty adapter")
+
+    ignored = sorted({p for pattern in TRAINING_LEFTOVER_PATTERNS for p in path.glob(pattern)})
+    # Only a checkpoint that carries a full tokenizer (its config) overrides the base's tokenizer.
+    tokenizer_files = _tokenizer_files(path) if (path / "tokenizer_config.json").is_file() else ()
+    return AdapterCheckpoint(
+        path=path,
+        config=config,
+        weights_file=weights_file,
+        tensors=tensors,
+        tokenizer_files=tokenizer_files,
+        ignored_files=tuple(ignored),
+    )

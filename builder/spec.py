@@ -1,0 +1,455 @@
+"""The build spec: YAML file -> validated, frozen `Spec`, with errors that point at file:line."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from builder.errors import SpecError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+# huggingface_hub's convention: decimal units are powers of ten, binary (…iB) units powers of two.
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+Location = tuple[str | int, ...]
+
+
+def _parse_byte_size(value: Any) -> int:
+    """Accept a byte count or a size such as "2GB", "500MB", "1.5GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_PATTERN.match(value)
+        unit = match.group(2).upper() if match else None
+        if unit not in _SIZE_UNITS:
+            raise ValueError(
+                f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
+                "(KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024), e.g. '2GB'"
+            )
+        # Decimal, not float: "1.1GB" must be exactly 1_100_000_000 bytes.
+        size = int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
+    else:
+        raise ValueError(f"expected a number of bytes or a size such as '2GB', got {value!r}")
+    if size <= 0:
+        raise ValueError(f"size must be greater than 0 bytes, got {value!r}")
+    return size
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(_parse_byte_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "exclusiveMinimum": 0},
+                # JSON Schema regexes take no flags: spell out the case-insensitive unit.
+                {"type": "string", "pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*([KkMmGgTt][Ii]?[Bb]|[Bb])?\s*$"},
+            ],
+            "description": "Bytes, or a size with a unit: KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (of 1024).",
+        }
+    ),
+]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Make a path absolute against the spec file's folder, so a committed spec works from any cwd."""
+    anchor = (info.context or {}).get("spec_dir", Path.cwd())
+    # normpath, not resolve(): keep symlinked model folders as the user named them.
+    return Path(os.path.normpath(Path(anchor) / value.expanduser()))
+
+
+SpecPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+def _as_list(value: Any) -> Any:
+    """A lone string stands for a one-item list: `contains: 缺钙`."""
+    return [value] if isinstance(value, str) else value
+
+
+StringList = Annotated[
+    list[str],
+    BeforeValidator(_as_list),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelSpec(_Section):
+    """The base model folder (config.json, weights, tokenizer files)."""
+
+    path: SpecPath = Field(description="Directory of the base model.")
+    trust_remote_code: bool = Field(
+        default=False, description="The base ships its own modeling/tokenizer code (e.g. Qwen-7B-Chat v1)."
+    )
+
+
+class AdapterSpec(_Section):
+    """The peft LoRA checkpoint folder."""
+
+    path: SpecPath = Field(description="Directory holding adapter_config.json and the adapter weights.")
+
+
+class OutputSpec(_Section):
+    """Where and how the bundle is written."""
+
+    dir: SpecPath = Field(description="Bundle directory; replaced atomically when the build succeeds.")
+    mode: Literal["merge", "separate"] = Field(
+        default="merge", description="merge: one set of merged weights; separate: base weights plus adapter/."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weight dtype of the bundle; auto keeps the base's dtype."
+    )
+    max_shard_size: ByteSize = Field(default=5 * 10**9)
+
+
+class GenerationSpec(_Section):
+    """Overrides for the bundle's generation_config.json; an unset field keeps the base's value."""
+
+    max_new_tokens: Annotated[int, Field(gt=0)] | None = None
+    do_sample: bool | None = None
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _transformers_accepts(self) -> GenerationSpec:
+        values = self.overrides()
+        if not values:
+            return self
+        # Imported here: transformers pulls in torch (~1 s), and only specs with overrides need it.
+        from transformers import GenerationConfig
+
+        # Unset do_sample means the base decides; judge the sampling knobs as if it samples,
+        # since rejecting `temperature` alone would refuse a valid override of a sampling base.
+        judged = {"do_sample": True} | values
+        config = GenerationConfig()
+        # Set attributes after construction: the constructor's lenient validation would log
+        # the very problem the strict check below reports.
+        for key, value in judged.items():
+            setattr(config, key, value)
+        try:
+            config.validate(strict=True, user_set_attributes=set(values))
+        except ValueError as err:
+            raise ValueError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields the spec sets, ready to update a GenerationConfig."""
+        return self.model_dump(exclude_none=True)
+
+
+class ChatSpec(_Section):
+    """Chat behaviour baked into the bundle."""
+
+    system_prompt: str | None = Field(default=None, description="Default system prompt of the loader's chat().")
+    template: SpecPath | None = Field(
+        default=None, description="A .jinja chat template file that replaces the base's chat template."
+    )
+
+
+class CardSpec(_Section):
+    """Model card text and metadata."""
+
+    description: str | None = None
+    license: str | None = None
+    language: StringList = []
+    tags: StringList = []
+    intended_use: str | None = None
+    limitations: str | None = None
+
+
+class Expectation(_Section):
+    """What a verification reply must (not) contain; every given check must pass."""
+
+    contains: StringList = []
+    not_contains: StringList = []
+    equals: str | None = None
+    regex: str | None = Field(default=None, description="Python regular expression searched in the reply.")
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"invalid regular expression {value!r}: {err}") from None
+        return value
+
+
+class VerifyPrompt(_Section):
+    """One prompt sent to the built bundle."""
+
+    prompt: str
+    expect: Expectation = Expectation()
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        return value
+
+
+class VerifySpec(_Section):
+    """Checks run on the finished bundle before it is published."""
+
+    max_new_tokens: Annotated[int, Field(gt=0)] = 64
+    prompts: list[VerifyPrompt] = Field(default=[], description="In-domain prompts; their expectations must hold.")
+    probes: list[VerifyPrompt] = Field(
+        default=[],
+        description="General-skill prompts outside the tuning domain; replies are recorded, expectations optional.",
+    )
+
+
+class Spec(_Section):
+    """A modelpack build: base model + LoRA adapter -> a verified bundle."""
+
+    name: str = Field(json_schema_extra={"pattern": NAME_PATTERN})
+    base: BaseModelSpec
+    adapter: AdapterSpec
+    output: OutputSpec
+    generation: GenerationSpec = GenerationSpec()
+    chat: ChatSpec = ChatSpec()
+    card: CardSpec = CardSpec()
+    verify: VerifySpec = VerifySpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_portable(cls, value: str) -> str:
+        if not re.match(NAME_PATTERN, value):
+            raise ValueError(
+                f"invalid name {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+            )
+        return value
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """JSON Schema of the spec file, for editors (`modelpack schema > specs/modelpack.schema.json`)."""
+    schema = Spec.model_json_schema()
+    schema.pop("title", None)
+    return {"$schema": JSON_SCHEMA_DIALECT, "title": "modelpack spec", **schema}
+
+
+def load_spec(path: Path, *, environ: Mapping[str, str] | None = None, check_paths: bool = True) -> Spec:
+    """Read, expand and validate a spec file; every problem becomes one SpecError naming file:line."""
+    shown = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {shown}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"cannot read spec file {shown}: {err}") from None
+
+    data, lines = _parse_yaml(text, shown)
+    data, origins = _expand_variables(data, lines, shown, os.environ if environ is None else environ)
+    spec_dir = Path(os.path.normpath(Path(path).expanduser().absolute().parent))
+    try:
+        spec = Spec.model_validate(data, context={"spec_dir": spec_dir})
+    except ValidationError as err:
+        problems = sorted((_line_of(e["loc"], lines), _key_path(e["loc"]), _describe(e)) for e in err.errors())
+        raise SpecError(_invalid(shown, problems)) from None
+    if check_paths:
+        _check_paths(spec, data, origins, lines, shown)
+    return spec
+
+
+def _invalid(shown: str, problems: list[tuple[int, str, str]]) -> str:
+    return "\n".join([f"invalid spec {shown}:"] + [f"{shown}:{line}: {key}: {msg}" for line, key, msg in problems])
+
+
+def _parse_yaml(text: str, shown: str) -> tuple[dict[str, Any], dict[Location, int]]:
+    """Load the YAML document and the line (1-based) of every mapping key and sequence item."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{shown}:{mark.line + 1}" if mark else shown
+        reason = ": ".join(part for part in (err.context, err.problem) if part)
+        raise SpecError(f"{where}: invalid YAML: {reason}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{shown}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        found = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise SpecError(f"{shown}: a spec must be a mapping of keys (name, base, adapter, ...), found {found}")
+    lines: dict[Location, int] = {(): node.start_mark.line + 1}
+    _record_lines(node, (), lines, shown)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node, loc: Location, lines: dict[Location, int], shown: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = loc + (key_node.value,)
+            if child in lines:
+                # PyYAML silently keeps the last duplicate; a strict spec names both lines instead.
+                raise SpecError(
+                    f"{shown}:{key_node.start_mark.line + 1}: {_key_path(child)}: "
+                    f"duplicate key (first at line {lines[child]})"
+                )
+            lines[child] = key_node.start_mark.line + 1
+            _record_lines(value_node, child, lines, shown)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[loc + (index,)] = item.start_mark.line + 1
+            _record_lines(item, loc + (index,), lines, shown)
+
+
+def _expand_variables(
+    value: Any, lines: dict[Location, int], shown: str, environ: Mapping[str, str]
+) -> tuple[Any, dict[Location, tuple[str, dict[str, str]]]]:
+    """Replace `${NAME}` in every string value; remember what each expanded string was written as."""
+    origins: dict[Location, tuple[str, dict[str, str]]] = {}
+    unset: list[tuple[int, str, str]] = []
+
+    def expand(item: Any, loc: Location) -> Any:
+        if isinstance(item, dict):
+            return {key: expand(child, loc + (key,)) for key, child in item.items()}
+        if isinstance(item, list):
+            return [expand(child, loc + (index,)) for index, child in enumerate(item)]
+        if not isinstance(item, str):
+            return item
+        names = _VARIABLE_PATTERN.findall(item)
+        if not names:
+            return item
+        for name in dict.fromkeys(names):
+            if name not in environ:
+                unset.append(
+                    (_line_of(loc, lines), _key_path(loc), f'environment variable {name} is not set (used in "{item}")')
+                )
+        origins[loc] = (item, {name: environ.get(name, "") for name in names})
+        return _VARIABLE_PATTERN.sub(lambda match: environ.get(match.group(1), ""), item)
+
+    expanded = expand(value, ())
+    if unset:
+        raise SpecError(_invalid(shown, unset))
+    return expanded, origins
+
+
+def _check_paths(
+    spec: Spec,
+    data: dict[str, Any],
+    origins: dict[Location, tuple[str, dict[str, str]]],
+    lines: dict[Location, int],
+    shown: str,
+) -> None:
+    wanted = [
+        (("base", "path"), spec.base.path, "directory"),
+        (("adapter", "path"), spec.adapter.path, "directory"),
+        (("chat", "template"), spec.chat.template, "file"),
+    ]
+    problems = []
+    for loc, resolved, kind in wanted:
+        if resolved is None or (resolved.is_dir() if kind == "directory" else resolved.is_file()):
+            continue
+        reason = f"not a {kind}" if resolved.exists() else f"{kind} not found"
+        written, variables = origins.get(loc, (data[loc[0]][loc[1]], {}))
+        sources = [f'"{written}"'] if written != str(resolved) else []
+        sources += [f"{name}={value}" for name, value in variables.items()]
+        source = f" (from {', '.join(sources)})" if sources else ""
+        problems.append((_line_of(loc, lines), _key_path(loc), f"{reason}: {resolved}{source}"))
+    if problems:
+        raise SpecError(_invalid(shown, problems))
+
+
+def _line_of(loc: Location, lines: dict[Location, int]) -> int:
+    """The line of the nearest written ancestor: a missing key is reported at its parent mapping."""
+    while loc not in lines:
+        loc = loc[:-1]
+    return lines[loc]
+
+
+def _key_path(loc: Location) -> str:
+    """`("verify", "prompts", 0, "expect")` -> `verify.prompts[0].expect`."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    """A pydantic error in the spec author's words."""
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return _unknown_key(error["loc"])
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind == "model_type":
+        return f"expected a mapping of keys, got {error['input']!r}"
+    if isinstance(error["input"], str | int | float | bool | None):
+        return f"{error['msg']}, got {error['input']!r}"
+    return error["msg"]
+
+
+def _unknown_key(loc: Location) -> str:
+    unknown = str(loc[-1])
+    valid = list(_section_at(loc[:-1]).model_fields)
+    close = difflib.get_close_matches(unknown, valid, n=1)
+    if close:
+        return f"unknown key {unknown!r}; did you mean {close[0]!r}?"
+    return f"unknown key {unknown!r}; valid keys: {', '.join(valid)}"
+
+
+def _section_at(loc: Location) -> type[BaseModel]:
+    """The model class validating the mapping at `loc` (list indices step into the item type)."""
+    section: type[BaseModel] = Spec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = section.model_fields[part].annotation
+        section = next(_models_in(annotation))
+    return section
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _models_in(arg)

@@ -1,0 +1,1 @@
+"""The Jinja templates of the bundle files, installed as the package data `builder.templates`."""
