@@ -105,7 +105,7 @@ def _write_configs_and_render(plan: BuildPlan, staging: Path):
         configs.end_of_turn_token(template, special, configs.tokenizer_config_tokens(plan)) if template else None
     )
     generation = configs.generation_config(plan, plan.base.generation_config, special.get(end_of_turn))
-    _write(staging / "config.json", configs.dump_json(configs.model_config(plan.base.config, plan.out_dtype)))
+    _write(staging / "config.json", configs.dump_json(configs.model_config(plan.base.config, plan.out_dtype, untie_embeddings=plan.untie_embeddings)))
     _write(staging / "generation_config.json", configs.dump_json(generation))
     tokenizer_config = staging / "tokenizer_config.json"
     if tokenizer_config.is_file():

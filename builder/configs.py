@@ -20,9 +20,11 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon
 _SENTINEL = "MODELPACK_ASSISTANT_REPLY"
 
 
-def model_config(base_config: dict, out_dtype: torch.dtype) -> dict:
+def model_config(base_config: dict, out_dtype: torch.dtype, *, untie_embeddings: bool) -> dict:
     """config.json with the output dtype recorded under the key(s) transformers 4.x and 5.x read."""
     config = dict(base_config)
+    if untie_embeddings:
+        config["tie_word_embeddings"] = False
     name = DTYPE_NAMES[out_dtype]
     config["torch_dtype"] = name
     if "dtype" in config:

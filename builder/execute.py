@@ -17,6 +17,9 @@ from builder.safetensors_io import ShardWriter, read_tensor, read_tensor_rows
 # A merged tensor is processed in row blocks whose float32 working copy stays under this size,
 # so peak memory is bounded by a block, not by the largest tensor (a 7B embedding is 2 GB in fp32).
 BLOCK_BYTES = 256 << 20
+# Blocks are whole multiples of this many rows: matmuls over a single row take another BLAS path (gemv)
+# whose rounding differs, and the merge must be bit-identical to peft's full-matrix product.
+BLOCK_ROW_MULTIPLE = 64
 FLOAT16_MAX = torch.finfo(torch.float16).max
 
 Progress = Callable[[int], None]
@@ -59,7 +62,7 @@ def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:
         yield read_tensor(tensor.source).to(tensor.out_dtype)
         return
     row_fp32_bytes = 4 * (tensor.source.nbytes // tensor.source.dtype.itemsize // shape[0])
-    block_rows = max(1, BLOCK_BYTES // max(row_fp32_bytes, 1))
+    block_rows = max(1, BLOCK_BYTES // max(row_fp32_bytes, 1) // BLOCK_ROW_MULTIPLE) * BLOCK_ROW_MULTIPLE
     factors = [(d, read_tensor(d.a), read_tensor(d.b)) for d in tensor.deltas]
     for start in range(0, shape[0], block_rows):
         end = min(shape[0], start + block_rows)

@@ -20,6 +20,7 @@ ADAPTER_PREFIX = "base_model.model."
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 # Adapters whose initialisation changed the base weights cannot be merged onto the original base.
 WEIGHT_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+TIED_HEAD = "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class BuildPlan:
     out_dtype: torch.dtype
     shards: tuple[ShardPlan, ...]
     copies: tuple[FileCopy, ...]
+    untie_embeddings: bool = False
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -145,27 +147,46 @@ def _refuse_unmergeable_config(adapter: AdapterCheckpoint, mode: str) -> None:
                 )
 
 
-def match_lora_deltas(base: BaseModel, adapter: AdapterCheckpoint, *, mode: str) -> dict[str, list[LoraDelta]]:
+@dataclass(frozen=True)
+class AdapterMatch:
+    """The adapter mapped onto the base: LoRA deltas per base tensor, and tensors the adapter replaces whole."""
+
+    deltas: dict[str, list[LoraDelta]]
+    replacements: dict[str, TensorLocation]
+
+
+def match_adapter(base: BaseModel, adapter: AdapterCheckpoint, *, mode: str) -> AdapterMatch:
     """Map every adapter tensor to the base tensor it changes, checking shapes; anything unmatched stops the build."""
     _refuse_unmergeable_config(adapter, mode)
     config = adapter.config
     weights = adapter.weights_file.name
+    tensors = with_tied_head(base)
     pairs: dict[str, dict[str, TensorLocation]] = {}
+    replacements: dict[str, TensorLocation] = {}
     for key, location in adapter.tensors.items():
         if not key.startswith(ADAPTER_PREFIX):
             raise SourceError(f"{weights}: tensor {key!r} lacks the {ADAPTER_PREFIX!r} prefix peft writes")
         module, role = _module_of(key[len(ADAPTER_PREFIX):])
-        if role == "replacement" or role == "lora_magnitude_vector" or role == "lora_B.bias":
-            if mode == "separate":
-                continue
-            raise SourceError(
-                f"{weights}: tensor {key!r} is a full replacement or variant weight "
-                "(modules_to_save, bias, DoRA); merging these is not supported yet. "
-                "Use `output.mode: separate` to package the adapter unmerged."
-            )
+        if role in ("lora_magnitude_vector", "lora_B.bias") or (role == "replacement" and mode == "separate"):
+            continue  # DoRA / lora_bias are refused by config in merge mode; separate mode loads all through peft
+        if role == "replacement":
+            if not module.endswith(".base_layer.weight"):
+                raise SourceError(
+                    f"{weights}: tensor {key!r} is a full replacement weight (modules_to_save or bias); "
+                    "merging these is not supported yet. Use `output.mode: separate` to package the adapter unmerged."
+                )
+            # save_embedding_layers: a full copy of an embedding (or tied head) that replaces the base's.
+            target = _base_target(module.removesuffix(".base_layer.weight") + ".weight", tensors, key, base, config)
+            if location.shape != tensors[target].shape:
+                raise SourceError(
+                    f"{weights}: {key!r} has shape {list(location.shape)} but base {target!r} has "
+                    f"{list(tensors[target].shape)}: the vocabulary was resized during training, which "
+                    "modelpack does not merge yet. Use `output.mode: separate`."
+                )
+            replacements[target] = location
+            continue
         pairs.setdefault(module, {})[role] = location
 
-    tied = _tied_embedding_name(base)
     deltas: dict[str, list[LoraDelta]] = {}
     for module, roles in sorted(pairs.items()):
         kind = "embedding" if "lora_embedding_A" in roles or "lora_embedding_B" in roles else "linear"
@@ -173,34 +194,43 @@ def match_lora_deltas(base: BaseModel, adapter: AdapterCheckpoint, *, mode: str)
         if a_role not in roles or b_role not in roles:
             missing = a_role if a_role not in roles else b_role
             raise SourceError(f"{weights}: module {module!r} has no {missing} tensor; the adapter file is incomplete")
-        a, b = roles[a_role], roles[b_role]
-        target = f"{module}.weight"
-        if target not in base.tensors and target == "lm_head.weight" and tied:
-            target = tied  # the head shares the input embedding matrix, so its delta lands there
-        if target not in base.tensors:
-            raise SourceError(
-                f"{weights}: tensor {ADAPTER_PREFIX}{module}.{a_role} targets {target!r}, which the base model at "
-                f"{base.path} does not have. Was this adapter trained on another model "
-                f"(it records base_model_name_or_path={config.get('base_model_name_or_path')!r})?"
-            )
+        target = _base_target(f"{module}.weight", tensors, f"{ADAPTER_PREFIX}{module}.{a_role}", base, config)
         rank = int(pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
         alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-        fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
         delta = LoraDelta(
             module=module,
             kind=kind,
-            a=a,
-            b=b,
+            a=roles[a_role],
+            b=roles[b_role],
             rank=rank,
             scaling=lora_scaling(alpha=alpha, rank=rank, use_rslora=bool(config.get("use_rslora", False))),
-            fan_in_fan_out=fan_in_fan_out and kind == "linear",
+            fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and kind == "linear",
         )
-        _check_delta_shape(delta, base.tensors[target], weights)
+        _check_delta_shape(delta, tensors[target], weights)
         deltas.setdefault(target, []).append(delta)
-    return deltas
+    return AdapterMatch(deltas=deltas, replacements=replacements)
 
 
-def _tied_embedding_name(base: BaseModel) -> str | None:
+def _base_target(target: str, tensors: dict[str, TensorLocation], key: str, base: BaseModel, config: dict) -> str:
+    if target not in tensors:
+        raise SourceError(
+            f"adapter tensor {key!r} targets {target!r}, which the base model at {base.path} does not have. "
+            f"Was this adapter trained on another model (it records "
+            f"base_model_name_or_path={config.get('base_model_name_or_path')!r})?"
+        )
+    return target
+
+
+def with_tied_head(base: BaseModel) -> dict[str, TensorLocation]:
+    """The base's tensors plus `lm_head.weight` when the head is tied to (and stored as) the input embedding."""
+    tied = tied_embedding_name(base)
+    if tied and TIED_HEAD not in base.tensors:
+        return {**base.tensors, TIED_HEAD: base.tensors[tied]}
+    return dict(base.tensors)
+
+
+def tied_embedding_name(base: BaseModel) -> str | None:
+    """The input embedding the output head shares, when the config ties them (transformers' default)."""
     tied = base.config.get("tie_word_embeddings", base.config.get("text_config", {}).get("tie_word_embeddings"))
     if tied is False:
         return None
@@ -261,17 +291,35 @@ def plan_build(spec: Spec, base: BaseModel, adapter: AdapterCheckpoint, *, spec_
             "Read it, then set `base.trust_remote_code: true` in the spec."
         )
     mode = spec.output.mode
-    deltas = match_lora_deltas(base, adapter, mode=mode) if mode == "merge" else _checked_separate(base, adapter)
+    # Separate mode merges nothing, but the adapter must still fit the base it ships with.
+    match = match_adapter(base, adapter, mode=mode)
+    if mode == "separate":
+        match = AdapterMatch(deltas={}, replacements={})
+    replacements = _shared_replacements(base, match.replacements)
     out_dtype = output_dtype(spec.output.dtype, base)
     tensors = [
         TensorPlan(
             name=name,
-            source=location,
+            source=replacements.get(name, location),
             out_dtype=out_dtype if location.dtype.is_floating_point else location.dtype,
-            deltas=tuple(deltas.get(name, ())),
+            deltas=tuple(match.deltas.get(name, ())),
         )
         for name, location in _in_file_order(base.tensors)
     ]
+    untie = _needs_untying(base, match)
+    if untie:
+        # A delta on one side of a tied pair must not reach the other: peft's merge writes it into the shared
+        # matrix, which changes the input embeddings too (the merged model then answers differently from
+        # base + adapter). The bundle stores the head as its own tensor instead and unties it in config.json.
+        embedding = base.tensors[tied_embedding_name(base)]
+        tensors.append(
+            TensorPlan(
+                name=TIED_HEAD,
+                source=replacements.get(TIED_HEAD, embedding),
+                out_dtype=out_dtype,
+                deltas=tuple(match.deltas.get(TIED_HEAD, ())),
+            )
+        )
     shards = split_into_shards(tensors, max_shard_size=spec.output.max_shard_size)
 
     copies = [FileCopy(p, p.name, "remote code") for p in base.remote_code_files]
@@ -297,14 +345,26 @@ def plan_build(spec: Spec, base: BaseModel, adapter: AdapterCheckpoint, *, spec_
         out_dtype=out_dtype,
         shards=shards,
         copies=tuple(_dedupe(copies)),
+        untie_embeddings=untie,
         warnings=tuple(warnings),
     )
 
 
-def _checked_separate(base: BaseModel, adapter: AdapterCheckpoint) -> dict[str, list[LoraDelta]]:
-    """Separate mode merges nothing, but the adapter must still fit the base it ships with."""
-    match_lora_deltas(base, adapter, mode="separate")
-    return {}
+def _shared_replacements(base: BaseModel, replacements: dict[str, TensorLocation]) -> dict[str, TensorLocation]:
+    """A full copy saved for either side of a tied pair replaced the one shared matrix, so it replaces both."""
+    tied = tied_embedding_name(base)
+    if not tied or TIED_HEAD in base.tensors:
+        return replacements
+    shared = replacements.get(TIED_HEAD) or replacements.get(tied)
+    return {**replacements, TIED_HEAD: shared, tied: shared} if shared else replacements
+
+
+def _needs_untying(base: BaseModel, match: AdapterMatch) -> bool:
+    tied = tied_embedding_name(base)
+    if not tied or TIED_HEAD in base.tensors:
+        return False
+    touched = set(match.deltas) | set(match.replacements)
+    return TIED_HEAD in touched or (tied in match.deltas)
 
 
 def _in_file_order(tensors: dict[str, TensorLocation]) -> list[tuple[str, TensorLocation]]:

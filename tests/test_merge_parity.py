@@ -1,0 +1,119 @@
+"""A merged bundle holds exactly the tensors peft's merge_and_unload produces, and answers like base + adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from builder.build import build_bundle, plan_from_spec
+from conftest import write_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# (id, architecture, tied embeddings, base dtype, output dtype, LoRA options)
+CASES = [
+    ("qwen2-tied-fp32", "qwen2", True, torch.float32, "float32", {}),
+    ("llama-untied-bf16", "llama", False, torch.bfloat16, "bfloat16", {}),
+    ("qwen2-fp32-base-to-bf16", "qwen2", True, torch.float32, "bfloat16", {}),
+    ("llama-fp16", "llama", False, torch.float32, "float16", {}),
+    (
+        "rslora-with-patterns",
+        "qwen2",
+        True,
+        torch.float32,
+        "float32",
+        dict(
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
+            alpha_pattern={"q_proj": 32, "o_proj": 3},
+        ),
+    ),
+    ("lm-head-on-tied-embedding", "qwen2", True, torch.float32, "float32", dict(target_modules=["q_proj", "lm_head"])),
+    ("lm-head-untied-bf16", "llama", False, torch.bfloat16, "bfloat16", dict(target_modules=["lm_head", "up_proj"])),
+]
+
+
+def bundle_tensors(bundle) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(bundle.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:  # every written file must round-trip through safetensors
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def peft_reference(base, adapter, dtype):
+    """The oracle: base loaded in the output dtype, the adapter through peft, unmerged and merged."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    peft_model = PeftModel.from_pretrained(model, adapter).eval()
+    ids = torch.tensor([[1, 5, 17, 33, 80, 2, 101, 7, 250, 3]])
+    with torch.no_grad():
+        unmerged_logits = peft_model(ids).logits
+        merged = peft_model.merge_and_unload().eval()
+        merged_logits = merged(ids).logits
+    return merged.state_dict(), unmerged_logits, merged_logits, ids
+
+
+@pytest.mark.parametrize("case_id, arch, tied, base_dtype, out_dtype, lora", CASES, ids=[c[0] for c in CASES])
+def test_merged_bundle_equals_peft_merge(tmp_path, models, adapters, case_id, arch, tied, base_dtype, out_dtype, lora):
+    base = models(arch, tied=tied, dtype=base_dtype)
+    adapter = adapters(base, case_id, **lora)
+    spec = write_spec(tmp_path, base, adapter, output={"dtype": out_dtype})
+    result = build_bundle(plan_from_spec(spec), verify=False)
+
+    dtype = DTYPES[out_dtype]
+    merged_state, unmerged_logits, merged_logits, ids = peft_reference(base, adapter, dtype)
+    unties = tied and "lm_head" in lora.get("target_modules", [])
+    if unties:
+        # peft merges a tied head's delta into the shared matrix, changing the input embeddings too; the bundle
+        # keeps the embedding as the base had it and stores the merged head on its own.
+        base_state = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).state_dict()
+        merged_state["model.embed_tokens.weight"] = base_state["model.embed_tokens.weight"]
+    written = bundle_tensors(result.bundle)
+    for name, tensor in written.items():
+        assert tensor.dtype == dtype, name
+        assert torch.equal(tensor, merged_state[name]), f"{name} differs from peft's merge"
+    # Every tensor peft's merged model holds is in the bundle, except a tied head that shares the embedding.
+    missing = set(merged_state) - set(written)
+    assert missing <= ({"lm_head.weight"} if tied and not unties else set())
+
+    bundle_model = AutoModelForCausalLM.from_pretrained(result.bundle, dtype=dtype).eval()
+    with torch.no_grad():
+        logits = bundle_model(ids).logits
+    if not unties:
+        assert torch.equal(logits, merged_logits)
+    # Against the unmerged adapter the only difference is where rounding happens: (W + BA)x vs Wx + B(Ax).
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.02}[dtype]
+    assert (logits.float() - unmerged_logits.float()).abs().max().item() <= tolerance
+    assert torch.equal(logits.argmax(-1), unmerged_logits.argmax(-1)) or dtype != torch.float32
+
+
+def test_sharded_base_streams_into_sharded_bundle(tmp_path, models, adapters):
+    base = models("llama", tied=False, dtype=torch.float32, shards=True)
+    adapter = adapters(base)
+    spec = write_spec(tmp_path, base, adapter, output={"max_shard_size": "100KB"})
+    result = build_bundle(plan_from_spec(spec), verify=False)
+
+    shards = sorted(p.name for p in result.bundle.glob("model-*.safetensors"))
+    assert len(shards) > 2 and all(p.stat().st_size <= 100_000 + 64 * 128 * 4 for p in result.bundle.glob("model-*"))
+    merged_state, *_ = peft_reference(base, adapter, torch.float32)
+    written = bundle_tensors(result.bundle)
+    assert set(written) == set(merged_state)
+    assert all(torch.equal(written[n], merged_state[n]) for n in written)
+
+
+def test_block_wise_merge_is_bit_identical(tmp_path, models, adapters, monkeypatch):
+    """Large tensors are merged in row blocks to bound memory; the result must not depend on the block size."""
+    import builder.execute
+
+    base = models("llama", tied=False, dtype=torch.bfloat16)
+    adapter = adapters(base, "blocks", target_modules=["q_proj", "down_proj", "lm_head"])
+    monkeypatch.setattr(builder.execute, "BLOCK_BYTES", 1000)  # the minimum block: 64 rows
+    spec = write_spec(tmp_path, base, adapter, output={"dtype": "bfloat16"})
+    written = bundle_tensors(build_bundle(plan_from_spec(spec), verify=False).bundle)
+    merged_state, *_ = peft_reference(base, adapter, torch.bfloat16)
+    assert all(torch.equal(written[n], merged_state[n]) for n in written)
+
