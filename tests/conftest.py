@@ -44,7 +44,9 @@ def save_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def make_base_model(folder: Path, *, arch: str, tied: bool, dtype: torch.dtype, max_shard_size: str = "5GB") -> Path:
+def make_base_model(
+    folder: Path, *, arch: str, tied: bool, dtype: torch.dtype, max_shard_size: str = "5GB", **size_overrides
+) -> Path:
     """A randomly initialised tiny model saved like a hub checkpoint: safetensors, tokenizer, generation config."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -55,6 +57,7 @@ def make_base_model(folder: Path, *, arch: str, tied: bool, dtype: torch.dtype, 
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
         bos_token_id=None, eos_token_id=2, pad_token_id=0,
     )
+    sizes.update(size_overrides)
     config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     torch.manual_seed(0)
     model = model_cls(config_cls(**sizes)).to(dtype)

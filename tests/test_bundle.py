@@ -1,0 +1,175 @@
+"""What a bundle contains: weights, configs, tokenizer and chat template, rendered files, manifest; nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from builder.build import build_bundle, plan_from_spec
+from builder.errors import SourceError
+from builder.publish import sha256_file
+from conftest import CHATML_TEMPLATE, write_spec
+
+
+@pytest.fixture(scope="module")
+def merged_bundle(tmp_path_factory, models, adapters):
+    """One verified merge-mode bundle of a tied Qwen2, shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("merged")
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(
+        root, base, adapters(base),
+        output={"dtype": "bfloat16"},
+        chat={"system_prompt": "You are a careful assistant."},
+        card={"description": "A tiny test model.", "license": "apache-2.0", "language": ["zh"], "tags": ["medical"]},
+        verify={"prompts": [{"prompt": "你好", "expect": {"not_contains": ["NEVER-SAID"]}}],
+                "probes": [{"prompt": "什么是机器学习"}]},
+    )
+    return build_bundle(plan_from_spec(spec), verify=True)
+
+
+def test_bundle_has_every_file_a_deployment_needs(merged_bundle):
+    files = sorted(p.name for p in merged_bundle.bundle.iterdir())
+    assert files == sorted([
+        "README.md", "chat_template.jinja", "config.json", "generation_config.json", "load.py", "manifest.json",
+        "model.safetensors", "requirements.txt", "tokenizer.json", "tokenizer_config.json", "verification.json",
+    ])
+
+
+def test_training_leftovers_are_not_copied_and_are_recorded(merged_bundle):
+    manifest = json.loads((merged_bundle.bundle / "manifest.json").read_text())
+    assert sorted(manifest["ignored_training_files"]) == ["optimizer.pt", "rng_state.pth", "trainer_state.json"]
+    assert not any(merged_bundle.bundle.rglob("*.pt*"))
+
+
+def test_chat_template_is_kept_in_both_places_and_eos_covers_end_of_turn(merged_bundle):
+    bundle = merged_bundle.bundle
+    assert (bundle / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+    assert json.loads((bundle / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
+    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    generation = json.loads((bundle / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    assert generation["max_new_tokens"] == 16  # the spec's value over the base's
+
+
+def test_config_records_output_dtype(merged_bundle):
+    config = json.loads((merged_bundle.bundle / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    with safe_open(merged_bundle.bundle / "model.safetensors", framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_manifest_hashes_every_file_and_records_provenance(merged_bundle):
+    bundle = merged_bundle.bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    listed = set(manifest["files"])
+    assert listed == {p.name for p in bundle.iterdir()} - {"manifest.json"}
+    for name, meta in manifest["files"].items():
+        assert meta["sha256"] == sha256_file(bundle / name)
+    assert "base/config.json" in manifest["sources"]["sha256"]
+    assert "adapter/adapter_model.safetensors" in manifest["sources"]["sha256"]
+    assert "${" not in manifest["spec"]["text"] and "name: tiny-med" in manifest["spec"]["text"]
+    assert manifest["tools"]["torch"] == metadata.version("torch")
+
+
+def test_no_file_but_the_manifest_names_a_build_machine_path(merged_bundle):
+    sources = [str(merged_bundle.plan.base.path), str(merged_bundle.plan.adapter.path)]
+    for path in merged_bundle.bundle.iterdir():
+        if path.suffix != ".safetensors" and path.name != "manifest.json":
+            text = path.read_text(encoding="utf-8")
+            assert not any(s in text for s in sources), path.name
+
+
+def test_model_card_parses_and_shows_adapter_facts_and_verification(merged_bundle):
+    card = ModelCard.load(merged_bundle.bundle / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert card.data.language == ["zh"]
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.library_name == "transformers"
+    assert {"medical", "lora"} <= set(card.data.tags)
+    text = card.text
+    assert "A tiny test model." in text
+    assert "| rank (r) | 8 |" in text and "q_proj, v_proj" in text.replace("down_proj, ", "")
+    assert "**passed**" in text
+    assert "什么是机器学习" in text  # the probe and its answer are in the card
+
+
+def test_requirements_pin_the_versions_verification_used(merged_bundle):
+    lines = (merged_bundle.bundle / "requirements.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if "==" in line)
+    verified = json.loads((merged_bundle.bundle / "verification.json").read_text())["environment"]
+    assert pins["transformers"] == verified["transformers"]
+    assert pins["torch"] == verified["torch"]
+    assert "peft" not in pins  # a merged bundle does not need it
+
+
+def test_load_py_answers_without_modelpack_or_the_sources(merged_bundle, tmp_path):
+    moved = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(merged_bundle.bundle, moved)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    code = (
+        "import sys; sys.modules['builder'] = None\n"  # importing modelpack would now fail
+        "from load import load, chat\n"
+        "model, tok = load(device='cpu')\n"
+        "print(repr(chat(model, tok, '你好', greedy=True, max_new_tokens=8)[0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=moved, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    expected = json.loads((moved / "verification.json").read_text())["prompts"][0]["answer"]
+    assert out.stdout.strip() == repr(expected)  # the same greedy answer verification recorded
+
+
+def test_separate_bundle_loads_in_plain_peft(tmp_path, models, adapters):
+    base = models("llama", tied=False, dtype=torch.float32)
+    adapter = adapters(base)
+    spec = write_spec(tmp_path, base, adapter, output={"mode": "separate", "dtype": "float32"})
+    bundle = build_bundle(plan_from_spec(spec), verify=False).bundle
+
+    config = json.loads((bundle / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == ".."
+    assert not (bundle / "adapter" / "tokenizer_config.json").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundle), bundle / "adapter").eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_existing_destination_needs_force_and_survives_a_failed_build(tmp_path, models, adapters):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base))
+    dest = tmp_path / "dist" / "tiny-med"
+    dest.mkdir(parents=True)
+    (dest / "keep.txt").write_text("previous bundle")
+    with pytest.raises(SourceError, match="already exists; pass --force"):
+        build_bundle(plan_from_spec(spec), verify=False)
+
+    failing = write_spec(tmp_path, base, adapters(base), verify={"prompts": [{"prompt": "你好", "expect": {"equals": "impossible"}}]})
+    with pytest.raises(Exception, match="equals 'impossible'"):
+        build_bundle(plan_from_spec(failing), force=True, verify=True)
+    assert (dest / "keep.txt").read_text() == "previous bundle"
+    assert [p.name for p in dest.parent.iterdir()] == ["tiny-med"]  # no staging folder left behind
+
+    build_bundle(plan_from_spec(spec), force=True, verify=False)
+    assert not (dest / "keep.txt").exists() and (dest / "model.safetensors").is_file()
+
+
+def test_sources_are_never_modified(tmp_path, models, adapters):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    adapter = adapters(base)
+    before = {p: sha256_file(p) for folder in (base, adapter) for p in folder.rglob("*") if p.is_file()}
+    build_bundle(plan_from_spec(write_spec(tmp_path, base, adapter)), verify=False)
+    after = {p: sha256_file(p) for folder in (base, adapter) for p in folder.rglob("*") if p.is_file()}
+    assert before == after
