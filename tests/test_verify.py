@@ -1,0 +1,87 @@
+"""Verification catches what a deployment team would trip over: changed files, wrong answers, broken serving settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from builder.build import build_bundle, plan_from_spec
+from builder.errors import BundleError
+from builder.publish import write_manifest
+from builder.verify import failure_message, verify_bundle
+from conftest import write_spec
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, models, adapters):
+    root = tmp_path_factory.mktemp("verify")
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(root, base, adapters(base), verify={"prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}]})
+    return build_bundle(plan_from_spec(spec), verify=False).bundle
+
+
+@pytest.fixture
+def bundle(built, tmp_path):
+    """A fresh copy per test, so each can break it its own way."""
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    return copy
+
+
+def test_an_untouched_bundle_passes_and_reports_every_check(bundle):
+    report = verify_bundle(bundle)
+    assert report["ok"] and failure_message(report) is None
+    assert report["integrity"] == {"ok": True, "files": len(json.loads((bundle / "manifest.json").read_text())["files"]), "problems": []}
+    assert report["serving"]["ok"]
+    assert [r["prompt"] for r in report["prompts"]] == ["你好"] and [r["prompt"] for r in report["probes"]] == ["hi"]
+    assert set(report["environment"]) >= {"python", "torch", "transformers"}
+
+
+def test_two_runs_give_the_same_answers(bundle):
+    first, second = verify_bundle(bundle), verify_bundle(bundle)
+    assert [r["answer"] for r in first["prompts"] + first["probes"]] == [
+        r["answer"] for r in second["prompts"] + second["probes"]
+    ]
+
+
+def test_a_corrupted_shard_is_caught(bundle):
+    shard = bundle / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    message = failure_message(verify_bundle(bundle))
+    assert "integrity: model.safetensors: sha256 differs from manifest.json" in message
+
+
+def test_a_file_added_after_the_build_is_caught(bundle):
+    (bundle / "notes.txt").write_text("added later")
+    message = failure_message(verify_bundle(bundle))
+    assert "integrity: notes.txt: not in manifest.json (added after the build)" in message
+
+
+def test_an_expectation_that_cannot_hold_names_prompt_and_answer(bundle):
+    load_py = bundle / "load.py"
+    text = load_py.read_text()
+    assert "'equals': None" in text
+    load_py.write_text(text.replace("'equals': None", "'equals': 'IMPOSSIBLE'", 1))
+    write_manifest(bundle, json.loads((bundle / "manifest.json").read_text()))
+    message = failure_message(verify_bundle(bundle))
+    assert "prompt '你好': expected equals 'IMPOSSIBLE'; answered " in message
+
+
+def test_generation_config_without_end_of_turn_id_is_caught(bundle):
+    path = bundle / "generation_config.json"
+    config = json.loads(path.read_text())
+    config["eos_token_id"] = 0
+    path.write_text(json.dumps(config))
+    write_manifest(bundle, json.loads((bundle / "manifest.json").read_text()))
+    message = failure_message(verify_bundle(bundle))
+    assert "serving: generation_config.json eos_token_id [0] lacks the chat template's end-of-turn token <|im_end|>" in message
+
+
+def test_a_folder_that_is_not_a_bundle_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="is not a modelpack bundle"):
+        verify_bundle(tmp_path)
