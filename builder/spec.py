@@ -124,6 +124,11 @@ class AdapterSpec(_Section):
     """The peft LoRA checkpoint folder."""
 
     path: SpecPath = Field(description="Directory holding adapter_config.json and the adapter weights.")
+    allow_pickle: bool = Field(
+        default=False,
+        description="Read a legacy adapter_model.bin (pickle, loaded with torch.load(weights_only=True)) "
+        "when the checkpoint has no adapter_model.safetensors.",
+    )
 
 
 class OutputSpec(_Section):
