@@ -42,7 +42,8 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
     spec = load_spec(spec_path)
     if output_dir is not None:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": output_dir.resolve()})})
-    base, adapter = read_base_model(spec.base.path), read_adapter_checkpoint(spec.adapter.path)
+    base = read_base_model(spec.base.path)
+    adapter = read_adapter_checkpoint(spec.adapter.path, allow_pickle=spec.adapter.allow_pickle)
     return plan_build(spec, base, adapter, spec_file=spec_path.resolve())
 
 
@@ -105,7 +106,9 @@ def _write_configs_and_render(plan: BuildPlan, staging: Path):
         configs.end_of_turn_token(template, special, configs.tokenizer_config_tokens(plan)) if template else None
     )
     generation = configs.generation_config(plan, plan.base.generation_config, special.get(end_of_turn))
-    _write(staging / "config.json", configs.dump_json(configs.model_config(plan.base.config, plan.out_dtype, untie_embeddings=plan.untie_embeddings)))
+    _write(staging / "config.json", configs.dump_json(configs.model_config(
+        plan.base.config, plan.out_dtype, untie_embeddings=plan.untie_embeddings, vocab_size=plan.vocab_size
+    )))
     _write(staging / "generation_config.json", configs.dump_json(generation))
     tokenizer_config = staging / "tokenizer_config.json"
     if tokenizer_config.is_file():

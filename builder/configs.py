@@ -20,11 +20,13 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon
 _SENTINEL = "MODELPACK_ASSISTANT_REPLY"
 
 
-def model_config(base_config: dict, out_dtype: torch.dtype, *, untie_embeddings: bool) -> dict:
+def model_config(base_config: dict, out_dtype: torch.dtype, *, untie_embeddings: bool, vocab_size: int | None) -> dict:
     """config.json with the output dtype recorded under the key(s) transformers 4.x and 5.x read."""
     config = dict(base_config)
     if untie_embeddings:
         config["tie_word_embeddings"] = False
+    if vocab_size is not None:  # the adapter saved resized embeddings
+        config["vocab_size"] = vocab_size
     name = DTYPE_NAMES[out_dtype]
     config["torch_dtype"] = name
     if "dtype" in config:

@@ -10,8 +10,17 @@ from pathlib import Path
 import torch
 
 from builder.errors import SourceError
-from builder.merge import embedding_lora_delta, linear_lora_delta, merge_embedding_lora_delta, merge_lora_delta
-from builder.plan import BuildPlan, LoraDelta, ShardPlan, TensorPlan
+from builder.adapter_match import LoraDelta
+from builder.merge import (
+    embedding_lora_delta,
+    linear_lora_delta,
+    merge_bias_delta,
+    merge_dora_delta,
+    merge_dora_embedding_delta,
+    merge_embedding_lora_delta,
+    merge_lora_delta,
+)
+from builder.plan import BuildPlan, ShardPlan, TensorPlan
 from builder.safetensors_io import ShardWriter, read_tensor, read_tensor_rows
 
 # A merged tensor is processed in row blocks whose float32 working copy stays under this size,
@@ -56,38 +65,64 @@ def write_shard(shard: ShardPlan, path: Path, *, on_bytes: Progress) -> None:
 
 
 def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:
-    """The output tensor in row blocks: cast, or merged with its deltas and checked for NaN/Inf/overflow."""
+    """The output tensor in row blocks: cast, or merged with its updates and checked for NaN/Inf/overflow."""
     shape = tensor.source.shape
     if not shape:
         yield read_tensor(tensor.source).to(tensor.out_dtype)
         return
-    row_fp32_bytes = 4 * (tensor.source.nbytes // tensor.source.dtype.itemsize // shape[0])
-    block_rows = max(1, BLOCK_BYTES // max(row_fp32_bytes, 1) // BLOCK_ROW_MULTIPLE) * BLOCK_ROW_MULTIPLE
-    factors = [(d, read_tensor(d.a), read_tensor(d.b)) for d in tensor.deltas]
+    block_rows = shape[0] if any(d.needs_whole_tensor for d in tensor.deltas) else rows_per_block(tensor.source)
+    factors = [
+        (d, read_tensor(d.a) if d.a else None, read_tensor(d.b), read_tensor(d.magnitude) if d.magnitude else None)
+        for d in tensor.deltas
+    ]
+    token_rows = read_tensor(tensor.token_rows.values) if tensor.token_rows else None
     for start in range(0, shape[0], block_rows):
         end = min(shape[0], start + block_rows)
         block = read_tensor_rows(tensor.source, start, end).to(tensor.out_dtype)
-        # Deltas apply one after another, each rounded into the output dtype, as peft merges layer by layer.
-        for delta, a, b in factors:
-            block = merge_delta_rows(block, delta, a, b, start, end, out_dtype=tensor.out_dtype)
+        if token_rows is not None:
+            block = replace_token_rows(block, tensor.token_rows.indices, token_rows, start, end)
+        # Updates apply one after another, each rounded into the output dtype, as peft merges layer by layer.
+        for delta, a, b, magnitude in factors:
+            block = merge_delta_rows(block, delta, a, b, magnitude, start, end, out_dtype=tensor.out_dtype)
         if factors or tensor.out_dtype == torch.float16:
             check_finite(tensor.name, block, out_dtype=tensor.out_dtype)
         yield block
 
 
+def rows_per_block(source) -> int:
+    row_fp32_bytes = 4 * (source.nbytes // source.dtype.itemsize // source.shape[0])
+    return max(1, BLOCK_BYTES // max(row_fp32_bytes, 1) // BLOCK_ROW_MULTIPLE) * BLOCK_ROW_MULTIPLE
+
+
+def replace_token_rows(block: torch.Tensor, indices, values: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """trainable_token_indices: the trained rows replace the base's (they are not added)."""
+    block = block.clone()
+    for position, index in enumerate(indices):
+        if start <= index < end:
+            block[index - start] = values[position].to(block.dtype)
+    return block
+
+
 def merge_delta_rows(
-    weight: torch.Tensor, delta: LoraDelta, a: torch.Tensor, b: torch.Tensor, start: int, end: int, *,
+    weight: torch.Tensor, delta: LoraDelta, a, b: torch.Tensor, magnitude, start: int, end: int, *,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Merge one LoRA delta into rows [start, end) of its target tensor."""
+    """Merge one adapter update into rows [start, end) of its target tensor."""
+    if delta.kind == "bias":
+        return merge_bias_delta(weight, b[start:end], scaling=delta.scaling, out_dtype=out_dtype)
     if delta.kind == "embedding":
         # Rows of (B @ A).T are columns of A: one per vocabulary entry.
         rows = embedding_lora_delta(a[:, start:end], b, scaling=delta.scaling)
+        if magnitude is not None:
+            return merge_dora_embedding_delta(weight, rows, magnitude, out_dtype=out_dtype)
         return merge_embedding_lora_delta(weight, rows, out_dtype=out_dtype)
     if delta.fan_in_fan_out:
         rows = linear_lora_delta(a[:, start:end], b, scaling=delta.scaling, fan_in_fan_out=True)
     else:
         rows = linear_lora_delta(a, b[start:end], scaling=delta.scaling, fan_in_fan_out=False)
+    if magnitude is not None:
+        mag = magnitude if delta.fan_in_fan_out else magnitude[start:end]
+        return merge_dora_delta(weight, rows, mag, out_dtype=out_dtype, fan_in_fan_out=delta.fan_in_fan_out)
     return merge_lora_delta(weight, rows, out_dtype=out_dtype)
 
 

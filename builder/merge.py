@@ -49,3 +49,27 @@ def merge_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: to
 def merge_embedding_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
     """Embedding merge as peft does it: the delta is rounded into out_dtype first, then added (two roundings)."""
     return (weight.to(out_dtype).float() + delta.to(out_dtype).float()).to(out_dtype)
+
+
+def merge_dora_delta(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *, out_dtype: torch.dtype, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """DoRA on a Linear/Conv1D: W' = m / ||W + dW|| * (W + dW), the norm taken per output feature, rounded once."""
+    merged = weight.to(out_dtype).float() + delta
+    oriented = merged.T if fan_in_fan_out else merged
+    factor = magnitude.float() / torch.linalg.norm(oriented, dim=1)
+    return ((factor.view(1, -1) if fan_in_fan_out else factor.view(-1, 1)) * merged).to(out_dtype)
+
+
+def merge_dora_embedding_delta(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """DoRA on an Embedding: the norm is taken per embedding dimension, over the whole vocabulary."""
+    merged = weight.to(out_dtype).float() + delta
+    factor = magnitude.float() / torch.linalg.norm(merged.T, dim=1)
+    return (factor.view(1, -1) * merged).to(out_dtype)
+
+
+def merge_bias_delta(bias: torch.Tensor, lora_bias: torch.Tensor, *, scaling: float, out_dtype: torch.dtype):
+    """lora_bias: b' = b + lora_B.bias * scaling, rounded once."""
+    return (bias.to(out_dtype).float() + lora_bias.float() * scaling).to(out_dtype)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import importlib.resources
+import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
+from pathlib import Path
 
 import yaml
 from jinja2 import Environment, FunctionLoader, StrictUndefined
@@ -82,7 +84,7 @@ def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str |
             max_rank=max(ranks),
             target_modules=[targets] if isinstance(targets, str) else sorted(targets),
             modules=len({d.module for d in deltas}) if deltas else len(plan.adapter.tensors) // 2,
-            recorded_base=str(adapter_config.get("base_model_name_or_path")),
+            recorded_base=recorded_base_name(adapter_config.get("base_model_name_or_path")),
             checkpoint=plan.adapter.path.name,
         ),
         weight_files=[s.filename for s in plan.shards],
@@ -90,6 +92,14 @@ def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str |
         modelpack_version=builder.__version__,
         build_date=datetime.date.today().isoformat(),
     )
+
+
+def recorded_base_name(recorded: object) -> str:
+    """The adapter's recorded base for the card; a folder of this machine (trained where it is built) by name only."""
+    text = str(recorded)
+    if os.path.isabs(text) and os.path.exists(text):
+        return Path(text).name
+    return text
 
 
 def base_model_name(plan: BuildPlan) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +174,7 @@ def read_base_model(path: Path) -> BaseModel:
     )
 
 
-def read_adapter_checkpoint(path: Path) -> AdapterCheckpoint:
+def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> AdapterCheckpoint:
     """Read a peft checkpoint folder's adapter config and tensor headers, skipping training leftovers."""
     config_path = path / "adapter_config.json"
     if not config_path.is_file():
@@ -185,11 +188,13 @@ def read_adapter_checkpoint(path: Path) -> AdapterCheckpoint:
         raise SourceError(f"{config_path}: peft_type is {peft_type!r}; modelpack packages LoRA adapters only")
 
     weights_file = path / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        legacy = path / "adapter_model.bin"
+    legacy = path / "adapter_model.bin"
+    if not weights_file.is_file() and legacy.is_file() and allow_pickle:
+        weights_file = convert_legacy_adapter(legacy)
+    elif not weights_file.is_file():
         hint = (
-            "it has only the pickled adapter_model.bin; re-save the adapter with safetensors "
-            "(PeftModel.save_pretrained(..., safe_serialization=True))"
+            "it has only the pickled adapter_model.bin; set `adapter.allow_pickle: true` to read it "
+            "(with torch.load(weights_only=True)), or re-save the adapter with safetensors"
             if legacy.is_file()
             else "no adapter_model.safetensors"
         )
@@ -209,3 +214,27 @@ def read_adapter_checkpoint(path: Path) -> AdapterCheckpoint:
         tokenizer_files=tokenizer_files,
         ignored_files=tuple(ignored),
     )
+
+
+def convert_legacy_adapter(legacy: Path) -> Path:
+    """Load a pickled adapter_model.bin safely (tensors only) and re-save it as safetensors in a temp folder.
+
+    The rest of the build then reads it like any safetensors adapter; the source folder is not touched.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle that needs arbitrary code is refused, whatever the reason given
+        raise SourceError(f"{legacy}: cannot be read as plain tensors ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not state:
+        raise SourceError(
+            f"{legacy}: holds no tensors ({legacy.stat().st_size} bytes). Some training scripts save an empty "
+            "adapter_model.bin when the model was wrapped (e.g. by DeepSpeed); re-save the adapter from the trained model"
+        )
+    folder = Path(tempfile.mkdtemp(prefix="modelpack-adapter-"))
+    atexit.register(shutil.rmtree, folder, True)
+    converted = folder / "adapter_model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, converted, metadata={"format": "pt"})
+    return converted

@@ -48,7 +48,15 @@ def make_base_model(
     folder: Path, *, arch: str, tied: bool, dtype: torch.dtype, max_shard_size: str = "5GB", **size_overrides
 ) -> Path:
     """A randomly initialised tiny model saved like a hub checkpoint: safetensors, tokenizer, generation config."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     folder.mkdir(parents=True)
     save_tokenizer(folder)
@@ -58,29 +66,45 @@ def make_base_model(
         bos_token_id=None, eos_token_id=2, pad_token_id=0,
     )
     sizes.update(size_overrides)
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
     torch.manual_seed(0)
-    model = model_cls(config_cls(**sizes)).to(dtype)
+    if arch == "gpt2":  # Conv1D layers: weights stored (in, out), LoRA with fan_in_fan_out
+        config = GPT2Config(vocab_size=416, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=2,
+                            eos_token_id=2, tie_word_embeddings=tied)
+        model = GPT2LMHeadModel(config).to(dtype)
+    else:
+        config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+        model = model_cls(config_cls(**sizes)).to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.7)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     return folder
 
 
-def make_adapter(folder: Path, base: Path, *, dtype: torch.dtype = torch.float32, **lora_options) -> Path:
-    """A peft LoRA checkpoint with random (non-zero) A and B, plus the leftovers a trainer writes."""
+def make_adapter(
+    folder: Path, base: Path, *, dtype: torch.dtype = torch.float32, resize_vocab: int | None = None, **lora_options
+) -> Path:
+    """A peft LoRA checkpoint with random (non-zero) weights, plus the leftovers a trainer writes.
+
+    Every trainable tensor (LoRA factors, DoRA magnitudes, modules_to_save copies, biases, token rows) is
+    perturbed, as training would, so a merge that ignores any of them changes the outputs visibly.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if resize_vocab:
+        torch.manual_seed(2)
+        model.resize_token_embeddings(resize_vocab)
     options = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     options.update(lora_options)
     torch.manual_seed(1)
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
-    with torch.no_grad():  # make the delta large enough that a wrong merge changes the outputs visibly
+    with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
                 param.mul_(4.0)
-    peft_model.save_pretrained(folder)
+            elif param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.save_pretrained(folder, save_embedding_layers=True if resize_vocab else "auto")
     config = json.loads((folder / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/home/Work/train-machine/models/tiny-base"
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))

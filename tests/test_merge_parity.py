@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -12,6 +14,8 @@ from builder.build import build_bundle, plan_from_spec
 from conftest import write_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # (id, architecture, tied embeddings, base dtype, output dtype, LoRA options)
 CASES = [
@@ -27,14 +31,35 @@ CASES = [
         "float32",
         dict(
             use_rslora=True,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            target_modules=ALL_LINEAR,
             rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
             alpha_pattern={"q_proj": 32, "o_proj": 3},
         ),
     ),
     ("lm-head-on-tied-embedding", "qwen2", True, torch.float32, "float32", dict(target_modules=["q_proj", "lm_head"])),
     ("lm-head-untied-bf16", "llama", False, torch.bfloat16, "bfloat16", dict(target_modules=["lm_head", "up_proj"])),
+    # GPT-2's Conv1D stores weights (in, out); attn.c_proj is square, so only fan_in_fan_out tells the orientation.
+    ("gpt2-conv1d", "gpt2", True, torch.float32, "float32", dict(target_modules=["c_attn", "c_proj", "c_fc"])),
+    ("embedding-lora-untied-bf16", "llama", False, torch.bfloat16, "bfloat16", dict(target_modules=["embed_tokens", "q_proj"])),
+    ("embedding-lora-on-tied", "qwen2", True, torch.float32, "float32", dict(target_modules=["embed_tokens", "q_proj"])),
+    ("dora-linear-bf16", "llama", False, torch.bfloat16, "bfloat16", dict(use_dora=True, target_modules=ALL_LINEAR)),
+    ("dora-embedding", "llama", False, torch.float32, "float32", dict(use_dora=True, target_modules=["embed_tokens", "v_proj"])),
+    ("dora-conv1d", "gpt2", True, torch.float32, "float32", dict(use_dora=True, target_modules=["c_attn", "c_proj"])),
+    ("lora-bias", "qwen2", True, torch.float32, "float32", dict(lora_bias=True, target_modules=["q_proj", "k_proj"])),
+    ("bias-lora-only", "qwen2", True, torch.bfloat16, "bfloat16", dict(bias="lora_only", target_modules=["q_proj", "v_proj"])),
+    ("bias-all", "qwen2", True, torch.float32, "float32", dict(bias="all", target_modules=["q_proj"])),
+    ("modules-to-save-untied", "llama", False, torch.float32, "float32", dict(modules_to_save=["lm_head"])),
+    ("modules-to-save-tied-head", "qwen2", True, torch.float32, "float32", dict(modules_to_save=["lm_head"])),
+    ("trainable-tokens", "llama", False, torch.float32, "float32", dict(trainable_token_indices=[3, 7, 400])),
+    ("trainable-tokens-tied", "qwen2", True, torch.bfloat16, "bfloat16", dict(trainable_token_indices=[5, 9])),
+    ("resized-vocab-untied", "llama", False, torch.float32, "float32",
+     dict(resize_vocab=424, target_modules=["q_proj", "embed_tokens", "lm_head"])),
+    ("resized-vocab-tied", "qwen2", True, torch.float32, "float32",
+     dict(resize_vocab=424, target_modules=["q_proj", "embed_tokens"])),
 ]
+# Cases where peft's merge writes a one-sided delta into the tied matrix; the bundle unties instead, so it is
+# compared with the unmerged adapter (the model the user trained) rather than with peft's merged tensors.
+UNTIED_BY_BUNDLE = {"lm-head-on-tied-embedding", "embedding-lora-on-tied", "resized-vocab-tied"}
 
 
 def bundle_tensors(bundle) -> dict[str, torch.Tensor]:
@@ -45,9 +70,11 @@ def bundle_tensors(bundle) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def peft_reference(base, adapter, dtype):
+def peft_reference(base, adapter, dtype, *, resize_vocab=None):
     """The oracle: base loaded in the output dtype, the adapter through peft, unmerged and merged."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if resize_vocab:
+        model.resize_token_embeddings(resize_vocab)
     peft_model = PeftModel.from_pretrained(model, adapter).eval()
     ids = torch.tensor([[1, 5, 17, 33, 80, 2, 101, 7, 250, 3]])
     with torch.no_grad():
@@ -65,30 +92,28 @@ def test_merged_bundle_equals_peft_merge(tmp_path, models, adapters, case_id, ar
     result = build_bundle(plan_from_spec(spec), verify=False)
 
     dtype = DTYPES[out_dtype]
-    merged_state, unmerged_logits, merged_logits, ids = peft_reference(base, adapter, dtype)
-    unties = tied and "lm_head" in lora.get("target_modules", [])
-    if unties:
-        # peft merges a tied head's delta into the shared matrix, changing the input embeddings too; the bundle
-        # keeps the embedding as the base had it and stores the merged head on its own.
-        base_state = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).state_dict()
-        merged_state["model.embed_tokens.weight"] = base_state["model.embed_tokens.weight"]
+    merged_state, unmerged_logits, merged_logits, ids = peft_reference(
+        base, adapter, dtype, resize_vocab=lora.get("resize_vocab")
+    )
     written = bundle_tensors(result.bundle)
+    bundle_model = AutoModelForCausalLM.from_pretrained(result.bundle, dtype=dtype).eval()
+    with torch.no_grad():
+        logits = bundle_model(ids).logits
+    # Against the unmerged adapter the only difference is where rounding happens: (W + BA)x vs Wx + B(Ax).
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.02}[dtype]
+    assert (logits.float() - unmerged_logits.float()).abs().max().item() <= tolerance
+
+    if case_id in UNTIED_BY_BUNDLE:
+        assert json.loads((result.bundle / "config.json").read_text())["tie_word_embeddings"] is False
+        assert set(written) == set(merged_state)
+        return
     for name, tensor in written.items():
         assert tensor.dtype == dtype, name
         assert torch.equal(tensor, merged_state[name]), f"{name} differs from peft's merge"
     # Every tensor peft's merged model holds is in the bundle, except a tied head that shares the embedding.
     missing = set(merged_state) - set(written)
-    assert missing <= ({"lm_head.weight"} if tied and not unties else set())
-
-    bundle_model = AutoModelForCausalLM.from_pretrained(result.bundle, dtype=dtype).eval()
-    with torch.no_grad():
-        logits = bundle_model(ids).logits
-    if not unties:
-        assert torch.equal(logits, merged_logits)
-    # Against the unmerged adapter the only difference is where rounding happens: (W + BA)x vs Wx + B(Ax).
-    tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.02}[dtype]
-    assert (logits.float() - unmerged_logits.float()).abs().max().item() <= tolerance
-    assert torch.equal(logits.argmax(-1), unmerged_logits.argmax(-1)) or dtype != torch.float32
+    assert missing <= ({"lm_head.weight"} if tied else set())
+    assert torch.equal(logits, merged_logits)
 
 
 def test_sharded_base_streams_into_sharded_bundle(tmp_path, models, adapters):

@@ -1,0 +1,249 @@
+"""Matching every adapter tensor to the base tensor it changes, with peft's key names and semantics, before any math."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from builder.errors import SourceError
+from builder.merge import lora_scaling, pattern_value
+from builder.safetensors_io import TensorLocation
+from builder.sources import AdapterCheckpoint, BaseModel
+
+ADAPTER_PREFIX = "base_model.model."
+TIED_HEAD = "lm_head.weight"
+# Names of the input embedding matrix that a tied lm_head shares, across common architectures.
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+# Adapters whose initialisation changed the base weights cannot be merged onto the original base.
+WEIGHT_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+# Suffixes of the tensors peft saves per LoRA module, and the role each plays.
+LORA_ROLES = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_B.bias": "bias",
+    "lora_embedding_A": "embedding_A",
+    "lora_embedding_B": "embedding_B",
+    "lora_magnitude_vector": "magnitude",
+    "token_adapter.trainable_tokens_delta": "token_rows",
+}
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """One adapter update to a base tensor: dW = (B @ A) * scaling (or lora_B.bias * scaling for lora_bias).
+
+    With DoRA (`magnitude` set) the merged weight is rescaled to the trained magnitude per output row.
+    """
+
+    module: str
+    kind: Literal["linear", "embedding", "bias"]
+    a: TensorLocation | None
+    b: TensorLocation
+    rank: int
+    scaling: float
+    fan_in_fan_out: bool = False
+    magnitude: TensorLocation | None = None
+
+    @property
+    def needs_whole_tensor(self) -> bool:
+        """DoRA norms over columns (embeddings, Conv1D) need every row at once; others merge row block by block."""
+        return self.magnitude is not None and (self.kind == "embedding" or self.fan_in_fan_out)
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """trainable_token_indices: these rows of the embedding are replaced by the trained values."""
+
+    indices: tuple[int, ...]
+    values: TensorLocation
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full tensor saved in the adapter that replaces the base's (modules_to_save, trained biases, base_layer copies).
+
+    `shared` marks a copy of a base layer's own weight (save_embedding_layers): for a tied head it is the one
+    matrix both sides share.
+    """
+
+    location: TensorLocation
+    shared: bool
+
+
+@dataclass(frozen=True)
+class AdapterMatch:
+    """The adapter mapped onto the base tensors (a tied head appears as `lm_head.weight`)."""
+
+    deltas: dict[str, list[LoraDelta]]
+    replacements: dict[str, Replacement]
+    token_rows: dict[str, TokenRows]
+
+
+def refuse_unmergeable_config(adapter: AdapterCheckpoint, base: BaseModel) -> None:
+    """Adapter options whose merge peft itself cannot do, or does wrongly, stop the build with the reason."""
+    config, where = adapter.config, adapter.path / "adapter_config.json"
+    if config.get("layer_replication"):
+        raise SourceError(f"{where}: layer_replication is set; peft cannot merge such adapters, so neither does modelpack")
+    if config.get("megatron_config"):
+        raise SourceError(f"{where}: megatron_config is set; megatron-parallel LoRA layers cannot be merged")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if any(init.startswith(name) for name in WEIGHT_CHANGING_INITS):
+        raise SourceError(
+            f"{where}: init_lora_weights={config['init_lora_weights']!r} changed the base weights during training, so "
+            "the adapter only fits the modified base. Convert it to a plain LoRA first "
+            "(peft's `path_initial_model_for_weight_conversion` argument of save_pretrained)"
+        )
+    if config.get("ensure_weight_tying") and tied_embedding_name(base):
+        raise SourceError(
+            f"{where}: ensure_weight_tying is set on a model with tied embeddings; peft's merge applies the shared "
+            "delta to the shared matrix twice (peft issue 2777). Use `output.mode: separate` to ship it unmerged"
+        )
+
+
+def match_adapter(base: BaseModel, adapter: AdapterCheckpoint) -> AdapterMatch:
+    """Map every adapter tensor to its base tensor and check shapes; anything that maps to nothing is an error."""
+    config = adapter.config
+    weights = adapter.weights_file.name
+    targets = with_tied_head(base)
+    modules: dict[str, dict[str, TensorLocation]] = {}
+    replacements: dict[str, Replacement] = {}
+    for key, location in adapter.tensors.items():
+        if not key.startswith(ADAPTER_PREFIX):
+            raise SourceError(f"{weights}: tensor {key!r} lacks the {ADAPTER_PREFIX!r} prefix peft writes")
+        path = key[len(ADAPTER_PREFIX):]
+        role = next((r for suffix, r in LORA_ROLES.items() if path.endswith("." + suffix)), None)
+        if role is None:
+            _check_layout(location, weights, key)
+            target = _target(path.replace(".base_layer.", "."), targets, key, base, config)
+            replacements[target] = Replacement(location, shared=".base_layer." in path)
+            continue
+        module = path[: -len(next(s for s, r in LORA_ROLES.items() if r == role)) - 1]
+        modules.setdefault(module, {})[role] = location
+    replacements = _share_tied_copies(base, replacements)
+
+    deltas: dict[str, list[LoraDelta]] = {}
+    token_rows: dict[str, TokenRows] = {}
+    for module, roles in sorted(modules.items()):
+        if "token_rows" in roles:
+            target = _target(f"{module}.weight", targets, f"{ADAPTER_PREFIX}{module}.token_adapter", base, config)
+            token_rows[target] = TokenRows(_token_indices(config, module, roles["token_rows"], weights), roles["token_rows"])
+        rank = int(pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        scaling = lora_scaling(alpha=alpha, rank=rank, use_rslora=bool(config.get("use_rslora", False)))
+        for delta in _module_deltas(module, roles, rank=rank, scaling=scaling, config=config, weights=weights):
+            suffix = "bias" if delta.kind == "bias" else "weight"
+            target = _target(f"{module}.{suffix}", targets, f"{ADAPTER_PREFIX}{module}", base, config)
+            replaced = replacements.get(target)
+            _check_delta_shape(delta, replaced.location if replaced else targets[target], weights)
+            deltas.setdefault(target, []).append(delta)
+    return AdapterMatch(deltas=deltas, replacements=replacements, token_rows=token_rows)
+
+
+def _share_tied_copies(base: BaseModel, replacements: dict[str, Replacement]) -> dict[str, Replacement]:
+    """A base_layer copy saved for either side of a tied pair is the one shared matrix: it replaces both sides."""
+    tied = tied_embedding_name(base)
+    if not tied or TIED_HEAD in base.tensors:
+        return replacements
+    shared = next((replacements[n] for n in (tied, TIED_HEAD) if n in replacements and replacements[n].shared), None)
+    if shared is None:
+        return replacements
+    return {TIED_HEAD: shared, **replacements, tied: shared}
+
+
+def _module_deltas(module: str, roles: dict, *, rank: int, scaling: float, config: dict, weights: str):
+    """The LoRA deltas one module's saved tensors describe (none for a module with only trainable tokens)."""
+    where = f"{weights}: module {module!r}"
+    if "A" in roles or "B" in roles:
+        if "A" not in roles or "B" not in roles:
+            raise SourceError(f"{where} has only one of lora_A / lora_B; the adapter file is incomplete")
+        yield LoraDelta(module, "linear", roles["A"], roles["B"], rank, scaling,
+                        fan_in_fan_out=bool(config.get("fan_in_fan_out")), magnitude=roles.get("magnitude"))
+    if "embedding_A" in roles or "embedding_B" in roles:
+        if "embedding_A" not in roles or "embedding_B" not in roles:
+            raise SourceError(f"{where} has only one of lora_embedding_A / lora_embedding_B; the adapter file is incomplete")
+        yield LoraDelta(module, "embedding", roles["embedding_A"], roles["embedding_B"], rank, scaling,
+                        magnitude=roles.get("magnitude"))
+    if "bias" in roles:
+        yield LoraDelta(module, "bias", None, roles["bias"], rank, scaling)
+    if "magnitude" in roles and not ({"A", "embedding_A"} & set(roles)):
+        raise SourceError(f"{where} has a DoRA magnitude vector but no LoRA weights")
+
+
+def _token_indices(config: dict, module: str, values: TensorLocation, weights: str) -> tuple[int, ...]:
+    """trainable_token_indices is a list (for the input embedding) or {module name: list}."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        indices = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    else:
+        indices = spec
+    if not indices or len(indices) != values.shape[0]:
+        raise SourceError(
+            f"{weights}: {module}.token_adapter holds {values.shape[0]} rows but adapter_config.json's "
+            f"trainable_token_indices gives {indices!r} for it"
+        )
+    return tuple(int(i) for i in indices)
+
+
+def _check_layout(location: TensorLocation, weights: str, key: str) -> None:
+    if not location.dtype.is_floating_point:
+        raise SourceError(f"{weights}: tensor {key!r} has dtype {location.dtype}; expected floating point weights")
+
+
+def _target(target: str, tensors: dict[str, TensorLocation], key: str, base: BaseModel, config: dict) -> str:
+    if target not in tensors:
+        raise SourceError(
+            f"adapter tensor {key!r} targets {target!r}, which the base model at {base.path} does not have. "
+            f"Was this adapter trained on another model (it records "
+            f"base_model_name_or_path={config.get('base_model_name_or_path')!r})?"
+        )
+    return target
+
+
+def with_tied_head(base: BaseModel) -> dict[str, TensorLocation]:
+    """The base's tensors plus `lm_head.weight` when the head is tied to (and stored as) the input embedding."""
+    tied = tied_embedding_name(base)
+    if tied and TIED_HEAD not in base.tensors:
+        return {**base.tensors, TIED_HEAD: base.tensors[tied]}
+    return dict(base.tensors)
+
+
+def tied_embedding_name(base: BaseModel) -> str | None:
+    """The input embedding the output head shares, when the config ties them (transformers' default)."""
+    tied = base.config.get("tie_word_embeddings", base.config.get("text_config", {}).get("tie_word_embeddings"))
+    if tied is False:
+        return None
+    return next((name for name in base.tensors if name.endswith(INPUT_EMBEDDING_SUFFIXES)), None)
+
+
+def _check_delta_shape(delta: LoraDelta, target: TensorLocation, weights: str) -> None:
+    where = f"{weights}: module {delta.module!r}"
+    if delta.kind == "bias":
+        if tuple(target.shape) != tuple(delta.b.shape):
+            raise SourceError(f"{where}: lora_B.bias has shape {list(delta.b.shape)}, the base bias {list(target.shape)}")
+        return
+    a_shape, b_shape = delta.a.shape, delta.b.shape
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        raise SourceError(
+            f"{where}: LoRA weights of shape {list(a_shape)} / {list(b_shape)} belong to a convolution; modelpack "
+            "merges Linear, Conv1D and Embedding LoRA only. Use `output.mode: separate`."
+        )
+    if a_shape[0] != b_shape[1]:
+        raise SourceError(f"{where}: lora A {list(a_shape)} and B {list(b_shape)} do not share a rank dimension")
+    if a_shape[0] != delta.rank:
+        raise SourceError(
+            f"{where}: tensors have rank {a_shape[0]} but adapter_config.json gives r={delta.rank} for it "
+            "(check r / rank_pattern)"
+        )
+    natural = (b_shape[0], a_shape[1])  # (out, in) of B @ A
+    expected = natural[::-1] if delta.kind == "embedding" or delta.fan_in_fan_out else natural
+    if tuple(target.shape) != expected:
+        hint = "the adapter was trained on a model with other dimensions"
+        if delta.kind == "linear" and tuple(target.shape) == expected[::-1]:
+            hint = (
+                f"the base stores this layer transposed (a Conv1D, as in GPT-2) but adapter_config.json has "
+                f"fan_in_fan_out={delta.fan_in_fan_out}; set it to {not delta.fan_in_fan_out}"
+            )
+        raise SourceError(
+            f"{where}: the LoRA update has shape {list(expected)} but base tensor {target.name!r} has "
+            f"{list(target.shape)}; {hint}"
+        )
