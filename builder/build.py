@@ -136,17 +136,18 @@ def _write(path: Path, text: str) -> None:
 
 def _provenance(plan: BuildPlan) -> dict:
     """The spec as written, fingerprints of every source file read, and the tools that built the bundle."""
-    spec = plan.spec
-    read = [plan.base.path / "config.json", *plan.base.weight_files, plan.adapter.path / "adapter_config.json",
-            plan.adapter.weights_file, *(c.source for c in plan.copies)]
-    index = plan.base.path / "model.safetensors.index.json"
-    if index.is_file():
-        read.append(index)
-    if plan.base.generation_config is not None:
-        read.append(plan.base.path / "generation_config.json")
+    spec, base, adapter = plan.spec, plan.base, plan.adapter
+    read = [base.path / "config.json", *base.weight_files, adapter.path / "adapter_config.json",
+            *(c.source for c in plan.copies if c.role != "adapter weights")]
+    for optional in (base.path / "model.safetensors.index.json", base.path / "generation_config.json"):
+        if optional.is_file():
+            read.append(optional)
+    # A legacy .bin adapter is read through a converted copy; the fingerprint is of the file the user has.
+    legacy = adapter.path / "adapter_model.bin"
+    read.append(adapter.weights_file if adapter.path in adapter.weights_file.parents else legacy)
     fingerprints = {}
     for path in dict.fromkeys(read):
-        root, label = (plan.adapter.path, "adapter") if plan.adapter.path in path.parents else (plan.base.path, "base")
+        root, label = (adapter.path, "adapter") if adapter.path in path.parents else (base.path, "base")
         fingerprints[f"{label}/{path.relative_to(root).as_posix()}"] = sha256_file(path)
     return {
         "modelpack_version": builder.__version__,
@@ -154,6 +155,6 @@ def _provenance(plan: BuildPlan) -> dict:
         "mode": plan.mode,
         "spec": {"file": plan.spec_file.name, "text": plan.spec_file.read_text(encoding="utf-8")},
         "sources": {"base": str(spec.base.path), "adapter": str(spec.adapter.path), "sha256": fingerprints},
-        "ignored_training_files": [p.name for p in plan.adapter.ignored_files],
+        "ignored_training_files": [p.name for p in adapter.ignored_files],
         "tools": installed_versions(),
     }

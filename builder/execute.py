@@ -60,8 +60,10 @@ def write_shard(shard: ShardPlan, path: Path, *, on_bytes: Progress) -> None:
                 for block in output_blocks(tensor):
                     writer.write_tensor(tensor.name, block)
             on_bytes(tensor.entry.nbytes)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finish()
 
 
 def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:
@@ -78,15 +80,32 @@ def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:
     token_rows = read_tensor(tensor.token_rows.values) if tensor.token_rows else None
     for start in range(0, shape[0], block_rows):
         end = min(shape[0], start + block_rows)
-        block = read_tensor_rows(tensor.source, start, end).to(tensor.out_dtype)
-        if token_rows is not None:
-            block = replace_token_rows(block, tensor.token_rows.indices, token_rows, start, end)
-        # Updates apply one after another, each rounded into the output dtype, as peft merges layer by layer.
-        for delta, a, b, magnitude in factors:
-            block = merge_delta_rows(block, delta, a, b, magnitude, start, end, out_dtype=tensor.out_dtype)
-        if factors or tensor.out_dtype == torch.float16:
-            check_finite(tensor.name, block, out_dtype=tensor.out_dtype)
-        yield block
+        source = read_tensor_rows(tensor.source, start, end)
+        block = merged_block(source, tensor, factors, token_rows, start, end, out_dtype=tensor.out_dtype)
+        if not (factors or tensor.out_dtype == torch.float16) or torch.isfinite(block).all():
+            yield block
+            continue
+        exact = merged_block(source, tensor, factors, token_rows, start, end, out_dtype=torch.float32)
+        if tensor.out_dtype == torch.float16 and torch.isfinite(exact).all():
+            raise SourceError(
+                f"merged tensor {tensor.name!r} overflows float16: its largest magnitude is "
+                f"{exact.abs().max().item():.4g}, beyond float16's {FLOAT16_MAX:g}. Set `output.dtype: bfloat16` "
+                "(float32's range) or float32"
+            )
+        raise SourceError(
+            f"merged tensor {tensor.name!r} contains NaN or Inf: the adapter's weights for it are broken "
+            f"(check {', '.join(d.module for d in tensor.deltas) or 'its replacement'} in the adapter)"
+        )
+
+
+def merged_block(source, tensor: TensorPlan, factors, token_rows, start: int, end: int, *, out_dtype) -> torch.Tensor:
+    block = source.to(out_dtype)
+    if token_rows is not None:
+        block = replace_token_rows(block, tensor.token_rows.indices, token_rows, start, end)
+    # Updates apply one after another, each rounded into the output dtype, as peft merges layer by layer.
+    for delta, a, b, magnitude in factors:
+        block = merge_delta_rows(block, delta, a, b, magnitude, start, end, out_dtype=out_dtype)
+    return block
 
 
 def rows_per_block(source) -> int:
@@ -124,18 +143,6 @@ def merge_delta_rows(
         mag = magnitude if delta.fan_in_fan_out else magnitude[start:end]
         return merge_dora_delta(weight, rows, mag, out_dtype=out_dtype, fan_in_fan_out=delta.fan_in_fan_out)
     return merge_lora_delta(weight, rows, out_dtype=out_dtype)
-
-
-def check_finite(name: str, merged: torch.Tensor, *, out_dtype: torch.dtype) -> None:
-    """Stop on NaN/Inf in a merged tensor; in float16 name the overflow and suggest bfloat16."""
-    if torch.isfinite(merged).all():
-        return
-    if out_dtype == torch.float16:
-        raise SourceError(
-            f"merged tensor {name!r} overflows float16 (values beyond +/-{FLOAT16_MAX:g} became inf); "
-            "set `output.dtype: bfloat16` (same range as float32) or float32"
-        )
-    raise SourceError(f"merged tensor {name!r} contains NaN or Inf; the adapter's weights for it are broken")
 
 
 def copy_side_files(plan: BuildPlan, staging: Path) -> list[str]:

@@ -180,11 +180,16 @@ class ShardWriter:
         with open(location.file, "rb") as src:
             copy_file_range(src.fileno(), self._file.fileno(), location.start, location.nbytes)
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Close the file, which must now hold every planned tensor."""
         self._file.close()
         if self._next != len(self._entries):
             missing = self._entries[self._next].name
             raise AssertionError(f"{self.path.name}: closed before tensor {missing!r} was written")
+
+    def abort(self) -> None:
+        """Close after a failure; the staging folder holding the partial file is removed by the caller."""
+        self._file.close()
 
 
 def copy_file_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:

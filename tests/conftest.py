@@ -114,14 +114,14 @@ def make_adapter(
     return folder
 
 
-def write_spec(folder: Path, base: Path, adapter: Path, **sections) -> Path:
+def write_spec(folder: Path, base_dir: Path, adapter_dir: Path, /, **sections) -> Path:
     """A spec file in folder, with paths relative to it as a committed spec would have them."""
     import yaml
 
     spec = {
         "name": "tiny-med",
-        "base": {"path": os.path.relpath(base, folder)},
-        "adapter": {"path": os.path.relpath(adapter, folder)},
+        "base": {"path": os.path.relpath(base_dir, folder)},
+        "adapter": {"path": os.path.relpath(adapter_dir, folder)},
         "output": {"dir": "dist/tiny-med", "mode": "merge", "dtype": "auto"},
         "generation": {"max_new_tokens": 16},
         "verify": {"max_new_tokens": 8, "prompts": [{"prompt": "你好"}]},
