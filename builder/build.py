@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from builder.publish import (
 from builder.render import build_context, installed_versions, render_card, render_loader, render_requirements
 from builder.sources import read_adapter_checkpoint, read_base_model
 from builder.spec import Spec, load_spec
-from builder.verify import failure_message, verify_bundle
+from builder.remote_code import probe_token_ids
+from builder.verify import failure_message, verify_bundle, verifying_python
 
 Report = Callable[[str], None]
 
@@ -57,9 +59,11 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, r
     check_disk_space(dest, plan.disk_needed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with staging_folder(dest) as staging:
+    with staging_folder(dest) as staging, ThreadPoolExecutor(max_workers=1) as background:
+        # Fingerprinting the sources is pure reading and hashing: it overlaps the write on the spare core.
+        fingerprints = background.submit(_source_fingerprints, plan)
         report(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
-        write_weights(plan, staging)
+        weight_hashes = write_weights(plan, staging)
         copy_side_files(plan, staging)
         context = _write_configs_and_render(plan, staging)
         timings["write"] = time.perf_counter() - started
@@ -67,14 +71,14 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, r
         offenders = find_machine_paths(staging, [spec.base.path, spec.adapter.path, plan.spec_file.parent])
         if offenders:
             raise SourceError("the bundle would name paths of this machine:\n  " + "\n  ".join(offenders))
-        provenance = _provenance(plan)
-        write_manifest(staging, provenance)
+        provenance = _provenance(plan, fingerprints.result())
+        manifest = write_manifest(staging, provenance, known_sha256=weight_hashes)
 
         verification = None
         if verify:
             report("verifying: loading the bundle in a fresh offline process")
             verify_started = time.perf_counter()
-            verification = verify_bundle(staging, on_progress=report)
+            verification = verify_bundle(staging, python=spec.verify.python, on_progress=report)
             timings["verify"] = time.perf_counter() - verify_started
             message = failure_message(verification)
             if message:
@@ -86,7 +90,9 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, r
             render_requirements(context, environment=environment, extra_packages=_extra_packages(plan)),
             encoding="utf-8",
         )
-        write_manifest(staging, provenance)
+        unchanged = {name: meta["sha256"] for name, meta in manifest["files"].items()
+                     if name not in ("README.md", "requirements.txt")}
+        write_manifest(staging, provenance, known_sha256=unchanged)
         publish(staging, dest)
     timings["total"] = time.perf_counter() - started
     return BuildResult(bundle=dest, plan=plan, verification=verification, timings=timings)
@@ -105,13 +111,22 @@ def _write_configs_and_render(plan: BuildPlan, staging: Path):
     end_of_turn = (
         configs.end_of_turn_token(template, special, configs.tokenizer_config_tokens(plan)) if template else None
     )
-    generation = configs.generation_config(plan, plan.base.generation_config, special.get(end_of_turn))
+    end_of_turn_id = special.get(end_of_turn)
+    if end_of_turn is None:  # no chat template: remote chat code (Qwen-v1) names its prompt format instead
+        end_of_turn = configs.chat_format_end_of_turn(plan.base.generation_config)
+        end_of_turn_id = special.get(end_of_turn)
+        if end_of_turn is not None and end_of_turn_id is None:
+            # Its special tokens live in the tokenizer's own code: ask it, in the verifying interpreter.
+            python = verifying_python(plan.spec.verify.python)
+            end_of_turn_id = probe_token_ids(staging, [end_of_turn], python=python)[end_of_turn]
+            end_of_turn = end_of_turn if end_of_turn_id is not None else None
+    generation = configs.generation_config(plan, plan.base.generation_config, end_of_turn_id)
     _write(staging / "config.json", configs.dump_json(configs.model_config(
         plan.base.config, plan.out_dtype, untie_embeddings=plan.untie_embeddings, vocab_size=plan.vocab_size
     )))
     _write(staging / "generation_config.json", configs.dump_json(generation))
     tokenizer_config = staging / "tokenizer_config.json"
-    if tokenizer_config.is_file():
+    if tokenizer_config.is_file() and template is not None:  # else it stays the byte-for-byte copy
         _write(tokenizer_config, configs.dump_json(configs.tokenizer_config(tokenizer_config, template)))
     if template is not None:
         _write(staging / "chat_template.jinja", template)
@@ -134,9 +149,9 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _provenance(plan: BuildPlan) -> dict:
-    """The spec as written, fingerprints of every source file read, and the tools that built the bundle."""
-    spec, base, adapter = plan.spec, plan.base, plan.adapter
+def _source_fingerprints(plan: BuildPlan) -> dict[str, str]:
+    """sha256 of every source file the build reads, named relative to the base or adapter folder."""
+    base, adapter = plan.base, plan.adapter
     read = [base.path / "config.json", *base.weight_files, adapter.path / "adapter_config.json",
             *(c.source for c in plan.copies if c.role != "adapter weights")]
     for optional in (base.path / "model.safetensors.index.json", base.path / "generation_config.json"):
@@ -149,12 +164,18 @@ def _provenance(plan: BuildPlan) -> dict:
     for path in dict.fromkeys(read):
         root, label = (adapter.path, "adapter") if adapter.path in path.parents else (base.path, "base")
         fingerprints[f"{label}/{path.relative_to(root).as_posix()}"] = sha256_file(path)
+    return fingerprints
+
+
+def _provenance(plan: BuildPlan, fingerprints: dict[str, str]) -> dict:
+    """The spec as written, fingerprints of every source file read, and the tools that built the bundle."""
+    spec = plan.spec
     return {
         "modelpack_version": builder.__version__,
         "name": spec.name,
         "mode": plan.mode,
         "spec": {"file": plan.spec_file.name, "text": plan.spec_file.read_text(encoding="utf-8")},
         "sources": {"base": str(spec.base.path), "adapter": str(spec.adapter.path), "sha256": fingerprints},
-        "ignored_training_files": [p.name for p in adapter.ignored_files],
+        "ignored_training_files": [p.name for p in plan.adapter.ignored_files],
         "tools": installed_versions(),
     }

@@ -80,11 +80,13 @@ def build(
 def verify(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    python: Annotated[Optional[Path], typer.Option(
+        help="Python interpreter that loads the model (e.g. the deployment's venv/bin/python)")] = None,
 ) -> None:
     """Re-run a bundle's checks: files against manifest.json, expected answers, serving contract."""
     from builder.verify import failure_message, verify_bundle
 
-    report = verify_bundle(bundle.resolve(), device=device, on_progress=_say)
+    report = verify_bundle(bundle.resolve(), python=python, device=device, on_progress=_say)
     message = failure_message(report)
     if message:
         raise VerificationError(message)

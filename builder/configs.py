@@ -18,6 +18,16 @@ DTYPE_FLAGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 # Sampling-only settings that transformers rejects when do_sample is false.
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 _SENTINEL = "MODELPACK_ASSISTANT_REPLY"
+# Remote-code chat models without a chat template name their prompt format in generation_config.json
+# (Qwen-v1: `chat_format: chatml`); the token that ends an assistant turn in each format.
+CHAT_FORMAT_END_OF_TURN = {"chatml": "<|im_end|>"}
+# adapter_config.json keys that peft 0.13 (the oldest peft a bundle supports) knows; it refuses any other key.
+PEFT_0_13_LORA_KEYS = frozenset({
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern",
+    "revision", "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora",
+})
 
 
 def model_config(base_config: dict, out_dtype: torch.dtype, *, untie_embeddings: bool, vocab_size: int | None) -> dict:
@@ -110,12 +120,26 @@ def generation_config(plan: BuildPlan, base_generation: dict | None, end_of_turn
                 config.pop(key, None)
     eos = config.get("eos_token_id", plan.base.config.get("eos_token_id"))
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if end_of_turn_id is not None and end_of_turn_id not in eos_ids:
-        eos_ids.append(end_of_turn_id)
+    # Servers (vLLM) stop only at eos_token_id: it must hold the end-of-turn token and the single-token stop
+    # words that remote chat code (Qwen-v1's `stop_words_ids`) stops at by itself.
+    for stop_id in [end_of_turn_id, *single_token_stop_ids(config)]:
+        if stop_id is not None and stop_id not in eos_ids:
+            eos_ids.append(stop_id)
     if eos_ids:
         config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
     config.pop("transformers_version", None)
     return config
+
+
+def single_token_stop_ids(generation: dict) -> list[int]:
+    """The ids of `stop_words_ids` entries that are one token long ([[151645], [151643]] -> [151645, 151643])."""
+    words = generation.get("stop_words_ids") or []
+    return [w[0] for w in words if isinstance(w, list) and len(w) == 1 and isinstance(w[0], int)]
+
+
+def chat_format_end_of_turn(base_generation: dict | None) -> str | None:
+    """The end-of-turn token of a model that names its chat format instead of shipping a template (Qwen-v1)."""
+    return CHAT_FORMAT_END_OF_TURN.get(str((base_generation or {}).get("chat_format")))
 
 
 def tokenizer_config(source: Path, chat_template: str | None) -> dict:
@@ -128,10 +152,28 @@ def tokenizer_config(source: Path, chat_template: str | None) -> dict:
 
 def adapter_config(config: dict) -> dict:
     """The separate-mode adapter_config.json: its base is the bundle it sits in, never a training-machine path."""
-    clean = dict(config)
+    # Keys newer peft writes that older peft (< 0.14) rejects are left out while they hold their default,
+    # i.e. while they change nothing; a key that is switched on stays, and old peft refuses it loudly.
+    clean = {key: value for key, value in config.items()
+             if key in PEFT_0_13_LORA_KEYS or not _is_lora_default(key, value)}
     clean["base_model_name_or_path"] = ".."
     clean["inference_mode"] = True
     return clean
+
+
+def _is_lora_default(key: str, value: object) -> bool:
+    """Whether an adapter_config.json entry is peft's default (or the informational `peft_version`)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    if key == "peft_version":
+        return True
+    field = next((f for f in dataclasses.fields(LoraConfig) if f.name == key), None)
+    if field is None:
+        return value in (None, False, {}, [])
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    return value == default or value in (None, {}, []) and default in (None, {}, [])
 
 
 def dump_json(data: dict) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import queue
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,49 +23,99 @@ from builder.merge import (
     merge_lora_delta,
 )
 from builder.plan import BuildPlan, ShardPlan, TensorPlan
-from builder.safetensors_io import ShardWriter, read_tensor, read_tensor_rows
+from builder.safetensors_io import ShardWriter, read_byte_chunks, read_tensor, read_tensor_rows, tensor_bytes
 
 # A merged tensor is processed in row blocks whose float32 working copy stays under this size,
-# so peak memory is bounded by a block, not by the largest tensor (a 7B embedding is 2 GB in fp32).
-BLOCK_BYTES = 256 << 20
+# so peak memory is bounded by a few blocks, not by the largest tensor (a 7B embedding is 2 GB in fp32).
+BLOCK_BYTES = 64 << 20
 # Blocks are whole multiples of this many rows: matmuls over a single row take another BLAS path (gemv)
 # whose rounding differs, and the merge must be bit-identical to peft's full-matrix product.
 BLOCK_ROW_MULTIPLE = 64
+# Unchanged tensors are copied in slices of this size.
+COPY_CHUNK_BYTES = 16 << 20
+# Chunks in flight between the reading/merging thread and the writing thread.
+QUEUE_DEPTH = 4
 FLOAT16_MAX = torch.finfo(torch.float16).max
 
 Progress = Callable[[int], None]
+_DONE = object()
 
 
-def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda n: None) -> list[str]:
-    """Write every planned shard (and the index when there are several) into staging; returns file names."""
-    written = []
-    for shard in plan.shards:
-        write_shard(shard, staging / shard.filename, on_bytes=on_bytes)
-        written.append(shard.filename)
+def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda n: None) -> dict[str, str]:
+    """Write every planned shard (and the index when there are several); returns {file name: sha256}.
+
+    Two threads overlap the work on two cores: one reads and merges (torch and file reads release the GIL),
+    the other hashes and writes. Memory stays at QUEUE_DEPTH chunks plus one block's working copies.
+    """
+    chunks: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce_chunks, args=(plan, chunks, stop), daemon=True)
+    producer.start()
+    hashes: dict[str, str] = {}
+    try:
+        for shard in plan.shards:
+            hashes[shard.filename] = _write_shard(shard, staging / shard.filename, chunks, on_bytes)
+        if chunks.get() is not _DONE:
+            raise AssertionError("the merge produced more tensors than planned")
+    finally:
+        stop.set()
+        producer.join()
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": plan.weight_bytes},
             "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
         }
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        written.append("model.safetensors.index.json")
-    return written
+    return hashes
 
 
-def write_shard(shard: ShardPlan, path: Path, *, on_bytes: Progress) -> None:
+def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, on_bytes: Progress) -> str:
     writer = ShardWriter(path, [t.entry for t in shard.tensors], metadata={"format": "pt"})
     try:
         for tensor in shard.tensors:
-            if tensor.action == "copy":
-                writer.copy_bytes(tensor.name, tensor.source)
-            else:
-                for block in output_blocks(tensor):
-                    writer.write_tensor(tensor.name, block)
-            on_bytes(tensor.entry.nbytes)
+            remaining = tensor.entry.nbytes
+            while remaining:
+                item = chunks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                name, data = item
+                view = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
+                writer.write_bytes(name, view)
+                remaining -= view.nbytes
+                on_bytes(view.nbytes)
     except BaseException:
         writer.abort()
         raise
-    writer.finish()
+    return writer.finish()
+
+
+def _produce_chunks(plan: BuildPlan, chunks: queue.Queue, stop: threading.Event) -> None:
+    """Read, merge and cast every output tensor in plan order, handing chunks to the writer."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for shard in plan.shards:
+            for tensor in shard.tensors:
+                if tensor.entry.nbytes == 0:
+                    continue
+                if tensor.action == "copy":
+                    parts = read_byte_chunks(tensor.source, COPY_CHUNK_BYTES)
+                else:
+                    parts = output_blocks(tensor)
+                for part in parts:
+                    if not put((tensor.name, part)):
+                        return
+        put(_DONE)
+    except BaseException as error:  # handed to the writing thread, which raises it in the caller
+        put(error)
 
 
 def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:

@@ -76,9 +76,16 @@ def bundle_files(bundle: Path) -> list[str]:
     )
 
 
-def write_manifest(bundle: Path, provenance: dict) -> dict:
-    """manifest.json: the provenance record plus sha256 and size of every other file in the bundle."""
-    files = {name: {"sha256": sha256_file(bundle / name), "size": (bundle / name).stat().st_size} for name in bundle_files(bundle)}
+def write_manifest(bundle: Path, provenance: dict, *, known_sha256: dict[str, str] | None = None) -> dict:
+    """manifest.json: the provenance record plus sha256 and size of every other file in the bundle.
+
+    known_sha256 holds hashes computed while the files were written (the weights), so they are not read again.
+    """
+    known = known_sha256 or {}
+    files = {
+        name: {"sha256": known.get(name) or sha256_file(bundle / name), "size": (bundle / name).stat().st_size}
+        for name in bundle_files(bundle)
+    }
     manifest = {**provenance, "files": files}
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest

@@ -13,8 +13,9 @@ import yaml
 from jinja2 import Environment, FunctionLoader, StrictUndefined
 
 import builder
-from builder.configs import DTYPE_NAMES
+from builder.configs import DTYPE_NAMES, chat_template_of
 from builder.plan import BuildPlan
+from builder.remote_code import canonical, distribution_name, third_party_imports
 
 # Packages a bundle needs at load time; peft only when the adapter stays separate.
 RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
@@ -41,6 +42,8 @@ class RenderContext:
     dtype: str
     trust_remote_code: bool
     remote_code_files: list[str]
+    remote_code_imports: list[str]
+    has_chat_template: bool
     base_name: str
     system_prompt: str | None
     verify_max_new_tokens: int
@@ -69,6 +72,8 @@ def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str |
         dtype=DTYPE_NAMES[plan.out_dtype],
         trust_remote_code=spec.base.trust_remote_code and plan.base.needs_remote_code,
         remote_code_files=[p.name for p in plan.base.remote_code_files],
+        remote_code_imports=third_party_imports(c.source for c in plan.copies if c.dest.endswith(".py")),
+        has_chat_template=chat_template_of(plan) is not None,
         base_name=base_model_name(plan),
         system_prompt=spec.chat.system_prompt,
         verify_max_new_tokens=spec.verify.max_new_tokens,
@@ -150,13 +155,41 @@ def render_card(context: RenderContext, *, verification: dict | None) -> str:
 
 
 def render_requirements(context: RenderContext, *, environment: dict | None, extra_packages: list[str]) -> str:
-    """Pinned versions: those the verification process reported, else this process's own."""
+    """Pinned versions: those the verification process reported, else this process's own.
+
+    A remote-code bundle also needs what its code imports; the verifying interpreter reports which
+    distribution provides each import and its version (a version that loaded this model).
+    """
     versions = dict(environment or installed_versions())
     wanted = [*RUNTIME_PACKAGES, *(["peft"] if context.mode == "separate" else []), *extra_packages]
     packages = [(p, versions[p]) for p in dict.fromkeys(wanted) if p in versions]
+    imports = (environment or {}).get("imports") or remote_code_distributions(context.remote_code_imports)
+    listed = {canonical(p) for p, _ in packages}
+    unpinned = []
+    for name in context.remote_code_imports:
+        distribution, version = imports.get(name) or (distribution_name(name), None)
+        if canonical(distribution) in listed:
+            continue
+        listed.add(canonical(distribution))
+        if version:
+            packages.append((distribution, version))
+        else:
+            unpinned.append(distribution)
     return _ENV.get_template("requirements.txt.jinja").render(
-        packages=packages, versions=versions, verified=environment is not None
+        packages=packages, unpinned=unpinned, versions=versions, verified=environment is not None
     )
+
+
+def remote_code_distributions(import_names: list[str]) -> dict[str, list]:
+    """import name -> [distribution, version or None] in this environment, read from metadata (nothing imported)."""
+    found = {}
+    for name in import_names:
+        distribution = distribution_name(name)
+        try:
+            found[name] = [distribution, metadata.version(distribution)]
+        except metadata.PackageNotFoundError:
+            found[name] = [distribution, None]
+    return found
 
 
 def installed_versions() -> dict:

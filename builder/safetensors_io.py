@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,67 +143,68 @@ def encode_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes
 class ShardWriter:
     """Writes one safetensors file tensor by tensor: the header comes from the plan, then bytes stream in order.
 
-    Memory stays at one tensor (or one row block), never one shard, because nothing is buffered here.
+    Memory stays at one chunk (a row block or a slice of a copied tensor), never one shard, because nothing is
+    buffered here. The file's sha256 is computed from the bytes as they are written, so the manifest needs no
+    second pass over the weights.
     """
 
     def __init__(self, path: Path, entries: list[TensorEntry], *, metadata: dict[str, str]):
         self.path = path
         self._entries = entries
         self._next = 0
-        self._remaining_in_entry = entries[0].nbytes if entries else 0
+        self._remaining = 0
+        self._sha256 = hashlib.sha256()
         self._file = open(path, "wb")
-        self._file.write(encode_header(entries, metadata))
+        self._write(encode_header(entries, metadata))
+        self._advance()
 
-    def _expect(self, name: str, nbytes: int) -> None:
-        entry = self._entries[self._next]
-        if entry.name != name:
-            raise AssertionError(f"{self.path.name}: expected tensor {entry.name!r} next, got {name!r}")
-        if nbytes > self._remaining_in_entry:
-            raise AssertionError(f"{self.path.name}: {name!r} received more bytes than planned")
-        self._remaining_in_entry -= nbytes
-        if self._remaining_in_entry == 0:
+    def _advance(self) -> None:
+        """Move past finished (and empty) entries to the next one expecting bytes."""
+        while self._remaining == 0 and self._next < len(self._entries):
+            self._remaining = self._entries[self._next].nbytes
+            self._current = self._entries[self._next]
             self._next += 1
-            if self._next < len(self._entries):
-                self._remaining_in_entry = self._entries[self._next].nbytes
 
-    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """Append a tensor (or the next row block of one) whose dtype matches the plan."""
-        planned = self._entries[self._next]
-        if tensor.dtype != planned.dtype:
-            raise AssertionError(f"{name}: planned {planned.dtype}, got {tensor.dtype}")
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._expect(name, data.nbytes)
-        self._file.write(memoryview(data))
+    def _write(self, data) -> None:
+        self._sha256.update(data)
+        self._file.write(data)
 
-    def copy_bytes(self, name: str, location: TensorLocation) -> None:
-        """Copy a tensor's bytes straight from its source file, without materialising it."""
-        self._expect(name, location.nbytes)
-        self._file.flush()
-        with open(location.file, "rb") as src:
-            copy_file_range(src.fileno(), self._file.fileno(), location.start, location.nbytes)
+    def write_bytes(self, name: str, data) -> None:
+        """Append the next bytes of the named tensor (a whole tensor, a row block or a slice of one)."""
+        nbytes = memoryview(data).nbytes
+        if self._remaining == 0 or self._current.name != name:
+            expected = self._current.name if self._remaining else "nothing"
+            raise AssertionError(f"{self.path.name}: expected bytes of {expected!r}, got {name!r}")
+        if nbytes > self._remaining:
+            raise AssertionError(f"{self.path.name}: {name!r} received more bytes than planned")
+        self._write(data)
+        self._remaining -= nbytes
+        self._advance()
 
-    def finish(self) -> None:
-        """Close the file, which must now hold every planned tensor."""
+    def finish(self) -> str:
+        """Close the file, which must now hold every planned tensor; returns its sha256."""
         self._file.close()
-        if self._next != len(self._entries):
-            missing = self._entries[self._next].name
-            raise AssertionError(f"{self.path.name}: closed before tensor {missing!r} was written")
+        if self._remaining or self._next != len(self._entries):
+            raise AssertionError(f"{self.path.name}: closed before tensor {self._current.name!r} was complete")
+        return self._sha256.hexdigest()
 
     def abort(self) -> None:
         """Close after a failure; the staging folder holding the partial file is removed by the caller."""
         self._file.close()
 
 
-def copy_file_range(src_fd: int, dst_fd: int, src_offset: int, count: int) -> None:
-    """Kernel-side copy of count bytes from src_offset to the destination's current position."""
-    dst_offset = os.lseek(dst_fd, 0, os.SEEK_CUR)
-    done = 0
-    while done < count:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst_offset + done)
-        except (AttributeError, OSError):
-            n = os.pwrite(dst_fd, os.pread(src_fd, min(count - done, 64 << 20), src_offset + done), dst_offset + done)
-        if n == 0:
-            raise SourceError(f"unexpected end of file copying {count} bytes at offset {src_offset}")
-        done += n
-    os.lseek(dst_fd, dst_offset + count, os.SEEK_SET)
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's raw little-endian bytes, without a copy when it is contiguous."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def read_byte_chunks(location: TensorLocation, chunk_bytes: int) -> Iterator[bytes]:
+    """A tensor's stored bytes in chunks, for copying it without materialising it as a tensor."""
+    with open(location.file, "rb", buffering=0) as f:
+        offset = location.start
+        while offset < location.end:
+            chunk = os.pread(f.fileno(), min(chunk_bytes, location.end - offset), offset)
+            if not chunk:
+                raise SourceError(f"{location.file}: unexpected end of file reading tensor {location.name!r}")
+            offset += len(chunk)
+            yield chunk

@@ -204,8 +204,13 @@ def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> Adapte
         raise SourceError(f"{weights_file}: holds no tensors; the training run saved an empty adapter")
 
     ignored = sorted({p for pattern in TRAINING_LEFTOVER_PATTERNS for p in path.glob(pattern)})
-    # Only a checkpoint that carries a full tokenizer (its config) overrides the base's tokenizer.
-    tokenizer_files = _tokenizer_files(path) if (path / "tokenizer_config.json").is_file() else ()
+    # Only a checkpoint that carries a full tokenizer (its config) overrides the base's tokenizer. Its config may
+    # name tokenizer code saved beside it (Qwen's finetune.py leaves tokenization_qwen.py there): that code
+    # belongs with that config, so it comes along and takes the place of the base's file of the same name.
+    tokenizer_config_path = path / "tokenizer_config.json"
+    tokenizer_files = ()
+    if tokenizer_config_path.is_file():
+        tokenizer_files = _tokenizer_files(path) + find_remote_code(path, read_json(tokenizer_config_path))
     return AdapterCheckpoint(
         path=path,
         config=config,

@@ -243,6 +243,12 @@ class VerifySpec(_Section):
         default=[],
         description="General-skill prompts outside the tuning domain; replies are recorded, expectations optional.",
     )
+    python: SpecPath | None = Field(
+        default=None,
+        description="Python interpreter (e.g. a virtualenv's bin/python) that runs every check loading the model; "
+        "default: the one running modelpack. Use the deployment's environment when the model's code needs other "
+        "library versions (Qwen-7B-Chat v1: transformers<5).",
+    )
 
 
 class Spec(_Section):
@@ -384,6 +390,7 @@ def _check_paths(
         (("base", "path"), spec.base.path, "directory"),
         (("adapter", "path"), spec.adapter.path, "directory"),
         (("chat", "template"), spec.chat.template, "file"),
+        (("verify", "python"), spec.verify.python, "file"),
     ]
     problems = []
     for loc, resolved, kind in wanted:

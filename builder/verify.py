@@ -10,16 +10,19 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from builder.errors import VerificationError
+from builder.errors import BundleError, VerificationError
 from builder.publish import read_manifest
 
 
-def verify_bundle(bundle: Path, *, python: str = sys.executable, device: str = "cpu",
+def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
                   on_progress: Callable[[str], None] = lambda line: None) -> dict:
     """Run `load.py --verify` in a subprocess that cannot import modelpack; return its JSON report.
 
-    The report is returned whether or not the checks passed; `failure_message` says what failed.
+    `python` is the interpreter that loads the model (default: this one), e.g. the deployment's virtualenv
+    when the model's own code needs other library versions. The report is returned whether or not the checks
+    passed; `failure_message` says what failed.
     """
+    python = verifying_python(python)
     read_manifest(bundle)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)
@@ -40,6 +43,19 @@ def verify_bundle(bundle: Path, *, python: str = sys.executable, device: str = "
                 f"verification could not load the bundle {bundle} (exit {returncode}):\n" + "\n".join(tail)
             )
         return json.loads(report_path.read_text(encoding="utf-8"))
+
+
+def verifying_python(python: str | os.PathLike | None) -> str:
+    """The interpreter that runs model code: the given one, checked to exist, else the one running modelpack."""
+    if python is None:
+        return sys.executable
+    path = Path(python)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise BundleError(f"verification interpreter {path}: not an executable file; point it at a Python, "
+                          "e.g. /path/to/venv/bin/python")
+    # Absolute (the subprocess runs elsewhere) but not resolved: a virtualenv's bin/python is a symlink, and
+    # only under its own path does it find the venv's packages.
+    return os.path.abspath(path)
 
 
 def failure_message(report: dict) -> str | None:
