@@ -1,0 +1,162 @@
+"""Equivalence check, run as a script in the verifying interpreter: the bundle answers like base + adapter in peft.
+
+It imports only torch, transformers, peft and the bundle's own load.py (never modelpack), so it runs in a
+deployment team's environment (`verify.python`) as well as in this one.
+
+    python equivalence.py --bundle B --base SRC --adapter SRC --answers answers.json --report out.json
+
+Merge mode: the bundle is compared with the unmerged reference (the base loaded from the sources, the adapter
+applied by peft). Separate mode: the bundle (base + adapter through peft) is compared with a merge of itself
+in memory. For each verification prompt, the chat-formatted prompt followed by the bundle's greedy answer is
+run through both models and every position's next-token logits are compared.
+
+Tolerance rule: |delta logit| <= atol + rtol * max|reference logit|, with (atol, rtol) = (1e-3, 1e-4) in
+float32, (0.05, 1e-2) in float16 and (0.1, 4e-2) in bfloat16: merged weights are rounded once into the dtype
+where the unmerged model rounds the base and the adapter's contribution separately, so half precision
+differs by a few units in the last place. A greedy token that differs counts as a disagreement only when the
+reference prefers its own token by more than the tolerance (otherwise it was a near tie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+TOLERANCES = {"float32": (1e-3, 1e-4), "float16": (0.05, 1e-2), "bfloat16": (0.1, 4e-2)}
+
+
+def load_bundle_module(bundle: Path):
+    """The bundle's own load.py, imported without running its CLI."""
+    spec = importlib.util.spec_from_file_location("modelpack_bundle_load", bundle / "load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def formatted_prompt(tokenizer, model, prompt: str, system: str | None) -> str:
+    """The text the model sees before its answer: the chat template's, or ChatML for remote chat code."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if getattr(model.generation_config, "chat_format", None) == "chatml":
+        system_text = system or "You are a helpful assistant."
+        return (f"<|im_start|>system\n{system_text}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    return prompt
+
+
+def load_reference(loader, base: Path, adapter: Path, *, mode: str, dtype: str, device: str):
+    """The model the bundle must equal: base + adapter unmerged (merge mode) or merged in memory (separate)."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = loader.load(device=device, dtype=dtype)
+    if mode == "separate":
+        reference = copy.deepcopy(model).merge_and_unload().eval()
+        return model, tokenizer, reference, None
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    kwargs = {dtype_key: getattr(torch, dtype), "trust_remote_code": loader.TRUST_REMOTE_CODE}
+    base_model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if base_model.get_input_embeddings().weight.shape[0] != rows:  # the adapter saved resized embeddings
+        base_model.resize_token_embeddings(rows)
+    reference = PeftModel.from_pretrained(base_model, adapter).eval().to(model.device)
+    return model, tokenizer, reference, reference
+
+
+def compare(model, reference, tokenizer, entries: list[dict], *, system, dtype: str) -> dict:
+    import torch
+
+    atol, rtol = TOLERANCES[dtype]
+    results, worst, positions, raw_disagreements, significant = [], 0.0, 0, 0, 0
+    for entry in entries:
+        text = formatted_prompt(tokenizer, model, entry["prompt"], system)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(entry["answer"], add_special_tokens=False)["input_ids"] if entry["answer"] else []
+        ids = torch.tensor([prompt_ids + answer_ids], device=model.device)
+        with torch.no_grad():
+            got = model(ids).logits[0].float()
+            want = reference(ids.to(reference.device)).logits[0].float().to(got.device)
+        # Positions whose next token is part of the answer (plus the first answer token's prediction).
+        start = len(prompt_ids) - 1
+        got, want = got[start:], want[start:]
+        delta = (got - want).abs().max().item()
+        tolerance = atol + rtol * want.abs().max().item()
+        got_top, want_top = got.argmax(-1), want.argmax(-1)
+        margin = want.gather(-1, want_top[:, None]) - want.gather(-1, got_top[:, None])
+        disagree = (got_top != want_top)
+        results.append({
+            "prompt": entry["prompt"],
+            "max_abs_logit_diff": delta,
+            "tolerance": tolerance,
+            "positions": int(got.shape[0]),
+            "greedy_disagreements": int(disagree.sum().item()),
+            "ok": delta <= tolerance and not bool((margin[:, 0] > tolerance)[disagree].any()),
+        })
+        worst = max(worst, delta)
+        positions += int(got.shape[0])
+        raw_disagreements += int(disagree.sum().item())
+        significant += int((margin[:, 0] > tolerance)[disagree].sum().item())
+    return {
+        "ok": all(r["ok"] for r in results),
+        "dtype": dtype,
+        "rule": f"|delta logit| <= {atol:g} + {rtol:g} * max|reference logit|",
+        "max_abs_logit_diff": worst,
+        "positions": positions,
+        "greedy_agreement": 1.0 - raw_disagreements / positions if positions else 1.0,
+        "significant_disagreements": significant,
+        "prompts": results,
+    }
+
+
+def base_answers(loader, peft_reference, tokenizer, entries: list[dict], max_new_tokens: int) -> dict[str, str]:
+    """The same prompts answered by the base model alone (the adapter disabled), greedy."""
+    import torch
+
+    answers = {}
+    with peft_reference.disable_adapter():
+        for entry in entries:
+            torch.manual_seed(0)
+            answers[entry["prompt"]] = loader.chat(
+                peft_reference, tokenizer, entry["prompt"], greedy=True, max_new_tokens=max_new_tokens
+            )[0]
+    return answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--answers", type=Path, required=True, help="JSON list of {prompt, answer} from the bundle")
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compare-base", action="store_true", help="also answer every prompt with the base alone")
+    args = parser.parse_args(argv)
+
+    loader = load_bundle_module(args.bundle)
+    entries = json.loads(args.answers.read_text(encoding="utf-8"))
+    print("equivalence: loading the bundle and the reference", file=sys.stderr, flush=True)
+    model, tokenizer, reference, peft_reference = load_reference(
+        loader, args.base, args.adapter, mode=loader.MODE, dtype=loader.DTYPE, device=args.device
+    )
+    print("equivalence: comparing next-token logits", file=sys.stderr, flush=True)
+    report = compare(model, reference, tokenizer, entries, system=loader.SYSTEM_PROMPT, dtype=loader.DTYPE)
+    report["reference"] = "base + adapter through peft, unmerged" if loader.MODE == "merge" else "bundle merged in memory"
+    if args.compare_base:
+        print("equivalence: answering with the base model alone", file=sys.stderr, flush=True)
+        if peft_reference is None:  # separate mode: the bundle itself is base + adapter
+            peft_reference = model
+        report["base_answers"] = base_answers(loader, peft_reference, tokenizer, entries, loader.VERIFY_MAX_NEW_TOKENS)
+    args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
