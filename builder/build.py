@@ -26,7 +26,7 @@ from builder.render import build_context, installed_versions, render_card, rende
 from builder.sources import read_adapter_checkpoint, read_base_model
 from builder.spec import Spec, load_spec
 from builder.remote_code import probe_token_ids
-from builder.verify import failure_message, verify_bundle, verifying_python
+from builder.verify import ReferenceSources, failure_message, verify_bundle, verifying_python
 
 Report = Callable[[str], None]
 
@@ -49,8 +49,8 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
     return plan_build(spec, base, adapter, spec_file=spec_path.resolve())
 
 
-def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, report: Report = lambda line: None,
-                 ) -> BuildResult:
+def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
+                 report: Report = lambda line: None) -> BuildResult:
     """Execute the plan into a staging folder, verify it, and rename it into place."""
     spec = plan.spec
     dest = spec.output.dir
@@ -78,7 +78,14 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, r
         if verify:
             report("verifying: loading the bundle in a fresh offline process")
             verify_started = time.perf_counter()
-            verification = verify_bundle(staging, python=spec.verify.python, on_progress=report)
+            verification = verify_bundle(
+                staging,
+                python=spec.verify.python,
+                device=device or spec.verify.device,
+                sources=ReferenceSources(spec.base.path, spec.adapter.path),
+                compare_base=spec.verify.compare_base,
+                on_progress=report,
+            )
             timings["verify"] = time.perf_counter() - verify_started
             message = failure_message(verification)
             if message:

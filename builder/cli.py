@@ -24,6 +24,14 @@ def _say(line: str) -> None:
     typer.echo(line, err=True)
 
 
+def _print_table(report: dict) -> None:
+    from rich.console import Console
+
+    from builder.verify import report_table
+
+    Console(stderr=True, width=160).print(report_table(report))
+
+
 def user_errors_exit(command):
     """The one error handler: a ModelpackError prints as one message and exits with its code.
 
@@ -59,6 +67,7 @@ def build(
     force: Annotated[bool, typer.Option("--force", help="replace an existing bundle")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip reload-and-chat verification")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and write nothing")] = False,
+    device: Annotated[Optional[str], typer.Option(help="verification device: auto | cpu | cuda (default: verify.device)")] = None,
 ) -> None:
     """Build the bundle a spec describes."""
     from builder.build import build_bundle, plan_from_spec
@@ -70,7 +79,9 @@ def build(
         return
     for warning in plan.warnings:
         _say(f"warning: {warning}")
-    result = build_bundle(plan, force=force, verify=not no_verify, report=_say)
+    result = build_bundle(plan, force=force, verify=not no_verify, device=device, report=_say)
+    if result.verification:
+        _print_table(result.verification)
     verdict = "verified" if result.verification else "not verified (--no-verify)"
     typer.echo(f"built {result.bundle} in {result.timings['total']:.1f}s, {verdict}")
 
@@ -79,14 +90,20 @@ def build(
 @user_errors_exit
 def verify(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     python: Annotated[Optional[Path], typer.Option(
         help="Python interpreter that loads the model (e.g. the deployment's venv/bin/python)")] = None,
 ) -> None:
     """Re-run a bundle's checks: files against manifest.json, expected answers, serving contract."""
-    from builder.verify import failure_message, verify_bundle
+    from builder.publish import read_manifest
+    from builder.verify import failure_message, recorded_sources, verify_bundle
 
-    report = verify_bundle(bundle.resolve(), python=python, device=device, on_progress=_say)
+    bundle = bundle.resolve()
+    sources, unavailable = recorded_sources(bundle, read_manifest(bundle))
+    report = verify_bundle(bundle, python=python, device=device, sources=sources, on_progress=_say)
+    if unavailable:
+        report["skipped"] = [{"check": "equivalence", "reason": unavailable}]
+    _print_table(report)
     message = failure_message(report)
     if message:
         raise VerificationError(message)

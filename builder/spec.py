@@ -249,6 +249,16 @@ class VerifySpec(_Section):
         "default: the one running modelpack. Use the deployment's environment when the model's code needs other "
         "library versions (Qwen-7B-Chat v1: transformers<5).",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where verification loads the model: auto = every visible GPU (accelerate's device_map) "
+        "when there is one, else the CPU.",
+    )
+    compare_base: bool = Field(
+        default=False,
+        description="Also answer every prompt and probe with the base model alone, shown beside the tuned "
+        "answers in the report and the card (costs a second generation pass).",
+    )
 
 
 class Spec(_Section):

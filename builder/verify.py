@@ -8,15 +8,31 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+
 from builder.errors import BundleError, VerificationError
-from builder.publish import read_manifest
+from builder.publish import read_manifest, sha256_file
+
+EQUIVALENCE_SCRIPT = Path(__file__).with_name("equivalence.py")
+EMPTY_EXPECTATION = {"contains": [], "not_contains": [], "equals": None, "regex": None}
+
+
+@dataclass(frozen=True)
+class ReferenceSources:
+    """The source folders the bundle was built from, for comparing it with base + adapter through peft."""
+
+    base: Path
+    adapter: Path
 
 
 def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
+                  sources: ReferenceSources | None = None, compare_base: bool = False,
                   on_progress: Callable[[str], None] = lambda line: None) -> dict:
-    """Run `load.py --verify` in a subprocess that cannot import modelpack; return its JSON report.
+    """Run `load.py --verify` in a subprocess that cannot import modelpack, then (with the sources) the
+    equivalence check; return the combined JSON report.
 
     `python` is the interpreter that loads the model (default: this one), e.g. the deployment's virtualenv
     when the model's own code needs other library versions. The report is returned whether or not the checks
@@ -24,25 +40,60 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     """
     python = verifying_python(python)
     read_manifest(bundle)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    env.pop("PYTHONPATH", None)
     with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
         report_path = Path(workdir) / "report.json"
-        command = [python, str(bundle / "load.py"), "--verify", "--report", str(report_path), "--device", device]
-        # cwd is an empty folder: the process sees the bundle and nothing of the build.
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-        tail: list[str] = []
-        assert process.stdout is not None
-        for line in process.stdout:
-            on_progress(line.rstrip())
-            tail = (tail + [line.rstrip()])[-25:]
-        returncode = process.wait()
-        if not report_path.is_file():
-            raise VerificationError(
-                f"verification could not load the bundle {bundle} (exit {returncode}):\n" + "\n".join(tail)
-            )
-        return json.loads(report_path.read_text(encoding="utf-8"))
+        _run([python, str(bundle / "load.py"), "--verify", "--report", str(report_path), "--device", device],
+             workdir, report_path, on_progress, what=f"verification could not load the bundle {bundle}")
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        report["skipped"] = []
+        if sources is None:
+            report["skipped"].append({"check": "equivalence", "reason": "the source base and adapter are not available"})
+            return report
+        answers = Path(workdir) / "answers.json"
+        entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in report["prompts"] + report["probes"]]
+        answers.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+        equivalence_path = Path(workdir) / "equivalence.json"
+        command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(sources.base),
+                   "--adapter", str(sources.adapter), "--answers", str(answers), "--report", str(equivalence_path),
+                   "--device", device]
+        _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, on_progress,
+             what="the equivalence check could not load the bundle and its sources")
+        equivalence = json.loads(equivalence_path.read_text(encoding="utf-8"))
+    base_answers = equivalence.pop("base_answers", None)
+    if base_answers is not None:
+        for result in report["prompts"] + report["probes"]:
+            result["base_answer"] = base_answers[result["prompt"]]
+    report["equivalence"] = equivalence
+    report["ok"] = report["ok"] and equivalence["ok"]
+    return report
+
+
+def _run(command: list[str], workdir: str, output: Path, on_progress: Callable[[str], None], *, what: str) -> None:
+    """Run a verification step offline in an empty folder (it sees the bundle and nothing of the build)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPATH", None)
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+    tail: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        on_progress(line.rstrip())
+        tail = (tail + [line.rstrip()])[-25:]
+    returncode = process.wait()
+    if not output.is_file():
+        raise VerificationError(f"{what} (exit {returncode}):\n" + "\n".join(tail))
+
+
+def recorded_sources(bundle: Path, manifest: dict) -> tuple[ReferenceSources | None, str | None]:
+    """The sources manifest.json names, if they are still there and the adapter is unchanged; else why not."""
+    recorded = manifest.get("sources", {})
+    base, adapter = Path(recorded.get("base", "")), Path(recorded.get("adapter", ""))
+    if not base.is_dir() or not adapter.is_dir():
+        return None, f"the sources recorded in manifest.json ({base}, {adapter}) are not on this machine"
+    fingerprint = recorded.get("sha256", {}).get("adapter/adapter_config.json")
+    if fingerprint and fingerprint != sha256_file(adapter / "adapter_config.json"):
+        return None, f"the adapter at {adapter} changed since the build"
+    return ReferenceSources(base, adapter), None
 
 
 def verifying_python(python: str | os.PathLike | None) -> str:
@@ -67,4 +118,47 @@ def failure_message(report: dict) -> str | None:
             lines.append(
                 f"prompt {result['prompt']!r}: expected {', '.join(result['failures'])}; answered {result['answer']!r}"
             )
+    equivalence = report.get("equivalence")
+    if equivalence and not equivalence["ok"]:
+        for result in equivalence["prompts"]:
+            if not result["ok"]:
+                lines.append(
+                    f"equivalence: prompt {result['prompt']!r}: max |delta logit| {result['max_abs_logit_diff']:.4g} "
+                    f"vs tolerance {result['tolerance']:.4g}, {result['greedy_disagreements']} greedy tokens differ "
+                    f"from {equivalence['reference']}"
+                )
     return "verification failed:\n  " + "\n  ".join(lines) if lines else None
+
+
+def report_table(report: dict) -> Table:
+    """The terminal summary of a verification report: one row per check and per prompt."""
+    table = Table(title=f"verification of {report['bundle']}: {'passed' if report['ok'] else 'FAILED'}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    integrity = report["integrity"]
+    table.add_row("integrity", _verdict(integrity["ok"]), f"{integrity['files']} files against manifest.json")
+    serving = report["serving"]
+    table.add_row("serving", _verdict(serving["ok"]), "; ".join(serving["problems"]) or "eos ids, chat template, vocabulary")
+    for warning in serving.get("warnings", []):
+        table.add_row("serving", "warning", warning)
+    equivalence = report.get("equivalence")
+    if equivalence:
+        table.add_row(
+            "equivalence", _verdict(equivalence["ok"]),
+            f"max |delta logit| {equivalence['max_abs_logit_diff']:.3g} over {equivalence['positions']} positions, "
+            f"greedy agreement {equivalence['greedy_agreement']:.1%} ({equivalence['dtype']}; {equivalence['rule']})",
+        )
+    for skipped in report.get("skipped", []):
+        table.add_row(skipped["check"], "skipped", skipped["reason"])
+    for kind, results in (("prompt", report["prompts"]), ("probe", report["probes"])):
+        for result in results:
+            detail = f"{result['prompt'][:40]} -> {result['answer'][:60]}"
+            if "base_answer" in result:
+                detail += f"  (base: {result['base_answer'][:40]})"
+            verdict = _verdict(result["ok"]) if kind == "prompt" or result["expect"] != EMPTY_EXPECTATION else "recorded"
+            table.add_row(kind, verdict, detail + ("" if result["ok"] else f"  [{'; '.join(result['failures'])}]"))
+    return table
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "FAILED"

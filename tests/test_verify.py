@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builder.build import build_bundle, plan_from_spec
-from builder.errors import BundleError
+from builder.errors import BundleError, VerificationError
 from builder.publish import write_manifest
 from builder.verify import failure_message, verify_bundle
 from conftest import write_spec
@@ -85,3 +85,38 @@ def test_generation_config_without_end_of_turn_id_is_caught(bundle):
 def test_a_folder_that_is_not_a_bundle_is_refused(tmp_path):
     with pytest.raises(BundleError, match="is not a modelpack bundle"):
         verify_bundle(tmp_path)
+
+
+def test_a_merge_with_wrong_scaling_fails_equivalence(tmp_path, models, adapters, monkeypatch):
+    """The merged weights are compared with base + adapter through peft, loaded from the sources."""
+    import builder.adapter_match
+
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base))
+    real_scaling = builder.adapter_match.lora_scaling
+    monkeypatch.setattr(builder.adapter_match, "lora_scaling", lambda **kw: 2 * real_scaling(**kw))
+    with pytest.raises(VerificationError) as caught:
+        build_bundle(plan_from_spec(spec), verify=True, device="cpu")
+    assert "equivalence: prompt '你好': max |delta logit|" in caught.value.message
+    assert "from base + adapter through peft, unmerged" in caught.value.message
+
+
+def test_equivalence_passes_and_base_answers_are_recorded(tmp_path, models, adapters):
+    base = models("llama", tied=False, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), verify={"compare_base": True, "probes": [{"prompt": "hi"}]})
+    report = build_bundle(plan_from_spec(spec), verify=True, device="cpu").verification
+    equivalence = report["equivalence"]
+    assert equivalence["ok"] and equivalence["dtype"] == "float32"
+    assert equivalence["max_abs_logit_diff"] < 1e-3 and equivalence["significant_disagreements"] == 0
+    assert all("base_answer" in r for r in report["prompts"] + report["probes"])
+
+
+def test_dora_adapter_in_separate_mode_gets_a_vllm_warning(tmp_path, models, adapters):
+    base = models("llama", tied=False, dtype=torch.float32)
+    adapter = adapters(base, "dora-separate", use_dora=True)
+    spec = write_spec(tmp_path, base, adapter, output={"mode": "separate"})
+    report = build_bundle(plan_from_spec(spec), verify=True, device="cpu").verification
+    assert report["ok"] and report["equivalence"]["reference"] == "bundle merged in memory"
+    warnings = report["serving"]["warnings"]
+    assert any("DoRA adapters (use_dora) are not supported by vLLM" in w for w in warnings)
+    assert len(warnings) == 1
