@@ -1,0 +1,106 @@
+"""A bundle's load.py and verification in a second virtualenv with transformers 4.49 and peft 0.13 (Qwen-v1's range)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from builder.build import build_bundle, plan_from_spec
+from builder.cli import app
+from conftest import write_spec
+from qwen_v1_support import SEED_PROBES, SEED_SAMPLES, qwen_base, random_checkpoint, run_python, subprocess_env
+
+REPO = Path(__file__).resolve().parents[1]
+# The oldest libraries a bundle supports; torch is pinned to the CPU wheel on this machine's disk.
+OLD_STACK = ["torch==2.13.0", "transformers==4.49.*", "peft==0.13.*", "tiktoken", "safetensors", "accelerate"]
+QUESTION = SEED_SAMPLES[0][0]
+# pip's words when no package index can be reached (the only reason to skip instead of failing).
+OFFLINE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
+                   "Network is unreachable", "ConnectTimeoutError", "ProxyError", "No route to host")
+
+
+def venv_folder() -> Path:
+    """Cached per Python version and requirement set, outside the repo so that reruns and clean clones share it."""
+    root = Path(os.environ.get("MODELPACK_TEST_VENVS", Path.home() / ".cache" / "modelpack-test-venvs"))
+    key = hashlib.sha256(json.dumps([sys.version, OLD_STACK, (REPO / "constraints.txt").read_text()]).encode())
+    return root / f"tf4.49-peft0.13-py{sys.version_info.major}{sys.version_info.minor}-{key.hexdigest()[:10]}"
+
+
+@pytest.fixture(scope="session")
+def old_python() -> str:
+    """bin/python of a virtualenv with transformers 4.49 and peft 0.13, created on first use."""
+    folder = venv_folder()
+    python, complete = folder / "bin" / "python", folder / ".modelpack-complete"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ".lock", "w") as lock:  # concurrent test sessions wait for one creator
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+            install = subprocess.run(
+                [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-c",
+                 str(REPO / "constraints.txt"), *OLD_STACK],
+                capture_output=True, text=True, timeout=1200,
+            )
+            output = install.stdout + install.stderr
+            if install.returncode != 0:
+                shutil.rmtree(folder, ignore_errors=True)
+                if any(marker in output for marker in OFFLINE_MARKERS):
+                    pytest.skip(f"pip cannot reach a package index to create {folder}: "
+                                + output.strip().splitlines()[-1])
+                pytest.fail(f"creating the transformers 4.49 venv failed:\n{output[-4000:]}")
+            complete.write_text(output)
+    return str(python)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "qwen_v1"
+    return qwen_base(root), random_checkpoint(root)
+
+
+def old_stack_spec(folder: Path, sources, mode: str, python: str) -> Path:
+    base, checkpoint = sources
+    return write_spec(
+        folder, base, checkpoint, name=f"qwen-med-{mode}", base={"trust_remote_code": True},
+        output={"dir": f"dist/qwen-med-{mode}", "mode": mode, "dtype": "bfloat16"},
+        generation={"max_new_tokens": 12},
+        verify={"python": python, "max_new_tokens": 12, "prompts": [{"prompt": QUESTION}],
+                "probes": [{"prompt": p} for p in SEED_PROBES]},
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["merge", "separate"])
+def test_bundle_verifies_and_answers_under_transformers_4_49_and_peft_0_13(tmp_path, sources, old_python, mode):
+    result = build_bundle(plan_from_spec(old_stack_spec(tmp_path, sources, mode, old_python)), verify=True)
+    environment = result.verification["environment"]
+    assert result.verification["ok"]
+    assert environment["transformers"].startswith("4.49.") and environment["peft"].startswith("0.13.")
+    # requirements.txt pins what verification ran with: the old stack, not the builder's transformers 5.
+    pins = dict(line.split("==") for line in (result.bundle / "requirements.txt").read_text().splitlines()
+                if "==" in line)
+    assert pins["transformers"] == environment["transformers"]
+    assert pins.get("peft") == (environment["peft"] if mode == "separate" else None)
+    assert pins["PyYAML"] == environment["imports"]["yaml"][1]
+
+    moved = tmp_path / "deploy" / result.bundle.name
+    shutil.copytree(result.bundle, moved)
+    shutil.rmtree(result.bundle)
+    env = subprocess_env(HF_MODULES_CACHE=str(tmp_path / "modules"))
+    answer = run_python(old_python, "load.py", QUESTION, cwd=moved, env=env).stdout.strip()
+    assert answer == result.verification["prompts"][0]["answer"] != ""
+
+    if mode == "merge":  # the CLI re-verifies an existing bundle in another interpreter too
+        rerun = CliRunner().invoke(app, ["verify", str(moved), "--python", old_python])
+        assert rerun.exit_code == 0, rerun.output
+        assert rerun.stdout.endswith("verification passed (1 prompts, 2 probes)\n")
