@@ -106,6 +106,8 @@ def _auto_map_modules(*configs: dict | None) -> set[str]:
 
 
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import|^\s*import\s+\.(\w+)", re.MULTILINE)
+# Kernel sources the code names to compile at load time (Qwen-v1's cache_autogptq_cuda_256.cpp and its .cu).
+_KERNEL_SOURCE = re.compile(r"[\"'](?:\./)?([\w.-]+\.(?:c|cc|cpp|cu|cuh|h|hpp))[\"']")
 
 
 def find_remote_code(folder: Path, *configs: dict | None) -> tuple[Path, ...]:
@@ -118,8 +120,12 @@ def find_remote_code(folder: Path, *configs: dict | None) -> tuple[Path, ...]:
         if module in found or not path.is_file():
             continue
         found[module] = path
-        for match in _RELATIVE_IMPORT.finditer(path.read_text(encoding="utf-8", errors="replace")):
+        code = path.read_text(encoding="utf-8", errors="replace")
+        for match in _RELATIVE_IMPORT.finditer(code):
             pending.append(match.group(1) or match.group(2))
+        for name in _KERNEL_SOURCE.findall(code):
+            if (folder / name).is_file():
+                found[name] = folder / name
     return tuple(sorted(found.values()))
 
 

@@ -20,6 +20,7 @@ from builder.cli import app
 from builder.configs import adapter_config
 from builder.publish import sha256_file
 from builder.remote_code import distribution_name, third_party_imports
+from builder.sources import find_remote_code
 from conftest import write_spec
 from qwen_v1_support import (
     CODE_FILES,
@@ -110,6 +111,13 @@ def test_every_file_the_model_and_tokenizer_need_is_copied_byte_for_byte_and_has
     assert "finetune.py" in (bundle / "tokenization_qwen.py").read_text()  # the checkpoint's copy won
     leftovers = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
     assert not leftovers & {p.name for p in bundle.rglob("*")}
+
+
+def test_load_py_of_a_base_without_code_does_not_trust_remote_code(tmp_path, models, adapters):
+    plain = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, plain, adapters(plain), base={"trust_remote_code": True})
+    source = (build_bundle(plan_from_spec(spec), verify=False).bundle / "load.py").read_text()
+    assert "TRUST_REMOTE_CODE = False" in source and "RUNS ITS OWN CODE" not in source
 
 
 def test_load_py_trusts_remote_code_and_says_so_at_the_top(bundle):
@@ -295,6 +303,26 @@ def test_remote_code_imports_are_found_like_transformers_check_imports(tmp_path)
     assert third_party_imports(files) == ["einops", "torch", "transformers", "transformers_stream_generator", "yaml"]
     assert distribution_name("yaml") == "PyYAML"
     assert distribution_name("transformers_stream_generator") == "transformers-stream-generator"
+
+
+def test_remote_code_is_found_through_auto_map_local_imports_and_named_kernel_sources(tmp_path):
+    config = {"auto_map": {"AutoModelForCausalLM": "modeling_x.XModel", "AutoTokenizer": ["tokenization_x.XTok", None]}}
+    (tmp_path / "modeling_x.py").write_text(textwrap.dedent("""
+        from .configuration_x import XConfig
+        src_files = ("cache_kernel.cpp", "cache_kernel.cu")
+        def quantized_cache():
+            try:
+                from .cpp_kernels import build
+            except ImportError:
+                build = None
+    """))
+    (tmp_path / "cpp_kernels.py").write_text('sources = ["./cache_kernel.cpp", "./missing.cu"]\n')
+    for name in ("configuration_x.py", "tokenization_x.py", "cache_kernel.cpp", "cache_kernel.cu", "unused.py"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in find_remote_code(tmp_path, config)] == [
+        "cache_kernel.cpp", "cache_kernel.cu", "configuration_x.py", "cpp_kernels.py", "modeling_x.py",
+        "tokenization_x.py",
+    ]
 
 
 def test_adapter_config_leaves_out_default_keys_older_peft_rejects():
