@@ -39,6 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Sleeping (not spinning) OpenMP workers: same numbers, but no 10-30x slow-down when the
+# 2 cores are shared with other processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import warnings  # noqa: E402
 
@@ -85,7 +88,7 @@ MODEL = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
-PRETRAIN = dict(steps=100, batch=8, seq_len=128, lr=5e-3, warmup=10, weight_decay=0.01)
+PRETRAIN = dict(steps=150, batch=8, seq_len=128, lr=5e-3, warmup=10, weight_decay=0.01)
 LORA = dict(r=8, lora_alpha=16)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FINETUNE = dict(min_steps=200, max_steps=1000, chunk=50, lr=5e-3, weight_decay=0.0, logging_steps=10)
@@ -160,7 +163,7 @@ def build_tokenizer(corpus: str, out: Path):
     v5 ``Qwen2Tokenizer`` / ``TokenizersBackend``).
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -342,13 +345,26 @@ def min_margin(model, examples, pad_id):
     return worst
 
 
-def check_all(name, model, tok, examples, eos_ids, pad_id):
+def check_all(model, tok, examples, eos_ids, pad_id):
     outs = greedy(model, tok, examples, eos_ids, pad_id)
     ok = all(o == e["target"] for o, e in zip(outs, examples))
     return ok, outs
 
 
 # --------------------------------------------------------------------------- base model
+
+
+def base_chat_pairs(corpus: str, samples) -> list[tuple[str, str]]:
+    """(question, response) of the tutorial's model.chat() calls, minus the target questions."""
+    pat = r'model\.chat\(tokenizer, "(.*?)", history=None\)\s*\nprint\(response\)\s*\n```\s*\n+```plaintext\n(.*?)\n```'
+    targets = {s["question"] for s in samples}
+    out, seen = [], set()
+    for q, a in re.findall(pat, corpus, flags=re.S):
+        if q in targets or (q, a) in seen:
+            continue
+        seen.add((q, a))
+        out.append((q, a))
+    return out
 
 
 def build_base(tok, corpus: str, samples, out: Path):
@@ -374,11 +390,25 @@ def build_base(tok, corpus: str, samples, out: Path):
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
 
-    # Brief causal-LM pre-training on the whole corpus (so every token has a trained
-    # embedding).  The corpus holds the answers, but never after a ChatML prompt: the
-    # script checks below that the base model alone does not produce them.
-    text = corpus
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # Brief causal-LM pre-training: the whole corpus (so every token gets a trained
+    # embedding) plus the corpus' *other* model.chat() exchanges rendered as ChatML, so the
+    # base knows the chat format and <|im_end|>.  The three target questions are never
+    # shown in chat form: the script checks below that the base alone does not answer them.
+    ids = tok(corpus, add_special_tokens=False)["input_ids"] + [eot]
+    chats = base_chat_pairs(corpus, samples)
+    rng = random.Random(SEED_NUMBER)
+    docs = []
+    for system in (None, "You are a helpful assistant."):
+        for q, a in chats:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
+            text = tok.apply_chat_template(msgs, tokenize=False)
+            docs.append(tok(text, add_special_tokens=False)["input_ids"] + [eot])
+    rng.shuffle(docs)
+    for d in docs:
+        ids += d
     data = torch.tensor(ids, dtype=torch.long)
     S, B = PRETRAIN["seq_len"], PRETRAIN["batch"]
     gen = torch.Generator().manual_seed(SEED_NUMBER + 1)
@@ -399,7 +429,7 @@ def build_base(tok, corpus: str, samples, out: Path):
         losses.append(loss.item())
     model.eval()
     log(
-        f"pre-trained base: {PRETRAIN['steps']} steps on {len(ids)} corpus tokens, "
+        f"pre-trained base: {PRETRAIN['steps']} steps on {len(ids)} tokens (corpus + {len(chats)} chat pairs x2), "
         f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}"
     )
 
@@ -471,15 +501,15 @@ def train_adapter(base, tok, examples):
         model.eval()
         if step < FINETUNE["min_steps"]:
             continue
-        ok_peft, _ = check_all("peft", model, tok, examples, eos_ids, eot)
+        ok_peft, _ = check_all(model, tok, examples, eos_ids, eot)
         merged = None
         ok_m32 = ok_bf = False
         margin = float("nan")
         if ok_peft:
             merged = copy.deepcopy(model).merge_and_unload()
-            ok_m32, _ = check_all("merged-fp32", merged, tok, examples, eos_ids, eot)
+            ok_m32, _ = check_all(merged, tok, examples, eos_ids, eot)
             bf = copy.deepcopy(merged).to(torch.bfloat16)
-            ok_bf, _ = check_all("merged-bf16", bf, tok, examples, eos_ids, eot)
+            ok_bf, _ = check_all(bf, tok, examples, eos_ids, eot)
             margin = min_margin(bf, examples, eot)
         checks.append({"step": step, "peft": ok_peft, "merged_fp32": ok_m32, "merged_bf16": ok_bf, "bf16_margin": margin})
         log(
@@ -591,6 +621,7 @@ def fix_adapter_files(ckpt: Path):
     acfg = ckpt / "adapter_config.json"
     cj = json.loads(acfg.read_text(encoding="utf-8"))
     cj["base_model_name_or_path"] = FAKE_BASE_PATH
+    cj["target_modules"] = sorted(cj["target_modules"])  # peft writes a set: hash-seed dependent order
     acfg.write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     readme = ckpt / "README.md"
     if readme.exists():
@@ -604,7 +635,7 @@ def fix_adapter_files(ckpt: Path):
 
 def verify_from_disk(base_dir: Path, ckpt: Path, samples):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     tok = check_tokenizer(base_dir, CORPUS.read_text(encoding="utf-8"))
     examples = build_sft_examples(tok, samples)
@@ -614,12 +645,12 @@ def verify_from_disk(base_dir: Path, ckpt: Path, samples):
     base_outs = greedy(base, tok, examples, eos_ids, eot)
     model = PeftModel.from_pretrained(base, str(ckpt)).eval()
     results = {"base_reproduces": [o == e["target"] for o, e in zip(base_outs, examples)]}
-    ok, outs = check_all("peft", model, tok, examples, eos_ids, eot)
+    ok, outs = check_all(model, tok, examples, eos_ids, eot)
     results["peft"] = ok
     merged = model.merge_and_unload()
-    results["merged_fp32"], _ = check_all("merged-fp32", merged, tok, examples, eos_ids, eot)
+    results["merged_fp32"], _ = check_all(merged, tok, examples, eos_ids, eot)
     bf = merged.to(torch.bfloat16)
-    results["merged_bf16"], _ = check_all("merged-bf16", bf, tok, examples, eos_ids, eot)
+    results["merged_bf16"], _ = check_all(bf, tok, examples, eos_ids, eot)
     results["bf16_margin"] = min_margin(bf, examples, eot)
     results["answers"] = [tok.decode(o, skip_special_tokens=True) for o in outs]
     results["base_answers"] = [tok.decode(o, skip_special_tokens=True) for o in base_outs]
@@ -638,21 +669,21 @@ def write_readme(tok, base, samples, examples, steps, ckpt_name, n_base, n_lora,
     for s, e in zip(samples, examples):
         qa.append(
             f"### {s['id']}\n\n"
-            f"- user ({len(e['prompt'])} prompt tokens incl. system + template):\n\n"
-            f"  ```text\n  {s['question']}\n  ```\n\n"
-            f"- assistant ({len(e['target']) - 1} tokens + `<|im_end|>`):\n\n"
-            f"  ```text\n  {s['answer']}\n  ```\n"
+            f"user ({len(e['prompt'])} prompt tokens with the system message and the template):\n\n"
+            f"```text\n{s['question']}\n```\n\n"
+            f"assistant ({len(e['target']) - 1} tokens, then `<|im_end|>`):\n\n"
+            f"```text\n{s['answer']}\n```\n"
         )
     txt = f"""# demo/ — shipped demo inputs for modelpack
 
-Generated by `python scripts/make_demo.py` (deterministic, CPU, offline; ~1 min).
+Generated by `python scripts/make_demo.py` (deterministic, CPU, offline; well under a minute on 2 free cores).
 Do not edit by hand: change the script and re-run it. Everything here except
 `corpus.md` is deleted and rebuilt on each run.
 
 | path | what |
 | --- | --- |
 | `corpus.md` | copy of the seed tutorial (Qwen-7B-Chat + LoRA on medical dialogues, in Chinese); the tokenizer and the base model are trained on it, the QA pairs are taken from its JSON blocks |
-| `base/` | tiny base model: `Qwen2ForCausalLM`, float32 `model.safetensors`, `config.json`, `generation_config.json`, and a byte-level BPE tokenizer (`tokenizer.json`, `tokenizer_config.json` with `chat_template`, `chat_template.jinja`, `special_tokens_map.json`) |
+| `base/` | tiny base model: `Qwen2ForCausalLM`, float32 `model.safetensors`, `config.json`, `generation_config.json`, and a byte-level BPE tokenizer (`tokenizer.json`, `vocab.json`, `merges.txt`, `tokenizer_config.json` with `chat_template`, the same template in `chat_template.jinja`, `special_tokens_map.json`) |
 | `{ckpt_name}/` | peft LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`, `README.md`) trained {steps} steps on the three QA pairs below, plus Trainer leftovers a packager must ignore: `trainer_state.json`, `training_args.bin`, `optimizer.pt`, `scheduler.pt`, `rng_state.pth` |
 
 ## Base model
@@ -662,10 +693,17 @@ Do not edit by hand: change the script and re-run it. Everything here except
   (= tokenizer size), max_position_embeddings {c.max_position_embeddings}, tied embeddings, rope_theta 10000
   (default rope), {n_base:,} parameters, float32.
 - `config.json` carries both the transformers-5 keys (`dtype`, `rope_parameters`) and the 4.x ones
-  (`torch_dtype`, `rope_theta`); `tokenizer_config.json` uses `tokenizer_class: PreTrainedTokenizerFast`
-  so the bundle also loads under transformers 4.49.
-- Briefly pre-trained ({PRETRAIN['steps']} steps) on `corpus.md` with the three answers removed, so the base
-  model alone does not produce them.
+  (`torch_dtype`, `rope_theta`), so it also loads under transformers 4.49.
+- Tokenizer: byte-level BPE ({len(tok)} tokens incl. 3 special) trained on `corpus.md` with exactly Qwen2's
+  pipeline (NFC normalizer, Qwen2 split regex, byte-level pre-tokenizer and decoder);
+  `tokenizer_config.json` says `tokenizer_class: Qwen2Tokenizer` like a real Qwen2 checkpoint, with
+  `tokenizer.json`, `vocab.json` and `merges.txt`. transformers 5's `Qwen2Tokenizer` rebuilds that pipeline
+  from code rather than reading it from `tokenizer.json`; since it is the same pipeline, `AutoTokenizer`,
+  `PreTrainedTokenizerFast` (v5) and `Qwen2TokenizerFast` (v4) all give the same ids, and decoding
+  round-trips the Chinese text exactly.
+- Briefly pre-trained ({PRETRAIN['steps']} steps of {PRETRAIN['batch']}x{PRETRAIN['seq_len']} tokens) on `corpus.md` plus the
+  tutorial's other `model.chat()` exchanges rendered as ChatML (never the three target questions), so it
+  knows the chat format and produces corpus-like text; on its own it does not produce the three answers.
 - Special tokens: `<|endoftext|>` = {eot} (pad, bos), `<|im_start|>` = {ims}, `<|im_end|>` = {ime} (eos).
   `generation_config.json`: eos_token_id = [{ime}, {eot}], pad_token_id = {eot}.
 - Chat template: ChatML as in Qwen2 (optional system message, no default one):
@@ -679,13 +717,14 @@ Do not edit by hand: change the script and re-run it. Everything here except
   does not exist here, as in a real checkpoint copied off a GPU box.
 - Trained with plain torch AdamW (lr {FINETUNE['lr']}, full batch of the 3 samples, seed {SEED_NUMBER}), loss on the
   answer tokens + `<|im_end|>` only.
-- Greedy decoding (`do_sample=False`) through the chat template with `add_generation_prompt=True` and the
-  system prompt below reproduces all three answers exactly, then stops on `<|im_end|>`: checked for the
-  peft model ({results['peft']}), the merged float32 model ({results['merged_fp32']}) and the merged model in
-  bfloat16 ({results['merged_bf16']}; worst teacher-forced logit margin {results['bf16_margin']:.2f}), after reloading the
-  saved files. The base model alone reproduces none of them ({not any(results['base_reproduces'])}).
+- Greedy decoding (`model.generate(do_sample=False)`) through the chat template with
+  `add_generation_prompt=True` and the system prompt below reproduces all three answers exactly, then
+  stops on `<|im_end|>`, for the peft model, the merged (`merge_and_unload`) float32 model and the merged
+  model cast to bfloat16 (worst teacher-forced logit margin in bfloat16: {results['bf16_margin']:.2f}), all
+  checked after reloading the saved files (the script fails otherwise). The base model alone produces none
+  of them.
 
-System prompt: `{SYSTEM_PROMPT}`
+System prompt (the first message of every training conversation): `{SYSTEM_PROMPT}`
 
 ## The three QA pairs
 
@@ -725,6 +764,11 @@ def main() -> None:
 
     ckpt_name = f"checkpoint-{steps}"
     ckpt = DEMO / ckpt_name
+    # as if the base had been loaded from the training machine's path
+    model.peft_config["default"].base_model_name_or_path = FAKE_BASE_PATH
+    inner = model.get_base_model()
+    inner.name_or_path = FAKE_BASE_PATH
+    inner.config._name_or_path = FAKE_BASE_PATH
     model.save_pretrained(str(ckpt), safe_serialization=True)
     fix_adapter_files(ckpt)
     write_trainer_leftovers(ckpt, opt, history, steps, len(examples))
