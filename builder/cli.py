@@ -93,6 +93,8 @@ def verify(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     python: Annotated[Optional[Path], typer.Option(
         help="Python interpreter that loads the model (e.g. the deployment's venv/bin/python)")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(
+        help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
 ) -> None:
     """Re-run a bundle's checks: files against manifest.json, expected answers, serving contract."""
     from builder.publish import read_manifest
@@ -100,7 +102,8 @@ def verify(
 
     bundle = bundle.resolve()
     sources, unavailable = recorded_sources(bundle, read_manifest(bundle))
-    report = verify_bundle(bundle, python=python, device=device, sources=sources, on_progress=_say)
+    report = verify_bundle(bundle, python=python, device=device, sources=sources, max_memory=max_memory,
+                           on_progress=_say)
     if unavailable:
         report["skipped"] = [{"check": "equivalence", "reason": unavailable}]
     _print_table(report)

@@ -49,24 +49,28 @@ def formatted_prompt(tokenizer, model, prompt: str, system: str | None) -> str:
     return prompt
 
 
-def load_reference(loader, base: Path, adapter: Path, *, mode: str, dtype: str, device: str):
+def load_reference(loader, base: Path, adapter: Path, *, mode: str, dtype: str, device: str, max_memory):
     """The model the bundle must equal: base + adapter unmerged (merge mode) or merged in memory (separate)."""
     import torch
     import transformers
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = loader.load(device=device, dtype=dtype)
+    model, tokenizer = loader.load(device=device, dtype=dtype, max_memory=max_memory)
     if mode == "separate":
         reference = copy.deepcopy(model).merge_and_unload().eval()
         return model, tokenizer, reference, None
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kwargs = {dtype_key: getattr(torch, dtype), "trust_remote_code": loader.TRUST_REMOTE_CODE}
+    if model.device.type != "cpu":  # spread the reference the way the bundle was spread
+        kwargs["device_map"] = "auto"
+        if max_memory:
+            kwargs["max_memory"] = max_memory
     base_model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     rows = model.get_input_embeddings().weight.shape[0]
     if base_model.get_input_embeddings().weight.shape[0] != rows:  # the adapter saved resized embeddings
         base_model.resize_token_embeddings(rows)
-    reference = PeftModel.from_pretrained(base_model, adapter).eval().to(model.device)
+    reference = PeftModel.from_pretrained(base_model, adapter).eval()
     return model, tokenizer, reference, reference
 
 
@@ -79,10 +83,10 @@ def compare(model, reference, tokenizer, entries: list[dict], *, system, dtype: 
         text = formatted_prompt(tokenizer, model, entry["prompt"], system)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(entry["answer"], add_special_tokens=False)["input_ids"] if entry["answer"] else []
-        ids = torch.tensor([prompt_ids + answer_ids], device=model.device)
+        ids = torch.tensor([prompt_ids + answer_ids], device=model.get_input_embeddings().weight.device)
         with torch.no_grad():
             got = model(ids).logits[0].float()
-            want = reference(ids.to(reference.device)).logits[0].float().to(got.device)
+            want = reference(ids.to(reference.get_input_embeddings().weight.device)).logits[0].float().to(got.device)
         # Positions whose next token is part of the answer (plus the first answer token's prediction).
         start = len(prompt_ids) - 1
         got, want = got[start:], want[start:]
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answers", type=Path, required=True, help="JSON list of {prompt, answer} from the bundle")
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-memory", help='per-device limits for device_map="auto", e.g. "0=20GiB,cpu=64GiB"')
     parser.add_argument("--compare-base", action="store_true", help="also answer every prompt with the base alone")
     args = parser.parse_args(argv)
 
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = json.loads(args.answers.read_text(encoding="utf-8"))
     print("equivalence: loading the bundle and the reference", file=sys.stderr, flush=True)
     model, tokenizer, reference, peft_reference = load_reference(
-        loader, args.base, args.adapter, mode=loader.MODE, dtype=loader.DTYPE, device=args.device
+        loader, args.base, args.adapter, mode=loader.MODE, dtype=loader.DTYPE, device=args.device,
+        max_memory=loader.parse_max_memory(args.max_memory),
     )
     print("equivalence: comparing next-token logits", file=sys.stderr, flush=True)
     report = compare(model, reference, tokenizer, entries, system=loader.SYSTEM_PROMPT, dtype=loader.DTYPE)

@@ -29,7 +29,7 @@ class ReferenceSources:
 
 
 def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
-                  sources: ReferenceSources | None = None, compare_base: bool = False,
+                  sources: ReferenceSources | None = None, compare_base: bool = False, max_memory: str | None = None,
                   on_progress: Callable[[str], None] = lambda line: None) -> dict:
     """Run `load.py --verify` in a subprocess that cannot import modelpack, then (with the sources) the
     equivalence check; return the combined JSON report.
@@ -42,7 +42,8 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     read_manifest(bundle)
     with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
         report_path = Path(workdir) / "report.json"
-        _run([python, str(bundle / "load.py"), "--verify", "--report", str(report_path), "--device", device],
+        spread = ["--max-memory", max_memory] if max_memory else []
+        _run([python, str(bundle / "load.py"), "--verify", "--report", str(report_path), "--device", device, *spread],
              workdir, report_path, on_progress, what=f"verification could not load the bundle {bundle}")
         report = json.loads(report_path.read_text(encoding="utf-8"))
         report["skipped"] = []
@@ -55,7 +56,7 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
         equivalence_path = Path(workdir) / "equivalence.json"
         command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(sources.base),
                    "--adapter", str(sources.adapter), "--answers", str(answers), "--report", str(equivalence_path),
-                   "--device", device]
+                   "--device", device, *spread]
         _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, on_progress,
              what="the equivalence check could not load the bundle and its sources")
         equivalence = json.loads(equivalence_path.read_text(encoding="utf-8"))
@@ -148,6 +149,11 @@ def report_table(report: dict) -> Table:
             f"max |delta logit| {equivalence['max_abs_logit_diff']:.3g} over {equivalence['positions']} positions, "
             f"greedy agreement {equivalence['greedy_agreement']:.1%} ({equivalence['dtype']}; {equivalence['rule']})",
         )
+    runtime = report.get("runtime")
+    if runtime:
+        spread = ", ".join(f"{device}: {count / 1e6:.1f}M" for device, count in runtime["placement"]["parameters"].items())
+        table.add_row("runtime", "", f"loaded in {runtime['load_seconds']}s, {runtime['tokens_per_second']} tokens/s; "
+                      f"parameters on {spread}")
     for skipped in report.get("skipped", []):
         table.add_row(skipped["check"], "skipped", skipped["reason"])
     for kind, results in (("prompt", report["prompts"]), ("probe", report["probes"])):
