@@ -95,6 +95,7 @@ def verify(
         help="Python interpreter that loads the model (e.g. the deployment's venv/bin/python)")] = None,
     max_memory: Annotated[Optional[str], typer.Option(
         help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
+    report_path: Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report here")] = None,
 ) -> None:
     """Re-run a bundle's checks: files against manifest.json, expected answers, serving contract."""
     from builder.publish import read_manifest
@@ -106,6 +107,8 @@ def verify(
                            on_progress=_say)
     if unavailable:
         report["skipped"] = [{"check": "equivalence", "reason": unavailable}]
+    if report_path:
+        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _print_table(report)
     message = failure_message(report)
     if message:
