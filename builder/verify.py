@@ -54,8 +54,9 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
         entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in report["prompts"] + report["probes"]]
         answers.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
         equivalence_path = Path(workdir) / "equivalence.json"
+        adapter = _reference_adapter(sources.adapter, Path(workdir) / "reference-adapter")
         command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(sources.base),
-                   "--adapter", str(sources.adapter), "--answers", str(answers), "--report", str(equivalence_path),
+                   "--adapter", str(adapter), "--answers", str(answers), "--report", str(equivalence_path),
                    "--device", device, *spread]
         _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, on_progress,
              what="the equivalence check could not load the bundle and its sources")
@@ -67,6 +68,22 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     report["equivalence"] = equivalence
     report["ok"] = report["ok"] and equivalence["ok"]
     return report
+
+
+def _reference_adapter(adapter: Path, folder: Path) -> Path:
+    """The source adapter as every supported peft reads it: its weights (linked) and its config without the
+    default-valued keys that peft < 0.14 rejects, as the bundle's own adapter_config.json is written."""
+    from builder.configs import adapter_config, dump_json
+    from builder.sources import read_json
+
+    folder.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter / name).is_file():
+            (folder / name).symlink_to((adapter / name).resolve())
+    config = read_json(adapter / "adapter_config.json")
+    cleaned = adapter_config(config) | {"base_model_name_or_path": config.get("base_model_name_or_path")}
+    (folder / "adapter_config.json").write_text(dump_json(cleaned), encoding="utf-8")
+    return folder
 
 
 def _run(command: list[str], workdir: str, output: Path, on_progress: Callable[[str], None], *, what: str) -> None:
