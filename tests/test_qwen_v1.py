@@ -61,8 +61,7 @@ def qwen_spec(folder: Path, base: Path, checkpoint: Path, *, mode: str, output: 
         folder, base, checkpoint, name=f"qwen-med-{mode}", base={"trust_remote_code": True},
         output={"dir": f"dist/qwen-med-{mode}", "mode": mode, "dtype": "bfloat16", **(output or {})},
         generation={"max_new_tokens": 12, "repetition_penalty": 1.05},
-        verify=verify or {"max_new_tokens": 12, "prompts": [{"prompt": QUESTION}],
-                          "probes": [{"prompt": p} for p in SEED_PROBES]},
+        verify=verify or {"max_new_tokens": 12, "prompts": [{"prompt": QUESTION}]},
     )
 
 
@@ -242,12 +241,10 @@ def _greedy(model, max_new_tokens):
     return config
 
 
-def test_verification_records_the_general_probes(bundle):
-    verification = json.loads((bundle / "verification.json").read_text())
-    assert verification["ok"] and [p["prompt"] for p in verification["probes"]] == SEED_PROBES
+def test_card_says_how_to_serve_a_remote_code_model_without_chat_template(bundle):
+    assert json.loads((bundle / "verification.json").read_text())["ok"]
     card = (bundle / "README.md").read_text()
-    assert "General-skill probes" in card and all(p in card for p in SEED_PROBES)
-    assert "--trust-remote-code" in card and "ships no chat template" in card
+    assert "--trust-remote-code" in card and "ships no chat template" in card and "`chatml`" in card
 
 
 @pytest.mark.slow
@@ -269,6 +266,7 @@ def test_seed_walkthrough_trained_adapter_answers_the_seed_questions(tmp_path, q
     probes = {r["prompt"]: r["answer"] for r in verification["probes"]}
     assert list(probes) == SEED_PROBES
     card = (result.bundle / "README.md").read_text()
+    assert "General-skill probes" in card
     assert all(f"| {prompt} | {answer} |" in card for prompt, answer in probes.items())
 
     moved = tmp_path / "deploy" / result.bundle.name
