@@ -62,7 +62,7 @@ class FileCopy:
 
     source: Path
     dest: str
-    role: Literal["tokenizer", "remote code", "adapter weights"]
+    role: Literal["tokenizer", "remote code", "license", "adapter weights"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,11 @@ class BuildPlan:
         return self.spec.output.mode
 
     @property
+    def code_files(self) -> tuple[Path, ...]:
+        """Python files shipped in the bundle that loading runs (trust_remote_code)."""
+        return code_files(self.base, self.adapter)
+
+    @property
     def weight_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
@@ -95,6 +100,13 @@ class BuildPlan:
     @property
     def merged_tensors(self) -> list[TensorPlan]:
         return [t for s in self.shards for t in s.tensors if t.action == "merge"]
+
+
+def code_files(base: BaseModel, adapter: AdapterCheckpoint) -> tuple[Path, ...]:
+    """The model's own code: the base's auto_map modules, and tokenizer code a checkpoint brings along."""
+    carried = [p for p in adapter.tokenizer_files if p.suffix == ".py"]
+    names = {p.name for p in carried}
+    return tuple(sorted([*(p for p in base.remote_code_files if p.name not in names), *carried], key=lambda p: p.name))
 
 
 def output_dtype(spec_dtype: str, base: BaseModel) -> torch.dtype:
@@ -129,8 +141,9 @@ def split_into_shards(tensors: list[TensorPlan], *, max_shard_size: int, prefix:
 
 def plan_build(spec: Spec, base: BaseModel, adapter: AdapterCheckpoint, *, spec_file: Path) -> BuildPlan:
     """Decide every tensor and file of the bundle; raises SourceError for anything that cannot be packaged."""
-    if base.needs_remote_code and not spec.base.trust_remote_code:
-        names = ", ".join(p.name for p in base.remote_code_files)
+    code = code_files(base, adapter)
+    if code and not spec.base.trust_remote_code:
+        names = ", ".join(p.name for p in code)
         raise SourceError(
             f"base.path {base.path} ships its own model code ({names}); packaging it runs that code at load time. "
             "Read it, then set `base.trust_remote_code: true` in the spec."
@@ -155,6 +168,7 @@ def plan_build(spec: Spec, base: BaseModel, adapter: AdapterCheckpoint, *, spec_
     shards = split_into_shards(tensors, max_shard_size=spec.output.max_shard_size)
 
     copies = [FileCopy(p, p.name, "remote code") for p in base.remote_code_files]
+    copies += [FileCopy(p, p.name, "license") for p in base.license_files]
     tokenizer_source = adapter if adapter.tokenizer_files else base
     copies += [FileCopy(p, p.name, "tokenizer") for p in tokenizer_source.tokenizer_files]
     if mode == "separate":

@@ -70,8 +70,8 @@ def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str |
         name=spec.name,
         mode=spec.output.mode,
         dtype=DTYPE_NAMES[plan.out_dtype],
-        trust_remote_code=spec.base.trust_remote_code and plan.base.needs_remote_code,
-        remote_code_files=[p.name for p in plan.base.remote_code_files],
+        trust_remote_code=spec.base.trust_remote_code and bool(plan.code_files),
+        remote_code_files=[p.name for p in plan.code_files],
         remote_code_imports=third_party_imports(c.source for c in plan.copies if c.dest.endswith(".py")),
         has_chat_template=chat_template_of(plan) is not None,
         base_name=base_model_name(plan),
@@ -175,6 +175,8 @@ def render_requirements(context: RenderContext, *, environment: dict | None, ext
             packages.append((distribution, version))
         else:
             unpinned.append(distribution)
+    # A local version label (torch's "+cpu", "+cu130") names a build pip cannot fetch by that pin.
+    packages = [(p, v.split("+", 1)[0]) for p, v in packages]
     return _ENV.get_template("requirements.txt.jinja").render(
         packages=packages, unpinned=unpinned, versions=versions, verified=environment is not None
     )

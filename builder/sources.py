@@ -56,10 +56,7 @@ class BaseModel:
     tokenizer_files: tuple[Path, ...]
     generation_config: dict | None
     remote_code_files: tuple[Path, ...]
-
-    @property
-    def needs_remote_code(self) -> bool:
-        return bool(self.remote_code_files)
+    license_files: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
@@ -177,6 +174,8 @@ def read_base_model(path: Path) -> BaseModel:
         tokenizer_files=_tokenizer_files(path),
         generation_config=read_json(generation_config_path) if generation_config_path.is_file() else None,
         remote_code_files=find_remote_code(path, config, tokenizer_config),
+        # Licenses like Qwen's require their text (and NOTICE) to travel with redistributed weights.
+        license_files=tuple(sorted(p for p in path.iterdir() if p.is_file() and p.name.upper().startswith(("LICENSE", "NOTICE")))),
     )
 
 
