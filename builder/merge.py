@@ -27,23 +27,23 @@ def lora_scaling(*, alpha: float, rank: int, use_rslora: bool) -> float:
 
 def linear_lora_delta(a: torch.Tensor, b: torch.Tensor, *, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
     """dW = (B @ A) * scaling in float32, transposed for Conv1D (fan_in_fan_out) layers."""
-    delta = b.float() @ a.float()
-    if fan_in_fan_out:
-        delta = delta.T
-    return delta * scaling
+    delta = (b.float() @ a.float()).mul_(scaling)  # in place: same rounding as `* scaling`, one buffer less
+    return delta.T if fan_in_fan_out else delta
 
 
 def embedding_lora_delta(a: torch.Tensor, b: torch.Tensor, *, scaling: float) -> torch.Tensor:
     """dW = (B @ A).T * scaling for lora_embedding_A (r x vocab) and lora_embedding_B (dim x r), in float32."""
-    return (b.float() @ a.float()).T * scaling
+    return (b.float() @ a.float()).mul_(scaling).T
 
 
 def merge_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
     """W' = W + dW, summed in float32 and rounded once into out_dtype (peft's `weight.data += delta_weight`).
 
     The base weight is first cast to out_dtype, as when peft loads the base in that dtype before merging.
+    The sum is built in delta's own buffer (delta is consumed): merging is memory-bound, and every
+    fresh float32 buffer costs page faults.
     """
-    return (weight.to(out_dtype).float() + delta).to(out_dtype)
+    return delta.add_(weight.to(out_dtype)).to(out_dtype)
 
 
 def merge_embedding_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
