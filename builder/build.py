@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,11 +58,9 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     check_disk_space(dest, plan.disk_needed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with staging_folder(dest) as staging, ThreadPoolExecutor(max_workers=1) as background:
-        # Fingerprinting the sources is pure reading and hashing: it overlaps the write on the spare core.
-        fingerprints = background.submit(_source_fingerprints, plan)
+    with staging_folder(dest) as staging:
         report(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
-        weight_hashes = write_weights(plan, staging)
+        weights = write_weights(plan, staging)
         copy_side_files(plan, staging)
         context = _write_configs_and_render(plan, staging)
         timings["write"] = time.perf_counter() - started
@@ -71,8 +68,8 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
         offenders = find_machine_paths(staging, [spec.base.path, spec.adapter.path, plan.spec_file.parent])
         if offenders:
             raise SourceError("the bundle would name paths of this machine:\n  " + "\n  ".join(offenders))
-        provenance = _provenance(plan, fingerprints.result())
-        manifest = write_manifest(staging, provenance, known_sha256=weight_hashes)
+        provenance = _provenance(plan, _source_fingerprints(plan, weights.sources))
+        manifest = write_manifest(staging, provenance, known_sha256=weights.written)
 
         verification = None
         if verify:
@@ -156,8 +153,11 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _source_fingerprints(plan: BuildPlan) -> dict[str, str]:
-    """sha256 of every source file the build reads, named relative to the base or adapter folder."""
+def _source_fingerprints(plan: BuildPlan, known: dict[Path, str]) -> dict[str, str]:
+    """sha256 of every source file the build reads, named relative to the base or adapter folder.
+
+    known holds the base weight files' hashes, computed from the bytes the merge read.
+    """
     base, adapter = plan.base, plan.adapter
     read = [base.path / "config.json", *base.weight_files, adapter.path / "adapter_config.json",
             *(c.source for c in plan.copies if c.role != "adapter weights")]
@@ -170,7 +170,7 @@ def _source_fingerprints(plan: BuildPlan) -> dict[str, str]:
     fingerprints = {}
     for path in dict.fromkeys(read):
         root, label = (adapter.path, "adapter") if adapter.path in path.parents else (base.path, "base")
-        fingerprints[f"{label}/{path.relative_to(root).as_posix()}"] = sha256_file(path)
+        fingerprints[f"{label}/{path.relative_to(root).as_posix()}"] = known.get(path) or sha256_file(path)
     return fingerprints
 
 

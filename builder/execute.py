@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
+import os
 import queue
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +27,14 @@ from builder.merge import (
     merge_lora_delta,
 )
 from builder.plan import BuildPlan, ShardPlan, TensorPlan
-from builder.safetensors_io import ShardWriter, read_byte_chunks, read_tensor, read_tensor_rows, tensor_bytes
+from builder.safetensors_io import (
+    ShardWriter,
+    TensorLocation,
+    read_byte_chunks,
+    read_tensor,
+    read_tensor_rows,
+    tensor_bytes,
+)
 
 # A merged tensor is processed in row blocks whose float32 working copy stays under this size,
 # so peak memory is bounded by a few blocks, not by the largest tensor (a 7B embedding is 2 GB in fp32).
@@ -44,13 +54,23 @@ _DONE = object()
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
-def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda n: None) -> dict[str, str]:
-    """Write every planned shard (and the index when there are several); returns {file name: sha256}.
+@dataclass
+class WrittenWeights:
+    """sha256 of every written weight file, and of every base weight file read (for the manifest)."""
+
+    written: dict[str, str]
+    sources: dict[Path, str]
+
+
+def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda n: None) -> WrittenWeights:
+    """Write every planned shard (and the index when there are several), hashing what is written and read.
 
     Two threads overlap the work on two cores: one reads and merges (torch and file reads release the GIL),
-    the other hashes and writes. Memory stays at QUEUE_DEPTH chunks plus one block's working copies.
+    the other hashes and writes. Memory stays at QUEUE_DEPTH chunks plus one block's working copies. The base's
+    weight files are hashed from the bytes the merge reads anyway, so no file is read twice.
     """
     keep_freed_memory()
+    digests = {path: SourceDigest(path) for path in plan.base.weight_files}
     chunks: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
     producer = threading.Thread(target=_produce_chunks, args=(plan, chunks, stop), daemon=True)
@@ -58,7 +78,7 @@ def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda
     hashes: dict[str, str] = {}
     try:
         for shard in plan.shards:
-            hashes[shard.filename] = _write_shard(shard, staging / shard.filename, chunks, on_bytes)
+            hashes[shard.filename] = _write_shard(shard, staging / shard.filename, chunks, digests, on_bytes)
         if chunks.get() is not _DONE:
             raise AssertionError("the merge produced more tensors than planned")
     finally:
@@ -70,7 +90,41 @@ def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda
             "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
         }
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return hashes
+    return WrittenWeights(written=hashes, sources={path: digest.hexdigest() for path, digest in digests.items()})
+
+
+class SourceDigest:
+    """sha256 of a source file, fed in file order with the bytes the merge reads anyway.
+
+    Bytes the merge skips (the header, tensors the adapter replaces) are read here; bytes read twice (a tied
+    head re-reading the embedding) are hashed once.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._sha256 = hashlib.sha256()
+        self._position = 0
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        if offset > self._position:
+            self._read_up_to(offset)
+        already = self._position - offset
+        if already < data.nbytes:
+            self._sha256.update(data[already:])
+            self._position += data.nbytes - already
+
+    def hexdigest(self) -> str:
+        self._read_up_to(self.path.stat().st_size)
+        return self._sha256.hexdigest()
+
+    def _read_up_to(self, end: int) -> None:
+        with open(self.path, "rb", buffering=0) as f:
+            while self._position < end:
+                chunk = os.pread(f.fileno(), min(COPY_CHUNK_BYTES, end - self._position), self._position)
+                if not chunk:
+                    raise SourceError(f"{self.path}: shorter than its header says (truncated download?)")
+                self._sha256.update(chunk)
+                self._position += len(chunk)
 
 
 def keep_freed_memory() -> None:
@@ -88,7 +142,8 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 4 << 30)
 
 
-def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, on_bytes: Progress) -> str:
+def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, digests: dict[Path, "SourceDigest"],
+                 on_bytes: Progress) -> str:
     writer = ShardWriter(path, [t.entry for t in shard.tensors], metadata={"format": "pt"})
     try:
         for tensor in shard.tensors:
@@ -97,9 +152,11 @@ def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, on_bytes: Pr
                 item = chunks.get()
                 if isinstance(item, BaseException):
                     raise item
-                name, data = item
+                name, data, (source_file, source_offset, source_bytes) = item
                 view = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
                 writer.write_bytes(name, view)
+                if source_file in digests:
+                    digests[source_file].feed(source_offset, source_bytes)
                 remaining -= view.nbytes
                 on_bytes(view.nbytes)
     except BaseException:
@@ -125,23 +182,32 @@ def _produce_chunks(plan: BuildPlan, chunks: queue.Queue, stop: threading.Event)
             for tensor in shard.tensors:
                 if tensor.entry.nbytes == 0:
                     continue
-                if tensor.action == "copy":
-                    parts = read_byte_chunks(tensor.source, COPY_CHUNK_BYTES)
-                else:
-                    parts = output_blocks(tensor)
-                for part in parts:
-                    if not put((tensor.name, part)):
+                parts = copied_chunks(tensor.source) if tensor.action == "copy" else output_blocks(tensor)
+                for part, source_read in parts:
+                    if not put((tensor.name, part, source_read)):
                         return
         put(_DONE)
     except BaseException as error:  # handed to the writing thread, which raises it in the caller
         put(error)
 
 
-def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:
+SourceRead = tuple[Path, int, memoryview]  # (file, offset, the bytes read there)
+
+
+def copied_chunks(location: TensorLocation) -> Iterator[tuple[bytes, SourceRead]]:
+    """An unchanged tensor's stored bytes, slice by slice, without materialising it as a tensor."""
+    offset = location.start
+    for chunk in read_byte_chunks(location, COPY_CHUNK_BYTES):
+        yield chunk, (location.file, offset, memoryview(chunk))
+        offset += len(chunk)
+
+
+def output_blocks(tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, SourceRead]]:
     """The output tensor in row blocks: cast, or merged with its updates and checked for NaN/Inf/overflow."""
     shape = tensor.source.shape
     if not shape:
-        yield read_tensor(tensor.source).to(tensor.out_dtype)
+        source = read_tensor(tensor.source)
+        yield source.to(tensor.out_dtype), (tensor.source.file, tensor.source.start, tensor_bytes(source))
         return
     block_rows = shape[0] if any(d.needs_whole_tensor for d in tensor.deltas) else rows_per_block(tensor.source)
     factors = [
@@ -152,9 +218,11 @@ def output_blocks(tensor: TensorPlan) -> Iterator[torch.Tensor]:
     for start in range(0, shape[0], block_rows):
         end = min(shape[0], start + block_rows)
         source = read_tensor_rows(tensor.source, start, end)
+        source_read = (tensor.source.file, tensor.source.start + start * tensor.source.nbytes // shape[0],
+                       tensor_bytes(source))
         block = merged_block(source, tensor, factors, token_rows, start, end, out_dtype=tensor.out_dtype)
         if not (factors or tensor.out_dtype == torch.float16) or all_finite(block):
-            yield block
+            yield block, source_read
             continue
         exact = merged_block(source, tensor, factors, token_rows, start, end, out_dtype=torch.float32)
         if tensor.out_dtype == torch.float16 and torch.isfinite(exact).all():

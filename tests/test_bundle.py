@@ -183,3 +183,21 @@ def test_the_base_license_travels_with_the_weights(tmp_path, models, adapters):
     bundle = build_bundle(plan_from_spec(write_spec(tmp_path, base, adapters(base))), verify=False).bundle
     assert (bundle / "LICENSE").read_text() == "Tongyi Qianwen LICENSE AGREEMENT ..."
     assert (bundle / "NOTICE").read_text() == "Copyright (c) Alibaba Cloud."
+
+
+@pytest.mark.parametrize("arch, tied, shards, targets", [
+    ("llama", False, True, ["q_proj", "lm_head"]),  # several shards
+    ("qwen2", True, False, ["q_proj", "lm_head"]),  # the untied head re-reads the embedding
+    ("qwen2", True, False, ["embed_tokens"]),  # save_embedding_layers: the base's embedding is replaced
+])
+def test_source_fingerprints_equal_the_files_sha256(tmp_path, models, adapters, arch, tied, shards, targets):
+    """Base weights are hashed from the bytes the merge reads; the result must be the file's own sha256."""
+    base = models(arch, tied=tied, dtype=torch.float32, shards=shards)
+    adapter = adapters(base, "fingerprint-" + "-".join(targets), target_modules=targets)
+    bundle = build_bundle(plan_from_spec(write_spec(tmp_path, base, adapter)), verify=False).bundle
+    recorded = json.loads((bundle / "manifest.json").read_text())["sources"]["sha256"]
+    weight_files = sorted(base.glob("*.safetensors"))
+    assert len(weight_files) > 1 if shards else len(weight_files) == 1
+    for path in weight_files:
+        assert recorded[f"base/{path.name}"] == sha256_file(path), path.name
+    assert recorded["adapter/adapter_model.safetensors"] == sha256_file(adapter / "adapter_model.safetensors")
