@@ -357,7 +357,7 @@ class StepResult:
     step: str
     seconds: float            # until the process (or operation) finished
     sync_seconds: float = 0.0  # the `sync` right after it: its writes reaching the disk
-    max_rss_mb: float | None = None
+    max_rss_mb: float | None = None  # MiB (kilobytes from time -v / 1024)
     cpu_percent: float | None = None
     user_s: float | None = None
     system_s: float | None = None
@@ -654,7 +654,7 @@ def _fmt(value, spec: str = ".1f") -> str:
 
 
 def render_table(results: dict) -> str:
-    rows = [("step", "exit s", "+sync s", "peak RSS MB", "CPU %", "disk read GB", "disk write GB", "others' CPU %")]
+    rows = [("step", "exit s", "+sync s", "peak RSS MiB", "CPU %", "disk read GB", "disk write GB", "others' CPU %")]
     for key, label in (("modelpack", "(a) modelpack build"), ("peft", "(b) peft merge_and_unload"),
                        ("cp", "(c) cp -r base"), ("math_floor", "(d) math floor (fp32 delta+add)"),
                        ("math_floor_reused", "(d') math floor, reused buffers")):
@@ -677,8 +677,8 @@ def render_table(results: dict) -> str:
             r = ratios[key]
             lines.append(f"{text}: {r['exit']:.2f}x (to exit), {r['to_disk']:.2f}x (to disk, +sync)")
     if "modelpack" in results["steps"] and results["steps"]["modelpack"]["max_rss_mb"] is not None:
-        lines.append(f"peak RSS: modelpack {results['steps']['modelpack']['max_rss_mb']:.0f} MB"
-                     + (f", peft {results['steps']['peft']['max_rss_mb']:.0f} MB" if "peft" in results["steps"] else ""))
+        lines.append(f"peak RSS: modelpack {results['steps']['modelpack']['max_rss_mb']:.0f} MiB"
+                     + (f", peft {results['steps']['peft']['max_rss_mb']:.0f} MiB" if "peft" in results["steps"] else ""))
     if "comparison" in results:
         c = results["comparison"]
         lines.append(f"modelpack vs peft: {c['tensors_differing']} of {c['tensors_compared']} tensors differ"
@@ -862,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep_best("peft", result)
             else:
                 parser.error(f"unknown step {step!r} in --steps")
-            log(f"    {result.seconds:.1f} s (+{result.sync_seconds:.1f} s sync), peak RSS {_fmt(result.max_rss_mb, '.0f')} MB")
+            log(f"    {result.seconds:.1f} s (+{result.sync_seconds:.1f} s sync), peak RSS {_fmt(result.max_rss_mb, '.0f')} MiB")
 
     if args.profile:
         # A separate run: sampling slows the build and hides its RSS behind py-spy's, so report where the
