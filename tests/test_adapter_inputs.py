@@ -11,8 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import SourceError
-from conftest import write_spec
-from test_merge_parity import bundle_tensors
+from helpers import bundle_tensors, write_spec
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import SourceError
 from builder.publish import sha256_file
-from conftest import CHATML_TEMPLATE, write_spec
+from helpers import CHATML_TEMPLATE, write_spec
 
 
 @pytest.fixture(scope="module")

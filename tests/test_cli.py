@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from builder.cli import app
 from builder.spec import spec_json_schema
-from conftest import make_base_model, write_spec
+from helpers import make_base_model, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

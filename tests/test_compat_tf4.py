@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
-from conftest import write_spec
+from helpers import write_spec
 from qwen_v1_support import SEED_SAMPLES, qwen_base, random_checkpoint, run_python, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from builder.build import build_bundle, plan_from_spec
-from conftest import write_spec
+from helpers import bundle_tensors, write_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,14 +59,6 @@ CASES = [
 # Cases where peft's merge writes a one-sided delta into the tied matrix; the bundle unties instead, so it is
 # compared with the unmerged adapter (the model the user trained) rather than with peft's merged tensors.
 UNTIED_BY_BUNDLE = {"lm-head-on-tied-embedding", "embedding-lora-on-tied", "resized-vocab-tied"}
-
-
-def bundle_tensors(bundle) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(bundle.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:  # every written file must round-trip through safetensors
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def peft_reference(base, adapter, dtype, *, resize_vocab=None):

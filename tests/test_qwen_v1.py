@@ -21,7 +21,7 @@ from builder.configs import adapter_config
 from builder.publish import sha256_file
 from builder.remote_code import distribution_name, third_party_imports
 from builder.sources import find_remote_code
-from conftest import write_spec
+from helpers import bundle_tensors, write_spec
 from qwen_v1_support import (
     CODE_FILES,
     SEED_PROBES,
@@ -81,14 +81,6 @@ def separate_bundle(tmp_path_factory, base, checkpoint):
 def bundle(request):
     """A verified bundle of the fixture with the random adapter, in each mode."""
     return request.getfixturevalue(f"{request.param}{'d' if request.param == 'merge' else ''}_bundle")
-
-
-def bundle_tensors(bundle: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(bundle.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def test_remote_code_base_without_trust_remote_code_is_refused_naming_its_files(tmp_path, base, checkpoint):

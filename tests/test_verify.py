@@ -12,7 +12,7 @@ from builder.build import build_bundle, plan_from_spec
 from builder.errors import BundleError, VerificationError
 from builder.publish import write_manifest
 from builder.verify import failure_message, verify_bundle
-from conftest import write_spec
+from helpers import write_spec
 
 
 @pytest.fixture(scope="module")
