@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from fixtures.qwen_v1.make_qwen_v1 import make_qwen_v1_model, write_trainer_checkpoint_tokenizer_files
+from fixtures.qwen_v1.make_qwen_v1 import CODE_FILES, make_qwen_v1_model, write_trainer_checkpoint_tokenizer_files
 
 # The seed walkthrough's three samples (medical_treatment.json identity_21, identity_24, identity_19). The third
 # answer is cut to the training answer's first two clauses (the seed's own replies differ after them) so that
@@ -29,7 +29,6 @@ TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
 # Where the seed's adapter was trained; adapter_config.json records it, and it does not exist here.
 TRAINING_MACHINE_BASE = "/home/Work/00.Work_muyu/muyu_qwen/models/qwen/Qwen-7B-Chat"
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
-CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py")
 # Like the published Qwen-7B-Chat code (chat_stream imports transformers_stream_generator inside the method),
 # the fixture's modeling file gets an import inside a function; transformers' check_imports still requires it.
 EXTRA_MODELING_CODE = '''
@@ -117,10 +116,12 @@ def train_seed_adapter(base: Path, checkpoint: Path, *, max_steps: int = 300, ma
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, tokenizer = load_fixture(base, torch.float32)
-    chatml_context = sys.modules[type(model).__module__].make_chatml_context
+    # The model's own prompt builder, from the package transformers imported its code as.
+    package = type(model).__module__.rpartition(".")[0]
+    make_context = importlib.import_module(f"{package}.qwen_generation_utils").make_context
     rows = []
     for question, answer in SEED_SAMPLES:
-        _, context = chatml_context(tokenizer, question, [], QWEN_DEFAULT_SYSTEM, 1024)
+        _, context = make_context(tokenizer, question, [], QWEN_DEFAULT_SYSTEM, 1024)
         rows.append((context, tokenizer.encode(answer, allowed_special=set()) + [tokenizer.im_end_id]))
     length = max(len(c) + len(a) for c, a in rows)
     input_ids = torch.full((len(rows), length), tokenizer.eod_id)
