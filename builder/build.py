@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,20 +12,13 @@ import builder
 from builder import configs
 from builder.errors import SourceError, VerificationError
 from builder.execute import copy_side_files, write_weights
+from builder.manifest import find_machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
-from builder.publish import (
-    check_destination,
-    check_disk_space,
-    find_machine_paths,
-    publish,
-    sha256_file,
-    staging_folder,
-    write_manifest,
-)
 from builder.render import build_context, installed_versions, render_card, render_loader, render_requirements
 from builder.sources import read_adapter_checkpoint, read_base_model
-from builder.spec import Spec, load_spec
+from builder.spec import load_spec
 from builder.remote_code import probe_token_ids
+from builder.staging import check_output_location, publish, staged_output
 from builder.verify import ReferenceSources, failure_message, verify_bundle, verifying_python
 
 Report = Callable[[str], None]
@@ -42,7 +36,9 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
     """Load and check the spec and both sources, and plan the build; nothing is written."""
     spec = load_spec(spec_path)
     if output_dir is not None:
-        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": output_dir.resolve()})})
+        # Absolute but unresolved, as the spec's own paths: a symlink given as the output must stay visible.
+        output_dir = Path(os.path.abspath(output_dir))
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": output_dir})})
     base = read_base_model(spec.base.path)
     adapter = read_adapter_checkpoint(spec.adapter.path, allow_pickle=spec.adapter.allow_pickle)
     return plan_build(spec, base, adapter, spec_file=spec_path.resolve())
@@ -50,15 +46,15 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
 
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
                  report: Report = lambda line: None) -> BuildResult:
-    """Execute the plan into a staging folder, verify it, and rename it into place."""
+    """Execute the plan into a staging folder, verify it, and swap it into place (see staging.staged_output)."""
     spec = plan.spec
     dest = spec.output.dir
-    _check_output_is_not_a_source(dest, spec)
-    check_destination(dest, force=force)
-    check_disk_space(dest, plan.disk_needed)
+    check_output_location(
+        dest, sources={"base.path": spec.base.path, "adapter.path": spec.adapter.path}, spec_file=plan.spec_file
+    )
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with staging_folder(dest) as staging:
+    with staged_output(dest, force=force, needed=plan.disk_needed, report=report) as staging:
         report(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
         weights = write_weights(plan, staging)
         copy_side_files(plan, staging)
@@ -100,12 +96,6 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
         publish(staging, dest)
     timings["total"] = time.perf_counter() - started
     return BuildResult(bundle=dest, plan=plan, verification=verification, timings=timings)
-
-
-def _check_output_is_not_a_source(dest: Path, spec: Spec) -> None:
-    for source in (spec.base.path, spec.adapter.path):
-        if dest == source or source in dest.parents or dest in source.parents:
-            raise SourceError(f"output.dir {dest} overlaps the source folder {source}; build somewhere else")
 
 
 def _write_configs_and_render(plan: BuildPlan, staging: Path):

@@ -98,7 +98,7 @@ def verify(
     report_path: Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report here")] = None,
 ) -> None:
     """Re-run a bundle's checks: files against manifest.json, expected answers, serving contract."""
-    from builder.publish import read_manifest
+    from builder.manifest import read_manifest
     from builder.verify import failure_message, recorded_sources, verify_bundle
 
     bundle = bundle.resolve()

@@ -31,6 +31,11 @@ class SourceError(ModelpackError):
     """The base model or adapter checkpoint cannot be packaged as the spec asks."""
 
 
+class OutputError(ModelpackError):
+    """The output folder cannot be written or replaced: it overlaps a source, is held by another build, is not a
+    bundle that --force may replace, or its filesystem refuses the write (full, read-only, permissions, name)."""
+
+
 class BundleError(ModelpackError):
     """An existing bundle is incomplete or was changed after it was built."""
 

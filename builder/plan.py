@@ -23,6 +23,8 @@ from builder.sources import AdapterCheckpoint, BaseModel
 from builder.spec import Spec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The disk-space bound for what is written after the plan: a dozen small files, well under 1 MB together.
+RENDERED_FILES, RENDERED_BYTES, FILESYSTEM_BLOCK = 12, 1 << 20, 4096
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,11 @@ class BuildPlan:
 
     @property
     def disk_needed(self) -> int:
-        return self.weight_bytes + sum(c.source.stat().st_size for c in self.copies)
+        """Every file the bundle will hold: weights, copies, and a bound for the files rendered later (load.py,
+        card, configs, manifest, index, report, shard headers), plus a block of rounding per file."""
+        files = len(self.shards) + len(self.copies) + RENDERED_FILES
+        copies = sum(c.source.stat().st_size for c in self.copies)
+        return self.weight_bytes + copies + RENDERED_BYTES + files * FILESYSTEM_BLOCK
 
     @property
     def merged_tensors(self) -> list[TensorPlan]:
@@ -274,7 +280,7 @@ def describe_plan(plan: BuildPlan) -> str:
         lines.append(f"skip training leftover: {ignored.name}")
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
-    lines.append(f"disk needed: {_human(plan.disk_needed)} (plus rendered files)")
+    lines.append(f"disk needed: {_human(plan.disk_needed)}")
     return "\n".join(lines)
 
 

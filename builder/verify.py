@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from builder.errors import BundleError, VerificationError
-from builder.publish import read_manifest, sha256_file
+from builder.manifest import read_manifest, sha256_file
 
 EQUIVALENCE_SCRIPT = Path(__file__).with_name("equivalence.py")
 EMPTY_EXPECTATION = {"contains": [], "not_contains": [], "equals": None, "regex": None}

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder.build import build_bundle, plan_from_spec
-from builder.errors import SourceError
-from builder.publish import sha256_file
+from builder.errors import OutputError
+from builder.manifest import sha256_file
 from helpers import CHATML_TEMPLATE, write_spec
 
 
@@ -153,7 +153,9 @@ def test_existing_destination_needs_force_and_survives_a_failed_build(tmp_path, 
     dest = tmp_path / "dist" / "tiny-med"
     dest.mkdir(parents=True)
     (dest / "keep.txt").write_text("previous bundle")
-    with pytest.raises(SourceError, match="already exists; pass --force"):
+    # What makes it a bundle that --force may replace: a manifest.json written by modelpack listing its files.
+    (dest / "manifest.json").write_text(json.dumps({"generator": "modelpack", "files": {"keep.txt": {}}}))
+    with pytest.raises(OutputError, match="already exists; pass --force"):
         build_bundle(plan_from_spec(spec), verify=False)
 
     failing = write_spec(tmp_path, base, adapters(base), verify={"prompts": [{"prompt": "你好", "expect": {"equals": "impossible"}}]})

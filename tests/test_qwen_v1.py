@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
 from builder.configs import adapter_config
-from builder.publish import sha256_file
+from builder.manifest import sha256_file
 from builder.remote_code import distribution_name, third_party_imports
 from builder.sources import find_remote_code
 from helpers import bundle_tensors, write_spec

@@ -10,7 +10,7 @@ import torch
 
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import BundleError, VerificationError
-from builder.publish import write_manifest
+from builder.manifest import write_manifest
 from builder.verify import failure_message, verify_bundle
 from helpers import write_spec
 

@@ -1,63 +1,18 @@
-"""Staging, the manifest of hashes, and the atomic rename that makes a bundle appear only when complete."""
+"""The bundle's manifest: sha256 and size of every file, the provenance record, and the machine-path scan."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-from builder.errors import BundleError, SourceError
+from builder.errors import BundleError
 
 MANIFEST = "manifest.json"
+# The marker that says modelpack wrote a folder: `--force` replaces only such a folder (or an empty one).
+GENERATOR = "modelpack"
 # Text files are scanned for paths of the build machine; weights are binary and skipped.
 BINARY_SUFFIXES = (".safetensors", ".bin", ".tiktoken", ".model")
-
-
-def check_destination(dest: Path, *, force: bool) -> None:
-    """Refuse to build over an existing bundle unless forced, before any work is done."""
-    if dest.exists() and not force:
-        raise SourceError(f"output {dest} already exists; pass --force to replace it (it is kept until the new one is ready)")
-    if dest.exists() and not dest.is_dir():
-        raise SourceError(f"output {dest} exists and is not a folder")
-
-
-def check_disk_space(dest: Path, needed: int) -> None:
-    parent = next(p for p in [dest.parent, *dest.parent.parents] if p.exists())
-    free = shutil.disk_usage(parent).free
-    if free < needed:
-        raise SourceError(
-            f"output {dest}: the bundle needs {needed / 1e9:.2f} GB but {parent} has {free / 1e9:.2f} GB free; "
-            "free space or pass -o to build elsewhere"
-        )
-
-
-@contextlib.contextmanager
-def staging_folder(dest: Path) -> Iterator[Path]:
-    """A fresh folder beside dest (same filesystem, so the final rename is atomic); removed if the build fails."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:  # interrupted builds too: never leave half a bundle behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def publish(staging: Path, dest: Path) -> None:
-    """Move the finished staging folder into place; a replaced bundle stays until the new one is in place."""
-    previous = dest.parent / f".{dest.name}.previous-{os.getpid()}"
-    if dest.exists():
-        dest.rename(previous)
-    staging.rename(dest)
-    if previous.exists():
-        shutil.rmtree(previous)
 
 
 def sha256_file(path: Path) -> str:
@@ -77,7 +32,7 @@ def bundle_files(bundle: Path) -> list[str]:
 
 
 def write_manifest(bundle: Path, provenance: dict, *, known_sha256: dict[str, str] | None = None) -> dict:
-    """manifest.json: the provenance record plus sha256 and size of every other file in the bundle.
+    """manifest.json: the generator marker, the provenance record, and sha256 and size of every other file.
 
     known_sha256 holds hashes computed while the files were written (the weights), so they are not read again.
     """
@@ -86,7 +41,7 @@ def write_manifest(bundle: Path, provenance: dict, *, known_sha256: dict[str, st
         name: {"sha256": known.get(name) or sha256_file(bundle / name), "size": (bundle / name).stat().st_size}
         for name in bundle_files(bundle)
     }
-    manifest = {**provenance, "files": files}
+    manifest = {"generator": GENERATOR, **provenance, "files": files}
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
 
@@ -111,3 +66,13 @@ def read_manifest(bundle: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+
+
+def written_by_modelpack(manifest: object) -> bool:
+    """Whether a parsed manifest.json says modelpack wrote its folder.
+
+    Bundles built before the `generator` marker existed are recognised by their `modelpack_version`.
+    """
+    return isinstance(manifest, dict) and (
+        manifest.get("generator") == GENERATOR or isinstance(manifest.get("modelpack_version"), str)
+    )
