@@ -18,6 +18,7 @@ from builder.render import build_context, installed_versions, render_card, rende
 from builder.sources import read_adapter_checkpoint, read_base_model
 from builder.spec import load_spec
 from builder.remote_code import probe_token_ids
+from builder.trust import DIGEST_PLACEHOLDER, seal
 from builder.staging import check_output_location, publish, staged_output
 from builder.verify import ReferenceSources, failure_message, verify_bundle, verifying_python
 
@@ -29,6 +30,7 @@ class BuildResult:
     bundle: Path
     plan: BuildPlan
     verification: dict | None
+    digest: str
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -77,12 +79,16 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
                 device=device or spec.verify.device,
                 sources=ReferenceSources(spec.base.path, spec.adapter.path),
                 compare_base=spec.verify.compare_base,
+                trust_remote_code=spec.base.trust_remote_code,
+                # Hashed by this process as it wrote them; the check still covers listing, sizes and links.
+                known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()},
                 on_progress=report,
             )
             timings["verify"] = time.perf_counter() - verify_started
             message = failure_message(verification)
             if message:
                 raise VerificationError(message)
+            verification["digest"] = DIGEST_PLACEHOLDER  # the final manifest's digest, written by seal() below
             (staging / "verification.json").write_text(configs.dump_json(verification), encoding="utf-8")
         (staging / "README.md").write_text(render_card(context, verification=verification), encoding="utf-8")
         environment = verification["environment"] if verification else None
@@ -93,9 +99,11 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
         unchanged = {name: meta["sha256"] for name, meta in manifest["files"].items()
                      if name not in ("README.md", "requirements.txt")}
         write_manifest(staging, provenance, known_sha256=unchanged)
+        digest = seal(staging)
         publish(staging, dest)
+        report(f"bundle digest: {digest} (give it to the receivers: modelpack verify BUNDLE --digest {digest})")
     timings["total"] = time.perf_counter() - started
-    return BuildResult(bundle=dest, plan=plan, verification=verification, timings=timings)
+    return BuildResult(bundle=dest, plan=plan, verification=verification, digest=digest, timings=timings)
 
 
 def _write_configs_and_render(plan: BuildPlan, staging: Path):

@@ -83,13 +83,19 @@ def build(
     if result.verification:
         _print_table(result.verification)
     verdict = "verified" if result.verification else "not verified (--no-verify)"
-    typer.echo(f"built {result.bundle} in {result.timings['total']:.1f}s, {verdict}")
+    typer.echo(f"built {result.bundle} in {result.timings['total']:.1f}s, {verdict}; digest {result.digest}")
 
 
 @app.command()
 @user_errors_exit
 def verify(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
+    digest: Annotated[Optional[str], typer.Option(
+        help="the bundle digest the sender gave you (sha256:...); a bundle with another manifest is refused")] = None,
+    public_key: Annotated[Optional[Path], typer.Option(
+        help="the sender's public key (PEM): the bundle's model.sig must be theirs, over exactly these files")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="allow verification to run the model code the bundle ships (read it first)")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     python: Annotated[Optional[Path], typer.Option(
         help="Python interpreter that loads the model (e.g. the deployment's venv/bin/python)")] = None,
@@ -97,23 +103,35 @@ def verify(
         help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
     report_path: Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report here")] = None,
 ) -> None:
-    """Re-run a bundle's checks: files against manifest.json, expected answers, serving contract."""
-    from builder.manifest import read_manifest
-    from builder.verify import failure_message, recorded_sources, verify_bundle
+    """Re-run a bundle's checks: every file against manifest.json (before any bundle code runs), the digest or
+    signature, expected answers, serving contract, and equivalence when the sources are on this machine."""
+    from builder.verify import failure_message, reverify_bundle
 
     bundle = bundle.resolve()
-    sources, unavailable = recorded_sources(bundle, read_manifest(bundle))
-    report = verify_bundle(bundle, python=python, device=device, sources=sources, max_memory=max_memory,
-                           on_progress=_say)
-    if unavailable:
-        report["skipped"] = [{"check": "equivalence", "reason": unavailable}]
+    report = reverify_bundle(bundle, expected_digest=digest, public_key=public_key, trust_remote_code=trust_remote_code,
+                             python=python, device=device, max_memory=max_memory, on_progress=_say)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _print_table(report)
     message = failure_message(report)
     if message:
         raise VerificationError(message)
-    typer.echo(f"{bundle}: verification passed ({len(report['prompts'])} prompts, {len(report['probes'])} probes)")
+    anchor = " (signature)" if public_key else " (digest)" if digest else ""
+    typer.echo(f"{bundle}: verification passed ({len(report['prompts'])} prompts, {len(report['probes'])} probes), "
+               f"{report['digest']}{anchor}")
+
+
+@app.command()
+@user_errors_exit
+def sign(
+    bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
+    key: Annotated[Path, typer.Option(help="elliptic-curve private key (PEM) to sign with")],
+) -> None:
+    """Sign a bundle offline with OpenSSF model_signing: writes BUNDLE/model.sig over every file."""
+    from builder.trust import bundle_digest, sign_bundle
+
+    signature = sign_bundle(bundle.resolve(), key)
+    typer.echo(f"signed {bundle} ({bundle_digest(bundle)}): {signature}")
 
 
 @app.command()

@@ -147,16 +147,16 @@ def main(argv: list[str] | None = None) -> int:
 
     loader = load_bundle_module(args.bundle)
     entries = json.loads(args.answers.read_text(encoding="utf-8"))
-    print("equivalence: loading the bundle and the reference", file=sys.stderr, flush=True)
+    loader.progress("equivalence: loading the bundle and the reference")
     model, tokenizer, reference, peft_reference = load_reference(
         loader, args.base, args.adapter, mode=loader.MODE, dtype=loader.DTYPE, device=args.device,
         max_memory=loader.parse_max_memory(args.max_memory),
     )
-    print("equivalence: comparing next-token logits", file=sys.stderr, flush=True)
+    loader.progress("equivalence: comparing next-token logits")
     report = compare(model, reference, tokenizer, entries, system=loader.SYSTEM_PROMPT, dtype=loader.DTYPE)
     report["reference"] = "base + adapter through peft, unmerged" if loader.MODE == "merge" else "bundle merged in memory"
     if args.compare_base:
-        print("equivalence: answering with the base model alone", file=sys.stderr, flush=True)
+        loader.progress("equivalence: answering with the base model alone")
         if peft_reference is None:  # separate mode: the bundle itself is base + adapter
             peft_reference = model
         report["base_answers"] = base_answers(loader, peft_reference, tokenizer, entries, loader.VERIFY_MAX_NEW_TOKENS)

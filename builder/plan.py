@@ -17,7 +17,7 @@ from builder.adapter_match import (
     refuse_unmergeable_config,
     tied_embedding_name,
 )
-from builder.errors import SourceError
+from builder.errors import OutputError, SourceError
 from builder.safetensors_io import TensorEntry, TensorLocation
 from builder.sources import AdapterCheckpoint, BaseModel
 from builder.spec import Spec
@@ -115,6 +115,21 @@ def code_files(base: BaseModel, adapter: AdapterCheckpoint) -> tuple[Path, ...]:
     return tuple(sorted([*(p for p in base.remote_code_files if p.name not in names), *carried], key=lambda p: p.name))
 
 
+def refuse_unimportable_folder_name(folder: Path) -> None:
+    """A bundle that ships model code must live in a folder whose name transformers 4.x can import it from.
+
+    transformers < 4.57 imports remote code as the package `transformers_modules.<folder name>`, unsanitised, so a
+    dot in the name splits the package and every relative import inside the model's code (Qwen-7B-Chat's
+    `from .qwen_generation_utils import ...`) fails; other characters (spaces, hyphens, CJK) import fine.
+    """
+    if "." in folder.name:
+        raise OutputError(
+            f"output folder {folder.name!r} contains '.', and a bundle with remote code cannot: transformers 4.x imports "
+            f"the model's code as the package transformers_modules.<folder name>, which a dot breaks; "
+            f"name it e.g. {folder.name.replace('.', '-')!r}"
+        )
+
+
 def output_dtype(spec_dtype: str, base: BaseModel) -> torch.dtype:
     """The spec's dtype, or with `auto` the base's own (its config, else its tensors' float dtype)."""
     if spec_dtype != "auto":
@@ -145,6 +160,24 @@ def split_into_shards(tensors: list[TensorPlan], *, max_shard_size: int, prefix:
     )
 
 
+# config.json keys under which model families record how many positions (prompt plus new tokens) they handle.
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+
+
+def refuse_unusable_generation_length(spec: Spec, base: BaseModel, spec_file: Path) -> None:
+    """A max_new_tokens the base cannot reach (its positions hold the prompt too) is a spec error, not a surprise."""
+    key = next((k for k in POSITION_LIMIT_KEYS if type(base.config.get(k)) is int), None)
+    if key is None:
+        return
+    limit = base.config[key]
+    for name, value in (("generation", spec.generation.max_new_tokens), ("verify", spec.verify.max_new_tokens)):
+        if value is not None and value >= limit:
+            raise SourceError(
+                f"{spec_file}: {name}.max_new_tokens is {value}, but the base model handles at most {limit} positions "
+                f"({key} in {base.path / 'config.json'}), prompt included; use at most {limit - 1}"
+            )
+
+
 def plan_build(spec: Spec, base: BaseModel, adapter: AdapterCheckpoint, *, spec_file: Path) -> BuildPlan:
     """Decide every tensor and file of the bundle; raises SourceError for anything that cannot be packaged."""
     code = code_files(base, adapter)
@@ -154,6 +187,9 @@ def plan_build(spec: Spec, base: BaseModel, adapter: AdapterCheckpoint, *, spec_
             f"base.path {base.path} ships its own model code ({names}); packaging it runs that code at load time. "
             "Read it, then set `base.trust_remote_code: true` in the spec."
         )
+    if code:
+        refuse_unimportable_folder_name(spec.output.dir)
+    refuse_unusable_generation_length(spec, base, spec_file)
     mode = spec.output.mode
     match = match_adapter(base, adapter)  # separate mode too: the adapter must fit the base it ships with
     if mode == "merge":

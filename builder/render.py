@@ -15,6 +15,7 @@ from jinja2 import Environment, FunctionLoader, StrictUndefined
 import builder
 from builder.configs import DTYPE_NAMES, chat_template_of
 from builder.plan import BuildPlan
+from builder.trust import DIGEST_PLACEHOLDER
 from builder.remote_code import canonical, distribution_name, third_party_imports
 
 # Packages a bundle needs at load time; peft only when the adapter stays separate.
@@ -151,6 +152,8 @@ def render_card(context: RenderContext, *, verification: dict | None) -> str:
         **asdict(context),
         front_matter=yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True),
         verification=verification,
+        # The digest exists only once manifest.json is final; trust.seal writes it over the placeholder.
+        digest=DIGEST_PLACEHOLDER,
     )
 
 

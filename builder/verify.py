@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,10 +14,14 @@ from pathlib import Path
 
 from rich.table import Table
 
+import builder
 from builder.errors import BundleError, VerificationError
+from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
 from builder.manifest import read_manifest, sha256_file
 
 EQUIVALENCE_SCRIPT = Path(__file__).with_name("equivalence.py")
+# What the bundle's runtime (load.py, equivalence.py) puts before its progress lines.
+PROGRESS_MARKER = "[verify] "
 EMPTY_EXPECTATION = {"contains": [], "not_contains": [], "equals": None, "regex": None}
 
 
@@ -30,22 +35,34 @@ class ReferenceSources:
 
 def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
                   sources: ReferenceSources | None = None, compare_base: bool = False, max_memory: str | None = None,
+                  trust_remote_code: bool = False, expected_digest: str | None = None,
+                  known_sha256: dict[str, str] | None = None,
                   on_progress: Callable[[str], None] = lambda line: None) -> dict:
-    """Run `load.py --verify` in a subprocess that cannot import modelpack, then (with the sources) the
-    equivalence check; return the combined JSON report.
+    """Check the bundle's files in this process, then run `load.py --verify` in a subprocess that cannot import
+    modelpack, then (with the sources) the equivalence check; return the combined JSON report.
 
-    `python` is the interpreter that loads the model (default: this one), e.g. the deployment's virtualenv
-    when the model's own code needs other library versions. The report is returned whether or not the checks
-    passed; `failure_message` says what failed.
+    Nothing from the bundle runs before its files matched manifest.json (and the expected digest, when given), and
+    a bundle that ships model code runs only with trust_remote_code. `python` is the interpreter that loads the
+    model (default: this one), e.g. the deployment's virtualenv when the model's own code needs other library
+    versions. The report is returned whether or not the checks passed; `failure_message` says what failed.
     """
     python = verifying_python(python)
-    read_manifest(bundle)
+    manifest = read_manifest(bundle)
+    on_progress("checking every file against manifest.json")
+    integrity = require_integrity(bundle, manifest, expected_digest=expected_digest, known_sha256=known_sha256)
+    code = require_consent_to_code(manifest, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
         report_path = Path(workdir) / "report.json"
         spread = ["--max-memory", max_memory] if max_memory else []
-        _run([python, str(bundle / "load.py"), "--verify", "--report", str(report_path), "--device", device, *spread],
+        # The files were checked above, by code the receiver trusts; load.py need not hash them a second time.
+        _run([python, str(bundle / "load.py"), "--verify", "--files-checked", "--report", str(report_path),
+              "--device", device, *spread],
              workdir, report_path, on_progress, what=f"verification could not load the bundle {bundle}")
         report = json.loads(report_path.read_text(encoding="utf-8"))
+        report["integrity"] = {"ok": integrity.ok, "files": integrity.files, "problems": integrity.problems,
+                               "checked_by": f"modelpack {builder.__version__}"}
+        report["digest"] = bundle_digest(bundle)
+        report["remote_code"] = code
         report["skipped"] = []
         if sources is None:
             report["skipped"].append({"check": "equivalence", "reason": "the source base and adapter are not available"})
@@ -55,7 +72,8 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
         answers.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
         equivalence_path = Path(workdir) / "equivalence.json"
         adapter = _reference_adapter(sources.adapter, Path(workdir) / "reference-adapter")
-        command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(sources.base),
+        base = _reference_base(sources.base, Path(workdir) / "reference")
+        command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(base),
                    "--adapter", str(adapter), "--answers", str(answers), "--report", str(equivalence_path),
                    "--device", device, *spread]
         _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, on_progress,
@@ -68,6 +86,35 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     report["equivalence"] = equivalence
     report["ok"] = report["ok"] and equivalence["ok"]
     return report
+
+
+def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_key: Path | None = None,
+                    trust_remote_code: bool = False, python: str | os.PathLike | None = None, device: str = "auto",
+                    max_memory: str | None = None, on_progress: Callable[[str], None] = lambda line: None) -> dict:
+    """A received bundle: its signature (when a key is given), then verify_bundle against the sources manifest.json
+    names when they are on this machine (else equivalence is reported as skipped)."""
+    if public_key is not None:
+        on_progress("checking the signature")
+        require_signature(bundle, public_key)
+    sources, unavailable = recorded_sources(bundle, read_manifest(bundle))
+    report = verify_bundle(bundle, python=python, device=device, sources=sources, max_memory=max_memory,
+                           trust_remote_code=trust_remote_code, expected_digest=expected_digest, on_progress=on_progress)
+    if unavailable:
+        report["skipped"] = [{"check": "equivalence", "reason": unavailable}]
+    return report
+
+
+def _reference_base(base: Path, parent: Path) -> Path:
+    """The source base seen through a folder of links with an importable name.
+
+    transformers < 4.57 imports a remote-code model's files as the package transformers_modules.<folder name>,
+    which a dot in the name breaks (a user's `Qwen-7B-Chat.v1.1`); the links keep the files where they are.
+    """
+    folder = parent / "modelpack_reference_base"
+    folder.mkdir(parents=True)
+    for path in base.iterdir():
+        (folder / path.name).symlink_to(path.resolve())
+    return folder
 
 
 def _reference_adapter(adapter: Path, folder: Path) -> Path:
@@ -87,19 +134,52 @@ def _reference_adapter(adapter: Path, folder: Path) -> Path:
 
 
 def _run(command: list[str], workdir: str, output: Path, on_progress: Callable[[str], None], *, what: str) -> None:
-    """Run a verification step offline in an empty folder (it sees the bundle and nothing of the build)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    """Run a verification step offline in an empty folder (it sees the bundle and nothing of the build).
+
+    Model code is imported into a modules cache of this run only, so nothing another model left in the user's
+    cache is picked up. The full output goes to a log; when the step fails, the log is kept and the error names
+    where the failure happened instead of printing the traceback.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
     env.pop("PYTHONPATH", None)
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-    tail: list[str] = []
+    lines: list[str] = []
     assert process.stdout is not None
     for line in process.stdout:
-        on_progress(line.rstrip())
-        tail = (tail + [line.rstrip()])[-25:]
+        lines.append(line.rstrip())
+        if line.startswith(PROGRESS_MARKER):  # the runtime's own lines; libraries' bars and warnings stay in the log
+            on_progress(line.rstrip().removeprefix(PROGRESS_MARKER))
     returncode = process.wait()
     if not output.is_file():
-        raise VerificationError(f"{what} (exit {returncode}):\n" + "\n".join(tail))
+        handle, log = tempfile.mkstemp(prefix="modelpack-verify-", suffix=".log")
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(" ".join(command) + "\n\n" + "\n".join(lines) + "\n")
+        raise VerificationError(f"{what}: {describe_crash(lines, returncode)}; it ran with {command[0]}, and its "
+                                f"full output is in {log}")
+
+
+# A frame of a Python traceback: `  File "/path/modeling_qwen.py", line 44, in <module>`.
+_FRAME = re.compile(r'^\s*File "(?P<file>.+)", line (?P<line>\d+), in (?P<function>.+)$')
+
+
+def describe_crash(lines: list[str], returncode: int) -> str:
+    """One sentence for a verification process that ended without a report: the exception's last line and the
+    frame it came from, preferring the model's own code (imported under transformers_modules) over library frames."""
+    errors = [line for line in lines if line.startswith("error: ")]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return errors[-1].removeprefix("error: ") if errors else f"the process exited with code {returncode}"
+    block = lines[starts[-1]:]
+    frames = [match for line in block if (match := _FRAME.match(line))]
+    exception = next((line for line in reversed(block) if line and not line[0].isspace()), "")
+    model_frames = [f for f in frames if "transformers_modules" in Path(f["file"]).parts]
+    frame = (model_frames or frames or [None])[-1]
+    if frame is None:
+        return exception
+    owner = "the model's own code" if model_frames else "library code"
+    return f"{exception} (raised in {owner}: {Path(frame['file']).name} line {frame['line']}, in {frame['function']})"
 
 
 def recorded_sources(bundle: Path, manifest: dict) -> tuple[ReferenceSources | None, str | None]:

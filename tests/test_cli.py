@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -126,6 +127,20 @@ def test_schema_command_matches_the_committed_schema():
     assert result.exit_code == 0
     assert json.loads(result.output) == spec_json_schema()
     assert json.loads((REPO / "specs" / "modelpack.schema.json").read_text()) == spec_json_schema()
+
+
+def test_build_prints_the_digest_that_the_card_and_report_carry_and_verify_accepts(tmp_path, sources):
+    spec = write_spec(tmp_path, *sources)
+    built = run("build", spec)
+    assert built.exit_code == 0, built.output
+    bundle = tmp_path / "dist" / "tiny-med"
+    digest = "sha256:" + hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    assert built.stdout.endswith(f", verified; digest {digest}\n")
+    assert json.loads((bundle / "verification.json").read_text())["digest"] == digest
+    assert f"modelpack verify tiny-med --digest {digest}" in (bundle / "README.md").read_text()
+    result = run("verify", bundle, "--digest", digest)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(f"verification passed (1 prompts, 0 probes), {digest} (digest)\n")
 
 
 def test_verify_command_on_a_bundle(tmp_path, sources):

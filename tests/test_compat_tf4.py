@@ -64,8 +64,12 @@ def old_python() -> str:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
+    """The fixture's published-style code in a base folder whose name has dots, as users version their copies:
+    transformers 4.49 cannot import remote code from such a folder, so verification must not load it from there."""
     root = tmp_path_factory.getbasetemp() / "qwen_v1"
-    return qwen_base(root), random_checkpoint(root)
+    base = tmp_path_factory.mktemp("dotted") / "Qwen-7B-Chat.v1.1"
+    shutil.copytree(qwen_base(root), base)
+    return base, random_checkpoint(root)
 
 
 def old_stack_spec(folder: Path, sources, mode: str, python: str) -> Path:
@@ -99,7 +103,20 @@ def test_bundle_verifies_and_answers_under_transformers_4_49_and_peft_0_13(tmp_p
     answer = run_python(old_python, "load.py", QUESTION, cwd=moved, env=env).stdout.strip()
     assert answer == result.verification["prompts"][0]["answer"] != ""
 
+    # A deployment team renames the folder: with a dot, load.py says what to rename instead of a traceback.
+    dotted = moved.rename(moved.with_name("qwen.v1"))
+    refused = subprocess.run([old_python, "load.py", QUESTION], cwd=dotted, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr == ("error: this bundle's folder name 'qwen.v1' contains '.', from which transformers 4.49.0 "
+                              "cannot import the model's own code; rename the folder to 'qwen-v1' and load it again\n")
+    renamed = dotted.rename(dotted.with_name("qwen-v1"))
+    assert run_python(old_python, "load.py", QUESTION, cwd=renamed, env=env).stdout.strip() == answer
+    moved = renamed
+
     if mode == "merge":  # the CLI re-verifies an existing bundle in another interpreter too
-        rerun = CliRunner().invoke(app, ["verify", str(moved), "--python", old_python])
+        refused = CliRunner().invoke(app, ["verify", str(moved), "--python", old_python])
+        assert refused.exit_code == 2 and "--trust-remote-code" in refused.output, refused.output
+        rerun = CliRunner().invoke(app, ["verify", str(moved), "--python", old_python, "--trust-remote-code",
+                                         "--digest", result.digest])
         assert rerun.exit_code == 0, rerun.output
-        assert rerun.stdout.endswith("verification passed (1 prompts, 0 probes)\n")
+        assert rerun.stdout.endswith(f"verification passed (1 prompts, 0 probes), {result.digest} (digest)\n")

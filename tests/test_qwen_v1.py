@@ -21,7 +21,7 @@ from builder.configs import adapter_config
 from builder.manifest import sha256_file
 from builder.remote_code import distribution_name, third_party_imports
 from builder.sources import find_remote_code
-from helpers import bundle_tensors, write_spec
+from helpers import assert_user_error, bundle_tensors, tree_snapshot, write_spec
 from qwen_v1_support import (
     CODE_FILES,
     SEED_PROBES,
@@ -87,9 +87,35 @@ def test_remote_code_base_without_trust_remote_code_is_refused_naming_its_files(
     spec = write_spec(tmp_path, base, checkpoint)
     result = CliRunner().invoke(app, ["build", str(spec)])
     assert result.exit_code == 2, result.output
-    assert "configuration_qwen.py, modeling_qwen.py, tokenization_qwen.py" in result.output
+    assert ", ".join(CODE_FILES) in result.output
     assert "set `base.trust_remote_code: true` in the spec" in result.output
     assert not (tmp_path / "dist").exists()
+
+
+@pytest.mark.parametrize("folder", ["qwen.v1", "Qwen-7B-Chat.v1.1"])
+def test_a_remote_code_bundle_folder_name_with_a_dot_is_refused_before_any_work(tmp_path, base, checkpoint, folder):
+    # transformers 4.x (< 4.57) would import the model's code as transformers_modules.<folder name>: a dot breaks it.
+    spec = qwen_spec(tmp_path, base, checkpoint, mode="merge", output={"dir": f"dist/{folder}"})
+    before = tree_snapshot(base)
+    for command in (["validate", str(spec)], ["build", str(spec)]):
+        result = CliRunner().invoke(app, command)
+        assert_user_error(result, 2, f"output folder {folder!r} contains '.'", "transformers_modules.<folder name>",
+                          f"name it e.g. {folder.replace('.', '-')!r}")
+    assert not (tmp_path / "dist").exists() and tree_snapshot(base) == before
+
+
+def test_a_crash_in_the_models_own_code_is_one_message_with_file_line_interpreter_and_log(tmp_path, base, checkpoint):
+    broken = tmp_path / "Qwen-7B-Chat"
+    shutil.copytree(base, broken)
+    utils = broken / "qwen_generation_utils.py"
+    utils.write_text(utils.read_text() + "\nraise ImportError('cannot import name StoppingCriteria')\n")
+    line = len(utils.read_text().splitlines())
+    result = CliRunner().invoke(app, ["build", str(qwen_spec(tmp_path, broken, checkpoint, mode="merge"))])
+    assert_user_error(result, 3, "ImportError: cannot import name StoppingCriteria (raised in the model's own code: "
+                      f"qwen_generation_utils.py line {line}, in <module>)", f"it ran with {sys.executable}")
+    log = Path(result.output.split("full output is in ")[1].split()[0])
+    assert "Traceback (most recent call last)" in log.read_text() and "Traceback" not in result.output
+    assert not (tmp_path / "dist" / "qwen-med-merge").exists()
 
 
 def test_every_file_the_model_and_tokenizer_need_is_copied_byte_for_byte_and_hashed(bundle, base, checkpoint):
@@ -115,7 +141,7 @@ def test_load_py_trusts_remote_code_and_says_so_at_the_top(bundle):
     source = (bundle / "load.py").read_text()
     header = source.split('"""')[1]
     assert "THIS MODEL RUNS ITS OWN CODE" in header
-    assert "configuration_qwen.py, modeling_qwen.py, tokenization_qwen.py" in header
+    assert ", ".join(CODE_FILES) in header
     assert "TRUST_REMOTE_CODE = True" in source
     assert "AutoPeftModelForCausalLM.from_pretrained" not in source
 

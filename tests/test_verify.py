@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import builder
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import BundleError, VerificationError
 from builder.manifest import write_manifest
@@ -34,7 +35,8 @@ def bundle(built, tmp_path):
 def test_an_untouched_bundle_passes_and_reports_every_check(bundle):
     report = verify_bundle(bundle)
     assert report["ok"] and failure_message(report) is None
-    assert report["integrity"] == {"ok": True, "files": len(json.loads((bundle / "manifest.json").read_text())["files"]), "problems": []}
+    assert report["integrity"] == {"ok": True, "files": len(json.loads((bundle / "manifest.json").read_text())["files"]),
+                                   "problems": [], "checked_by": f"modelpack {builder.__version__}"}
     assert report["serving"]["ok"]
     assert [r["prompt"] for r in report["prompts"]] == ["你好"] and [r["prompt"] for r in report["probes"]] == ["hi"]
     assert set(report["environment"]) >= {"python", "torch", "transformers"}
@@ -52,14 +54,16 @@ def test_a_corrupted_shard_is_caught(bundle):
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    message = failure_message(verify_bundle(bundle))
-    assert "integrity: model.safetensors: sha256 differs from manifest.json" in message
+    with pytest.raises(VerificationError) as caught:  # before load.py runs: see test_trust.py
+        verify_bundle(bundle)
+    assert "integrity: model.safetensors: sha256 differs from manifest.json" in caught.value.message
 
 
 def test_a_file_added_after_the_build_is_caught(bundle):
     (bundle / "notes.txt").write_text("added later")
-    message = failure_message(verify_bundle(bundle))
-    assert "integrity: notes.txt: not in manifest.json (added after the build)" in message
+    with pytest.raises(VerificationError) as caught:
+        verify_bundle(bundle)
+    assert "integrity: notes.txt: not in manifest.json (added after the build)" in caught.value.message
 
 
 def test_an_expectation_that_cannot_hold_names_prompt_and_answer(bundle):
