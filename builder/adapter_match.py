@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,15 +106,16 @@ def match_adapter(base: BaseModel, adapter: AdapterCheckpoint) -> AdapterMatch:
     config = adapter.config
     weights = adapter.weights_file.name
     targets = with_tied_head(base)
+    _check_target_modules(adapter, base, targets)
     modules: dict[str, dict[str, TensorLocation]] = {}
     replacements: dict[str, Replacement] = {}
     for key, location in adapter.tensors.items():
         if not key.startswith(ADAPTER_PREFIX):
             raise SourceError(f"{weights}: tensor {key!r} lacks the {ADAPTER_PREFIX!r} prefix peft writes")
+        _check_layout(location, weights, key)
         path = key[len(ADAPTER_PREFIX):]
         role = next((r for suffix, r in LORA_ROLES.items() if path.endswith("." + suffix)), None)
         if role is None:
-            _check_layout(location, weights, key)
             target = _target(path.replace(".base_layer.", "."), targets, key, base, config)
             replacements[target] = Replacement(location, shared=".base_layer." in path)
             continue
@@ -126,7 +128,9 @@ def match_adapter(base: BaseModel, adapter: AdapterCheckpoint) -> AdapterMatch:
     for module, roles in sorted(modules.items()):
         if "token_rows" in roles:
             target = _target(f"{module}.weight", targets, f"{ADAPTER_PREFIX}{module}.token_adapter", base, config)
-            token_rows[target] = TokenRows(_token_indices(config, module, roles["token_rows"], weights), roles["token_rows"])
+            rows = (replacements[target].location if target in replacements else targets[target]).shape[0]
+            indices = _token_indices(adapter, module, roles["token_rows"], rows=rows)
+            token_rows[target] = TokenRows(indices, roles["token_rows"])
         rank = int(pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
         alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         scaling = lora_scaling(alpha=alpha, rank=rank, use_rslora=bool(config.get("use_rslora", False)))
@@ -169,24 +173,58 @@ def _module_deltas(module: str, roles: dict, *, rank: int, scaling: float, confi
         raise SourceError(f"{where} has a DoRA magnitude vector but no LoRA weights")
 
 
-def _token_indices(config: dict, module: str, values: TensorLocation, weights: str) -> tuple[int, ...]:
-    """trainable_token_indices is a list (for the input embedding) or {module name: list}."""
-    spec = config.get("trainable_token_indices")
+def _token_indices(adapter: AdapterCheckpoint, module: str, values: TensorLocation, *, rows: int) -> tuple[int, ...]:
+    """trainable_token_indices is a list (for the input embedding) or {module name: list}, each a row of the embedding."""
+    spec = adapter.config.get("trainable_token_indices")
     if isinstance(spec, dict):
         indices = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
     else:
         indices = spec
-    if not indices or len(indices) != values.shape[0]:
+    if not isinstance(indices, list) or not indices or len(indices) != values.shape[0]:
         raise SourceError(
-            f"{weights}: {module}.token_adapter holds {values.shape[0]} rows but adapter_config.json's "
+            f"{adapter.weights_file.name}: {module}.token_adapter holds {values.shape[0]} rows but adapter_config.json's "
             f"trainable_token_indices gives {indices!r} for it"
         )
-    return tuple(int(i) for i in indices)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < rows for i in indices):
+        raise SourceError(
+            f"{adapter.path / 'adapter_config.json'}: trainable_token_indices for {module} are {indices!r}, but must be "
+            f"token ids from 0 to {rows - 1} (the embedding's rows); correct them or re-save the adapter with peft"
+        )
+    return tuple(indices)
 
 
 def _check_layout(location: TensorLocation, weights: str, key: str) -> None:
     if not location.dtype.is_floating_point:
         raise SourceError(f"{weights}: tensor {key!r} has dtype {location.dtype}; expected floating point weights")
+
+
+def _check_target_modules(adapter: AdapterCheckpoint, base: BaseModel, tensors: dict[str, TensorLocation]) -> None:
+    """target_modules must name at least one module of the base, as peft requires when it loads the adapter.
+
+    peft's rule: a string is a regex matched against the whole module path; a list entry matches a path equal to it
+    or ending in "." + it. Module paths are the base's tensor names without their last part.
+    """
+    targets = adapter.config.get("target_modules")
+    # "all-linear" is expanded by peft to every linear layer; no list (or an empty one) means the adapter is
+    # driven by other keys (trainable tokens, modules_to_save), which the tensors check.
+    if not targets or targets == "all-linear":
+        return
+    modules = {prefix for name in tensors for prefix in _dotted_prefixes(name)}
+    if isinstance(targets, str):
+        found = any(re.fullmatch(targets, module) for module in modules)
+    else:
+        found = any(module.endswith("." + t) or module == t for module in modules for t in targets)
+    if not found:
+        raise SourceError(
+            f"{adapter.path / 'adapter_config.json'}: target_modules {targets!r} match no module of the base model at "
+            f"{base.path}, so peft cannot load this adapter; check that base.path is the model it was trained on"
+        )
+
+
+def _dotted_prefixes(name: str) -> list[str]:
+    """"model.layers.0.mlp.weight" -> ["model", "model.layers", "model.layers.0", "model.layers.0.mlp"]."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _target(target: str, tensors: dict[str, TensorLocation], key: str, base: BaseModel, config: dict) -> str:

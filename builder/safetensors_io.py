@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,22 +15,32 @@ import torch
 
 from builder.errors import SourceError
 
-# safetensors dtype names <-> torch dtypes, and the byte width of each.
+# safetensors dtype names -> torch attribute names. Float8 and the unsigned types appear in current checkpoints
+# (FP8 weights, packed quantisation data); torch < 2.3 has no uint16/32/64, so there such files are refused.
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+    name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # A header larger than this is not a safetensors file (the format's own limit is 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
+_REDOWNLOAD = "the file is damaged or was not written by safetensors; re-download or re-save it"
 
 
 @dataclass(frozen=True)
@@ -49,32 +60,151 @@ class TensorLocation:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
-    """Parse a safetensors file's header into tensor locations without reading tensor data."""
+    """Parse and fully validate a safetensors file's header into tensor locations, without reading tensor data.
+
+    The checks are the safetensors library's own: every tensor well-formed, and the tensors' byte ranges tiling
+    the data section exactly (no overlap, no gap, nothing past the end), so no later read can go astray.
+    """
     try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             raw_len = f.read(8)
             if len(raw_len) != 8:
-                raise SourceError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+                raise SourceError(f"{path}: not a safetensors file (shorter than its 8-byte header length); {_REDOWNLOAD}")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > _MAX_HEADER_BYTES:
-                raise SourceError(f"{path}: not a safetensors file (header length {header_len} is implausible)")
-            header = json.loads(f.read(header_len))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read safetensors header: {exc}") from exc
+                raise SourceError(f"{path}: not a safetensors file (header length {header_len} is implausible); {_REDOWNLOAD}")
+            if 8 + header_len > file_size:
+                raise SourceError(
+                    f"{path}: the header claims {header_len} bytes but the file has only {file_size}; {_REDOWNLOAD}"
+                )
+            raw_header = f.read(header_len)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read safetensors header: {exc.strerror or exc}") from exc
+    header = _parse_header(path, raw_header)
     data_start = 8 + header_len
-    file_size = path.stat().st_size
     locations = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise SourceError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        if data_start + end > file_size:
-            raise SourceError(f"{path}: tensor {name!r} extends past the end of the file (truncated download?)")
-        locations[name] = TensorLocation(name, path, dtype, tuple(info["shape"]), data_start + begin, data_start + end)
+        if name != "__metadata__":
+            locations[name] = _tensor_location(path, name, info, data_start)
+    _check_tiling(path, sorted(locations.values(), key=lambda t: (t.start, t.end)), data_start, file_size)
     return locations
+
+
+def _parse_header(path: Path, raw_header: bytes) -> dict:
+    """The header's JSON object, with `__metadata__` (if any) checked to be the str -> str map the format defines."""
+    try:
+        header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: the safetensors header is not UTF-8 text; {_REDOWNLOAD}") from None
+    except RecursionError:
+        raise SourceError(f"{path}: the safetensors header nests JSON too deeply; {_REDOWNLOAD}") from None
+    except ValueError as exc:  # json.JSONDecodeError, or a duplicate key from _unique_keys
+        reason = f"{exc.msg} at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise SourceError(f"{path}: the safetensors header is not valid JSON ({reason}); {_REDOWNLOAD}") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: the safetensors header is a JSON {_json_type(header)}, not an object; {_REDOWNLOAD}")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise SourceError(f"{path}: __metadata__ must map names to strings, found {_short(metadata)}; {_REDOWNLOAD}")
+    return header
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique: a repeated tensor name would hide one of the two entries."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        duplicate = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise ValueError(f"key {duplicate!r} appears twice")
+    return result
+
+
+def _tensor_location(path: Path, name: str, info: object, data_start: int) -> TensorLocation:
+    """One header entry checked for types, dtype and a byte span that matches its shape."""
+
+    def damaged(problem: str) -> SourceError:
+        return SourceError(f"{path}: tensor {name!r} {problem}; {_REDOWNLOAD}")
+
+    if not isinstance(info, dict):
+        raise damaged(f"is a JSON {_json_type(info)} where an object with dtype, shape and data_offsets belongs")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+    if missing:
+        raise damaged(f"lacks {' and '.join(missing)}")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise SourceError(
+            f"{path}: tensor {name!r} has dtype {_short(dtype_name)}, which modelpack cannot read "
+            f"(it reads {', '.join(SAFETENSORS_DTYPES)}); convert the tensor to one of these and re-save the file"
+        )
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise damaged(f"has shape {_short(shape)}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise damaged(f"has data_offsets {_short(offsets)}, not two non-negative integers [begin, end]")
+    begin, end = offsets
+    if begin > end:
+        raise damaged(f"has data_offsets {offsets} that end before they begin")
+    needed = _byte_size(shape, dtype.itemsize)
+    if needed != end - begin:
+        needs = "more than 2**64" if needed is None else needed
+        raise damaged(f"spans {end - begin} bytes but shape {_short(shape)} of {dtype_name} needs {needs}")
+    return TensorLocation(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_tiling(path: Path, tensors: list[TensorLocation], data_start: int, file_size: int) -> None:
+    """Tensors sorted by offset must cover the data section exactly, as the safetensors library requires."""
+    position, previous = data_start, None
+    for tensor in tensors:
+        if tensor.start < position:
+            raise SourceError(
+                f"{path}: tensor {tensor.name!r} (data bytes {tensor.start - data_start}-{tensor.end - data_start}) "
+                f"overlaps tensor {previous.name!r} (data bytes {previous.start - data_start}-{previous.end - data_start}); "
+                f"{_REDOWNLOAD}"
+            )
+        if tensor.start > position:
+            raise SourceError(
+                f"{path}: data bytes {position - data_start}-{tensor.start - data_start} before tensor {tensor.name!r} "
+                f"belong to no tensor; {_REDOWNLOAD}"
+            )
+        position, previous = tensor.end, tensor
+    if position > file_size:
+        raise SourceError(
+            f"{path}: tensor {previous.name!r} ends {position - file_size} bytes past the end of the file "
+            f"(truncated download?); {_REDOWNLOAD}"
+        )
+    if position < file_size:
+        raise SourceError(
+            f"{path}: the last {file_size - position} bytes of the file belong to no tensor; {_REDOWNLOAD}"
+        )
+
+
+def _byte_size(shape: list[int], itemsize: int) -> int | None:
+    """prod(shape) * itemsize, or None past 2**64 bytes: a hostile shape must not cost a huge multiplication."""
+    if 0 in shape:
+        return 0
+    size = itemsize
+    for dim in shape:
+        size *= dim
+        if size > 2**64:
+            return None
+    return size
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
+
+
+def _short(value: object) -> str:
+    """A JSON value for a message, cut short: a hostile header can hold megabytes in one field."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_tensor(location: TensorLocation) -> torch.Tensor:

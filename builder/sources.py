@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -79,7 +80,8 @@ def read_json(path: Path) -> dict:
     except OSError as exc:
         raise SourceError(f"{path}: cannot read: {exc.strerror}") from exc
     if not isinstance(data, dict):
-        raise SourceError(f"{path}: expected a JSON object at the top level")
+        found = "a list" if isinstance(data, list) else repr(data)
+        raise SourceError(f"{path}: expected a JSON object at the top level, found {found}")
     return data
 
 
@@ -131,7 +133,7 @@ def read_base_model(path: Path) -> BaseModel:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SourceError(f"base.path {path}: no config.json; point base.path at a Hugging Face model folder")
-    config = read_json(config_path)
+    config = _checked_base_config(read_json(config_path), config_path)
 
     index_path = path / "model.safetensors.index.json"
     single_path = path / "model.safetensors"
@@ -140,6 +142,13 @@ def read_base_model(path: Path) -> BaseModel:
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise SourceError(f"{index_path}: has no 'weight_map'")
+        # Shards lie beside the index: a name with a folder in it ("../x") would read files outside base.path.
+        stray = next(((n, f) for n, f in weight_map.items() if not isinstance(f, str) or Path(f).name != f), None)
+        if stray:
+            raise SourceError(
+                f"{index_path}: weight_map gives {_json(stray[1])} for tensor {stray[0]!r}, not the name of a shard "
+                f"in {path}; re-download or re-save the index"
+            )
         weight_files = tuple(path / name for name in dict.fromkeys(weight_map.values()))
         for shard in weight_files:
             if not shard.is_file():
@@ -179,6 +188,114 @@ def read_base_model(path: Path) -> BaseModel:
     )
 
 
+def _checked_base_config(config: dict, where: Path) -> dict:
+    """config.json with what transformers and servers read from it: a model_type, and `architectures`.
+
+    vLLM and other servers pick the model class from `architectures`; a config without it gets the class
+    transformers itself maps its model_type to (names only, no model code imported), or the auto_map class of a
+    remote-code model.
+    """
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise SourceError(
+            f'{where}: "model_type" is {_json(model_type)}; add the model type transformers knows the model by '
+            '(e.g. "qwen2" or "llama"), as save_pretrained writes it'
+        )
+    for key in ("torch_dtype", "dtype"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise SourceError(f'{where}: "{key}" is {_json(config[key])}; write a dtype name such as "bfloat16"')
+    if not isinstance(config.get("text_config", {}), dict):
+        raise SourceError(f'{where}: "text_config" is {_json(config["text_config"])}; it must be a JSON object')
+    architectures = config.get("architectures")
+    if architectures is not None:
+        if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) and a for a in architectures)):
+            raise SourceError(
+                f'{where}: "architectures" is {_json(architectures)}; write a list of model class names '
+                'such as ["Qwen2ForCausalLM"]'
+            )
+        return config
+    # Imported here: only configs lacking `architectures` need transformers' table of model classes.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    auto_map = config.get("auto_map")
+    remote = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
+    if isinstance(remote, str) and remote:
+        architecture = remote.rsplit(".", 1)[-1]
+    elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    else:
+        raise SourceError(
+            f'{where}: has no "architectures" and transformers knows no causal language model for model_type '
+            f'{model_type!r}; add "architectures": ["<the model class that loads it>"] to config.json'
+        )
+    return {**config, "architectures": [architecture]}
+
+
+def _check_adapter_values(config: dict, where: Path) -> None:
+    """The adapter_config.json values the merge computes with, checked as peft's LoraConfig needs them."""
+
+    def invalid(key: str, value: object, wanted: str) -> SourceError:
+        return SourceError(
+            f"{where}: {key} is {_json(value)}, but must be {wanted}; correct it or re-save the adapter with peft"
+        )
+
+    if "r" in config and not _positive_int(config["r"]):
+        raise invalid("r", config["r"], "a positive integer (the LoRA rank)")
+    if "lora_alpha" in config and not _positive_number(config["lora_alpha"]):
+        raise invalid("lora_alpha", config["lora_alpha"], "a positive number (scaling = lora_alpha / r)")
+    for key, valid, wanted in (
+        ("rank_pattern", _positive_int, "a positive integer"),
+        ("alpha_pattern", _positive_number, "a positive number"),
+    ):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise invalid(key, patterns, "a mapping of module name patterns to values")
+        for pattern, value in patterns.items():
+            # peft matches each key as a regex against the module path, wrapped as below (first match wins).
+            _check_regex(rf"(.*\.)?({pattern})$", f"{key} key {pattern!r}", where)
+            if not valid(value):
+                raise invalid(f"{key}[{pattern!r}]", value, wanted)
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise invalid(key, config[key], "true or false")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _check_regex(targets, f"target_modules {targets!r}", where)
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise invalid("target_modules", targets, "a list of module names or one regular expression")
+    if config.get("base_model_name_or_path") is not None and not isinstance(config["base_model_name_or_path"], str):
+        raise invalid("base_model_name_or_path", config["base_model_name_or_path"], "a model name or path")
+
+
+def _check_regex(pattern: str, what: str, where: Path) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise SourceError(f"{where}: {what} is not a valid regular expression ({err.msg}); correct it") from None
+
+
+def _positive_int(value: object) -> bool:
+    """A rank: a tensor dimension, so below 2**63 (a larger one would also overflow the scaling's float math)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
+
+
+def _positive_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _json(value: object) -> str:
+    """A config value as written in JSON, cut short for a message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> AdapterCheckpoint:
     """Read a peft checkpoint folder's adapter config and tensor headers, skipping training leftovers."""
     config_path = path / "adapter_config.json"
@@ -191,6 +308,7 @@ def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> Adapte
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise SourceError(f"{config_path}: peft_type is {peft_type!r}; modelpack packages LoRA adapters only")
+    _check_adapter_values(config, config_path)
 
     weights_file = path / "adapter_model.safetensors"
     legacy = path / "adapter_model.bin"

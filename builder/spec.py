@@ -43,7 +43,14 @@ _SIZE_UNITS = {
     "TIB": 2**40,
 }
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-_VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# ${NAME}, or ${NAME:-default} where the default (possibly empty) replaces an unset or empty variable.
+_VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# A spec is a few hundred values; aliases that expand past this many are a "billion laughs" document, refused
+# before anything is built from it (PyYAML itself would expand it without limit).
+MAX_ALIAS_EXPANSION = 10_000
+# A spec nests five levels deep (verify.prompts[0].expect.contains[0]); far deeper is hostile, and PyYAML's
+# scanner slows quadratically with the nesting of [ and { (3000 levels take seconds to fail).
+MAX_NESTING = 100
 
 Location = tuple[str | int, ...]
 
@@ -88,8 +95,12 @@ ByteSize = Annotated[
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     """Make a path absolute against the spec file's folder, so a committed spec works from any cwd."""
     anchor = (info.context or {}).get("spec_dir", Path.cwd())
+    try:
+        expanded = value.expanduser()
+    except RuntimeError:  # "~name/..." for a user this machine does not have
+        raise ValueError(f"cannot expand {str(value)!r}: no such user's home folder; write ~/... or a full path") from None
     # normpath, not resolve(): keep symlinked model folders as the user named them.
-    return Path(os.path.normpath(Path(anchor) / value.expanduser()))
+    return Path(os.path.normpath(Path(anchor) / expanded))
 
 
 SpecPath = Annotated[Path, AfterValidator(_resolve_path)]
@@ -317,11 +328,22 @@ def _invalid(shown: str, problems: list[tuple[int, str, str]]) -> str:
     return "\n".join([f"invalid spec {shown}:"] + [f"{shown}:{line}: {key}: {msg}" for line, key, msg in problems])
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing [ / { nested past MAX_NESTING while scanning, before its cost grows."""
+
+    def fetch_flow_collection_start(self, token_class):
+        if self.flow_level >= MAX_NESTING:
+            raise yaml.scanner.ScannerError(problem=f"nested deeper than {MAX_NESTING} levels", problem_mark=self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+
 def _parse_yaml(text: str, shown: str) -> tuple[dict[str, Any], dict[Location, int]]:
     """Load the YAML document and the line (1-based) of every mapping key and sequence item."""
-    loader = yaml.SafeLoader(text)
+    loader = _SpecLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _check_alias_expansion(node, shown)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -330,6 +352,8 @@ def _parse_yaml(text: str, shown: str) -> tuple[dict[str, Any], dict[Location, i
         raise SpecError(f"{where}: invalid YAML: {reason}") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{shown}: invalid YAML: {err}") from None
+    except RecursionError:  # PyYAML composes recursively: indented nesting can exhaust the stack first
+        raise SpecError(f"{shown}: invalid YAML: nested deeper than {MAX_NESTING} levels") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -338,6 +362,40 @@ def _parse_yaml(text: str, shown: str) -> tuple[dict[str, Any], dict[Location, i
     lines: dict[Location, int] = {(): node.start_mark.line + 1}
     _record_lines(node, (), lines, shown)
     return data, lines
+
+
+def _check_alias_expansion(root: yaml.Node, shown: str) -> None:
+    """Refuse a document nested past MAX_NESTING levels, or whose aliases expand past MAX_ALIAS_EXPANSION values.
+
+    PyYAML's composed graph shares an anchored node between its uses, so the graph stays as small as the text;
+    expanding it (constructing, then walking the data) is what explodes. Walking the graph and counting every
+    node reached again through an alias (with everything below it) measures that expansion at a bounded cost,
+    and stops self-referencing aliases too.
+    """
+    seen: set[int] = set()
+    reused = 0
+    stack: list[tuple[yaml.Node, int, yaml.Node | None]] = [(root, 0, None)]
+    while stack:
+        node, depth, reused_anchor = stack.pop()
+        if reused_anchor is None and id(node) in seen:
+            reused_anchor = node
+        if depth > MAX_NESTING:
+            through = " through aliases of the anchor at this line" if reused_anchor else ""
+            line = (reused_anchor or node).start_mark.line + 1
+            raise SpecError(f"{shown}:{line}: invalid YAML: nested deeper than {MAX_NESTING} levels{through}")
+        seen.add(id(node))
+        if reused_anchor is not None:
+            reused += 1
+            if reused > MAX_ALIAS_EXPANSION:
+                raise SpecError(
+                    f"{shown}:{reused_anchor.start_mark.line + 1}: invalid YAML: aliases of the anchor at this line "
+                    f"expand to more than {MAX_ALIAS_EXPANSION} values (nested or self-referencing aliases); "
+                    "write the values out instead"
+                )
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1, reused_anchor) for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1, reused_anchor) for child in node.value)
 
 
 def _record_lines(node: yaml.Node, loc: Location, lines: dict[Location, int], shown: str) -> None:
@@ -361,9 +419,13 @@ def _record_lines(node: yaml.Node, loc: Location, lines: dict[Location, int], sh
 def _expand_variables(
     value: Any, lines: dict[Location, int], shown: str, environ: Mapping[str, str]
 ) -> tuple[Any, dict[Location, tuple[str, dict[str, str]]]]:
-    """Replace `${NAME}` in every string value; remember what each expanded string was written as."""
+    """Replace `${NAME}` / `${NAME:-default}` in every string value; remember what each expanded string was written as.
+
+    An unset or empty variable without a default is an error: an empty `${DIST}` would silently turn
+    `${DIST}/bundle` into `/bundle`.
+    """
     origins: dict[Location, tuple[str, dict[str, str]]] = {}
-    unset: list[tuple[int, str, str]] = []
+    problems: list[tuple[int, str, str]] = []
 
     def expand(item: Any, loc: Location) -> Any:
         if isinstance(item, dict):
@@ -372,20 +434,30 @@ def _expand_variables(
             return [expand(child, loc + (index,)) for index, child in enumerate(item)]
         if not isinstance(item, str):
             return item
-        names = _VARIABLE_PATTERN.findall(item)
-        if not names:
-            return item
-        for name in dict.fromkeys(names):
-            if name not in environ:
-                unset.append(
-                    (_line_of(loc, lines), _key_path(loc), f'environment variable {name} is not set (used in "{item}")')
+        used: dict[str, str] = {}
+
+        def substitute(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            value = environ.get(name) or default
+            if value is None and name not in used:
+                problem = (
+                    f'environment variable {name} is not set (used in "{item}")'
+                    if name not in environ
+                    else f'environment variable {name} is set but empty (used in "{item}"); '
+                    f"give it a value, or write ${{{name}:-}} if empty is meant"
                 )
-        origins[loc] = (item, {name: environ.get(name, "") for name in names})
-        return _VARIABLE_PATTERN.sub(lambda match: environ.get(match.group(1), ""), item)
+                problems.append((_line_of(loc, lines), _key_path(loc), problem))
+            used[name] = value or ""
+            return value or ""
+
+        expanded = _VARIABLE_PATTERN.sub(substitute, item)
+        if used:
+            origins[loc] = (item, used)
+        return expanded
 
     expanded = expand(value, ())
-    if unset:
-        raise SpecError(_invalid(shown, unset))
+    if problems:
+        raise SpecError(_invalid(shown, problems))
     return expanded, origins
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -158,6 +161,17 @@ def test_tilde_expands_to_the_home_folder(project, monkeypatch):
     assert spec.adapter.path == project / "checkpoints" / "checkpoint-1560"
 
 
+def test_a_tilde_naming_an_unknown_user_is_a_spec_error(project):
+    spec_path = write_spec(project, MINIMAL.replace("../checkpoints/checkpoint-1560", "~no-such-user/checkpoint"))
+
+    message = load_error(spec_path)
+
+    assert message.splitlines()[1] == (
+        f"{spec_path}:5: adapter.path: cannot expand '~no-such-user/checkpoint': no such user's home folder; "
+        "write ~/... or a full path"
+    )
+
+
 def test_chat_template_resolves_next_to_the_spec(project):
     (project / "specs" / "chat.jinja").write_text("{{ messages }}", encoding="utf-8")
 
@@ -222,6 +236,44 @@ def test_an_unset_variable_names_the_variable_key_and_line(project, monkeypatch)
     assert message == (
         f"invalid spec {spec_path}:\n"
         f'{spec_path}:3: base.path: environment variable MODELS_DIR is not set (used in "${{MODELS_DIR}}/Qwen-7B-Chat")'
+    )
+
+
+def test_an_empty_variable_is_refused_like_an_unset_one_and_the_message_gives_the_default_syntax(project):
+    spec_path = write_spec(project, MINIMAL.replace("../dist/tiny", "${DIST}"))
+
+    message = load_error(spec_path, environ={"DIST": ""})
+
+    assert message == (
+        f"invalid spec {spec_path}:\n"
+        f'{spec_path}:7: output.dir: environment variable DIST is set but empty (used in "${{DIST}}"); '
+        "give it a value, or write ${DIST:-} if empty is meant"
+    )
+
+
+@pytest.mark.parametrize(
+    ("written", "environ", "expected"),
+    [
+        ("${MODELS_DIR:-../models}", {}, "models"),  # unset: the default
+        ("${MODELS_DIR:-../models}", {"MODELS_DIR": ""}, "models"),  # empty: the default, as in the shell
+        ("${MODELS_DIR:-/elsewhere}", {"MODELS_DIR": "../models"}, "models"),  # set: the variable wins
+        ("..${SUFFIX:-}/models", {}, "models"),  # an explicitly empty default
+    ],
+)
+def test_a_default_replaces_an_unset_or_empty_variable(project, written, environ, expected):
+    spec = load_spec(write_spec(project, MINIMAL.replace("../models", written)), environ=environ)
+
+    assert spec.base.path == project / expected / "Qwen-7B-Chat"
+
+
+def test_a_missing_path_names_the_default_it_came_from(project):
+    spec_path = write_spec(project, MINIMAL.replace("../models", "${MODELS_DIR:-/x}"))
+
+    message = load_error(spec_path, environ={})
+
+    assert message.splitlines()[1] == (
+        f'{spec_path}:3: base.path: directory not found: /x/Qwen-7B-Chat (from "${{MODELS_DIR:-/x}}/Qwen-7B-Chat", '
+        "MODELS_DIR=/x)"
     )
 
 
@@ -544,6 +596,88 @@ def test_a_duplicated_key_is_refused_instead_of_silently_overridden(project):
     message = load_error(spec_path)
 
     assert message == f"{spec_path}:10: generation.temperature: duplicate key (first at line 9)"
+
+
+BILLION_LAUGHS = """\
+name: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_a_billion_laughs_document_fails_at_once_with_bounded_memory(project):
+    spec_path = write_spec(project, BILLION_LAUGHS)  # 9**9 strings once expanded: gigabytes
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        message = load_error(spec_path)
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert re.fullmatch(
+        rf"{re.escape(str(spec_path))}:\d: invalid YAML: aliases of the anchor at this line expand to more than "
+        r"10000 values \(nested or self-referencing aliases\); write the values out instead",
+        message,
+    )
+    assert elapsed < 0.5
+    assert peak < 20 * 2**20
+
+
+def test_a_self_referencing_alias_is_refused(project):
+    spec_path = write_spec(project, "name: tiny\nbase: &loop\n  path: [*loop]\n")
+
+    message = load_error(spec_path)
+
+    assert message == f"{spec_path}:2: invalid YAML: nested deeper than 100 levels through aliases of the anchor at this line"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("name: " + "[" * 3000 + "]" * 3000 + "\n", ":1"),  # flow nesting: refused while scanning
+        ("".join(" " * i + f"k{i}:\n" for i in range(150)), ":102"),  # indented nesting: refused before use
+        ("".join(" " * i + f"k{i}:\n" for i in range(600)), ""),  # deeper than PyYAML's recursion allows
+    ],
+    ids=["flow", "indented", "indented-past-the-recursion-limit"],
+)
+def test_deeply_nested_documents_are_refused_quickly(project, text, line):
+    spec_path = write_spec(project, text)
+
+    started = time.perf_counter()
+    message = load_error(spec_path)
+
+    assert message == f"{spec_path}{line}: invalid YAML: nested deeper than 100 levels"
+    assert time.perf_counter() - started < 1
+
+
+def test_ordinary_aliases_still_work(project):
+    text = MINIMAL + textwrap.dedent("""\
+        card:
+          tags: &tags [medical, lora]
+        verify:
+          prompts:
+            - prompt: 你好
+              expect: &polite {not_contains: [缺钙]}
+            - prompt: 谢谢
+              expect: *polite
+          probes:
+            - prompt: tags
+              expect: {contains: *tags}
+    """)
+
+    spec = load_spec(write_spec(project, text))
+
+    assert spec.verify.prompts[1].expect.not_contains == ["缺钙"]
+    assert spec.verify.probes[0].expect.contains == ["medical", "lora"]
 
 
 # --- JSON Schema for editors --------------------------------------------------------------------

@@ -1,0 +1,485 @@
+"""Hostile and malformed inputs, driven through the CLI: each is exit 2 with one message naming the culprit (file and
+key, line or tensor), no traceback, every source unchanged and no destination created.
+
+One row per input: (id, how the input is broken, exit code, fragments the message must hold). A break function gets
+a `Project` (private copies of a tiny base and adapter, and a spec folder) and returns the spec to build, or None
+for the default spec. Fragments may name {spec}, {base} and {adapter}, filled with the case's resolved paths.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from builder.cli import app
+from helpers import assert_user_error, tree_snapshot, write_spec
+
+BASE_TENSOR = "model.layers.0.self_attn.q_proj.weight"  # [64, 64] float32, not the first in its file
+ADAPTER_TENSOR = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"  # [8, 64] float32
+
+
+@dataclass
+class Project:
+    """Private copies of the tiny base and adapter beside a spec folder, for one case to break."""
+
+    root: Path
+    env: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return self.root / "models" / "base"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "checkpoints" / "checkpoint-10"
+
+    @property
+    def spec_dir(self) -> Path:
+        return self.root / "project"
+
+    def spec(self, **sections) -> Path:
+        return write_spec(self.spec_dir, self.base, self.adapter, **sections)
+
+    def raw_spec(self, text: str | bytes) -> Path:
+        path = self.spec_dir / "spec.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return path
+
+    def fill(self, fragment: str) -> str:
+        for name, path in (("{spec}", self.spec_dir / "spec.yaml"), ("{base}", self.base), ("{adapter}", self.adapter)):
+            fragment = fragment.replace(name, str(path.resolve()))
+        return fragment
+
+
+# --- ways to break a file ------------------------------------------------------------------------------------------
+
+
+def edit_json(path: Path, **changes) -> None:
+    """Set keys of a JSON config; a value of DELETE removes the key."""
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not DELETE}))
+
+
+DELETE = object()
+
+
+def edit_header(path: Path, change: Callable[[dict, bytes], bytes]) -> None:
+    """Rewrite a safetensors file after `change` edits its header dict in place and returns the new data section."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    body = change(header, raw[8 + length :])
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
+
+
+def set_entry(tensor: str, key: str, value) -> Callable[[dict, bytes], bytes]:
+    """Set (or, with DELETE, remove) one field of a tensor's header entry."""
+
+    def change(header: dict, body: bytes) -> bytes:
+        if value is DELETE:
+            del header[tensor][key]
+        else:
+            header[tensor][key] = value
+        return body
+
+    return change
+
+
+def replace_entry(tensor: str, value) -> Callable[[dict, bytes], bytes]:
+    def change(header: dict, body: bytes) -> bytes:
+        header[tensor] = value
+        return body
+
+    return change
+
+
+def shift(tensor: str, by: int) -> Callable[[dict, bytes], bytes]:
+    """Move one tensor's byte range (into its predecessor's when by < 0)."""
+
+    def change(header: dict, body: bytes) -> bytes:
+        header[tensor]["data_offsets"] = [offset + by for offset in header[tensor]["data_offsets"]]
+        return body
+
+    return change
+
+
+def reverse_offsets(tensor: str) -> Callable[[dict, bytes], bytes]:
+    def change(header: dict, body: bytes) -> bytes:
+        header[tensor]["data_offsets"].reverse()
+        return body
+
+    return change
+
+
+def gap_before(tensor: str, size: int = 8) -> Callable[[dict, bytes], bytes]:
+    """Unclaimed bytes before a tensor: it and everything after it move up."""
+
+    def change(header: dict, body: bytes) -> bytes:
+        begin = header[tensor]["data_offsets"][0]
+        for name, info in header.items():
+            if name != "__metadata__" and info["data_offsets"][0] >= begin:
+                info["data_offsets"] = [o + size for o in info["data_offsets"]]
+        return body[:begin] + bytes(size) + body[begin:]
+
+    return change
+
+
+def resize_body(by: int) -> Callable[[dict, bytes], bytes]:
+    """Cut bytes off the end of the data section (by < 0), or append zero bytes."""
+    return lambda header, body: body[:by] if by < 0 else body + bytes(by)
+
+
+def set_metadata(value) -> Callable[[dict, bytes], bytes]:
+    def change(header: dict, body: bytes) -> bytes:
+        header["__metadata__"] = value
+        return body
+
+    return change
+
+
+def raw_header(path: Path, header: bytes, *, length: int | None = None) -> None:
+    """Replace a safetensors file's header bytes (and, with `length`, its declared length) keeping its data."""
+    raw = path.read_bytes()
+    (old_length,) = struct.unpack("<Q", raw[:8])
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + raw[8 + old_length :])
+
+
+def duplicate_tensor(path: Path, tensor: str) -> None:
+    """The header lists one tensor twice; json.loads alone would silently keep the second entry."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    entry = json.dumps({tensor: header[tensor]})[1:-1]
+    raw_header(path, b"{" + entry.encode() + b"," + json.dumps(header).encode()[1:])
+
+
+BILLION_LAUGHS = "name: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{key}: &{key} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, key in zip("abcdefgh", "bcdefghi")
+)
+
+
+def overwrite(path: Path, content: str | bytes) -> None:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def base_weights(p: Project) -> Path:
+    return p.base / "model.safetensors"
+
+
+def adapter_weights(p: Project) -> Path:
+    return p.adapter / "adapter_model.safetensors"
+
+
+def adapter_config(p: Project, **changes) -> None:
+    edit_json(p.adapter / "adapter_config.json", **changes)
+
+
+def base_config(p: Project, **changes) -> None:
+    edit_json(p.base / "config.json", **changes)
+
+
+def write_index(p: Project, overrides: dict) -> None:
+    """A sharded-model index over the base's one weights file, with some tensors' shard names overridden."""
+    with safe_open(base_weights(p), framework="pt") as f:
+        weight_map = {name: "model.safetensors" for name in f.keys()}
+    weight_map.update(overrides)
+    (p.base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def spec_with_env(name: str, value: str | None, **sections) -> Callable[[Project], Path]:
+    """A spec using an environment variable, built with the variable set to value (None: unset)."""
+
+    def make(p: Project) -> Path:
+        p.env[name] = value
+        return p.spec(**sections)
+
+    return make
+
+
+DAMAGED = "the file is damaged or was not written by safetensors; re-download or re-save it"
+ST_BASE = "{base}/model.safetensors: "
+ST_ADAPTER = "{adapter}/adapter_model.safetensors: "
+ADAPTER_CONFIG = "{adapter}/adapter_config.json: "
+BASE_CONFIG = "{base}/config.json: "
+RESAVE = "correct it or re-save the adapter with peft"
+
+# (id, how the input is broken, exit code, message fragments)
+SPEC_CASES = [
+    ("spec-billion-laughs", lambda p: p.raw_spec(BILLION_LAUGHS), 2,
+     ["{spec}:", "invalid YAML: aliases of the anchor at this line expand to more than 10000 values"]),
+    ("spec-self-referencing-alias", lambda p: p.raw_spec("name: &x [*x]\n"), 2,
+     ["{spec}:1: invalid YAML: nested deeper than 100 levels through aliases"]),
+    ("spec-deep-flow-nesting", lambda p: p.raw_spec("name: " + "[" * 50_000), 2,
+     ["{spec}:1: invalid YAML: nested deeper than 100 levels"]),
+    ("spec-python-object-tag", lambda p: p.raw_spec("name: !!python/object/apply:os.system [touch pwned]\n"), 2,
+     ["{spec}:1: invalid YAML:", "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"]),
+    ("spec-syntax-error", lambda p: p.raw_spec("name: tiny\nbase: {path: [x}\n"), 2,
+     ["{spec}:2: invalid YAML: while parsing a flow sequence"]),
+    ("spec-top-level-list", lambda p: p.raw_spec("- name: tiny\n"), 2,
+     ["{spec}: a spec must be a mapping of keys (name, base, adapter, ...), found a list"]),
+    ("spec-not-utf8", lambda p: p.raw_spec(b"name: \xff\xfe\n"), 2,
+     ["cannot read spec file {spec}: 'utf-8' codec can't decode byte 0xff"]),
+    ("spec-duplicate-key", lambda p: p.raw_spec("name: a\nname: b\n"), 2,
+     ["{spec}:2: name: duplicate key (first at line 1)"]),
+    ("spec-empty-variable-as-output", spec_with_env("DIST", "", output={"dir": "${DIST}"}), 2,
+     ["{spec}:", "output.dir: environment variable DIST is set but empty", "write ${DIST:-} if empty is meant"]),
+    ("spec-empty-variable-in-base-path",
+     spec_with_env("MODELS", "", base={"path": "${MODELS}/base"}), 2,
+     ["{spec}:3: base.path: environment variable MODELS is set but empty (used in \"${MODELS}/base\")"]),
+    ("spec-unset-variable",
+     spec_with_env("MODELPACK_UNSET_VAR", None, adapter={"path": "${MODELPACK_UNSET_VAR}"}), 2,
+     ["{spec}:5: adapter.path: environment variable MODELPACK_UNSET_VAR is not set"]),
+    ("spec-name-is-a-list", lambda p: p.spec(name=["a", "b"]), 2, ["{spec}:1: name: Input should be a valid string"]),
+    ("spec-unknown-mode", lambda p: p.spec(output={"mode": "merged"}), 2,
+     ["output.mode: Input should be 'merge' or 'separate', got 'merged'"]),
+    ("spec-shard-size-unreadable", lambda p: p.spec(output={"max_shard_size": "2 GB each"}), 2,
+     ["output.max_shard_size: cannot read '2 GB each' as a size"]),
+    ("spec-negative-max-new-tokens", lambda p: p.spec(generation={"max_new_tokens": -1}), 2,
+     ["generation.max_new_tokens: Input should be greater than 0, got -1"]),
+    ("spec-section-is-a-string", lambda p: p.spec(base="models/base"), 2,
+     ["{spec}:2: base: expected a mapping of keys, got 'models/base'"]),
+    ("spec-misspelled-key", lambda p: p.spec(output={"dtyp": "float16"}), 2,
+     ["output.dtyp: unknown key 'dtyp'; did you mean 'dtype'?"]),
+    ("spec-invalid-regex", lambda p: p.spec(verify={"prompts": [{"prompt": "hi", "expect": {"regex": "(unclosed"}}]}), 2,
+     ["verify.prompts[0].expect.regex: invalid regular expression '(unclosed'"]),
+    ("spec-base-path-is-a-file", lambda p: p.spec(base={"path": str(base_weights(p))}), 2,
+     ["{spec}:3: base.path: not a directory: {base}/model.safetensors"]),
+    ("spec-adapter-not-found", lambda p: p.spec(adapter={"path": "../checkpoints/checkpoint-99"}), 2,
+     ["{spec}:5: adapter.path: directory not found:", "checkpoint-99"]),
+    ("spec-home-of-an-unknown-user", lambda p: p.spec(adapter={"path": "~no-such-user/checkpoint"}), 2,
+     ["{spec}:5: adapter.path: cannot expand '~no-such-user/checkpoint': no such user's home folder"]),
+    ("spec-chat-template-not-found", lambda p: p.spec(chat={"template": "chat.jinja"}), 2,
+     ["chat.template: file not found:", "chat.jinja"]),
+    ("spec-max-new-tokens-beyond-positions", lambda p: p.spec(generation={"max_new_tokens": 256}), 2,
+     ["{spec}: generation.max_new_tokens is 256, but the base model handles at most 256 positions "
+      "(max_position_embeddings in {base}/config.json), prompt included; use at most 255"]),
+    ("spec-verify-max-new-tokens-beyond-positions", lambda p: p.spec(verify={"max_new_tokens": 4096}), 2,
+     ["{spec}: verify.max_new_tokens is 4096, but the base model handles at most 256 positions"]),
+]
+
+SAFETENSORS_CASES = [
+    ("st-overlapping-offsets", lambda p: edit_header(base_weights(p), shift(BASE_TENSOR, -4)), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} (data bytes", "overlaps tensor", DAMAGED]),
+    ("st-reversed-offsets", lambda p: edit_header(base_weights(p), reverse_offsets(BASE_TENSOR)), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} has data_offsets", "that end before they begin"]),
+    ("st-missing-offsets", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "data_offsets", DELETE)), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} lacks data_offsets; " + DAMAGED]),
+    ("st-span-does-not-match-shape", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "shape", [64, 65])), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} spans 16384 bytes but shape [64, 65] of F32 needs 16640"]),
+    ("st-gap-between-tensors", lambda p: edit_header(base_weights(p), gap_before(BASE_TENSOR)), 2,
+     [ST_BASE + "data bytes", f"before tensor {BASE_TENSOR!r} belong to no tensor"]),
+    ("st-truncated-file", lambda p: edit_header(base_weights(p), resize_body(-100)), 2,
+     [ST_BASE + "tensor", "ends 100 bytes past the end of the file (truncated download?)"]),
+    ("st-trailing-bytes", lambda p: edit_header(base_weights(p), resize_body(16)), 2,
+     [ST_BASE + "the last 16 bytes of the file belong to no tensor"]),
+    ("st-unknown-dtype", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "dtype", "Q4_K")), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} has dtype \"Q4_K\", which modelpack cannot read (it reads F64, F32",
+      "F8_E4M3", "U16"]),
+    ("st-dtype-not-a-string", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "dtype", 32)), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} has dtype 32, which modelpack cannot read"]),
+    ("st-negative-dimension", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "shape", [-64, -64])), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} has shape [-64, -64], not a list of non-negative integers"]),
+    ("st-shape-not-a-list", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "shape", "64x64")), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} has shape \"64x64\", not a list of non-negative integers"]),
+    ("st-three-offsets", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "data_offsets", [0, 8, 16])), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} has data_offsets [0, 8, 16], not two non-negative integers"]),
+    ("st-fractional-offsets", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "data_offsets", [0.5, 8])), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} has data_offsets [0.5, 8], not two non-negative integers"]),
+    ("st-entry-not-an-object", lambda p: edit_header(base_weights(p), replace_entry(BASE_TENSOR, "F32")), 2,
+     [ST_BASE + f"tensor {BASE_TENSOR!r} is a JSON string where an object with dtype, shape and data_offsets belongs"]),
+    ("st-header-not-json", lambda p: raw_header(base_weights(p), b'{"a": [1, 2'), 2,
+     [ST_BASE + "the safetensors header is not valid JSON (Expecting ',' delimiter at byte 11); " + DAMAGED]),
+    ("st-header-is-an-array", lambda p: raw_header(base_weights(p), b"[]"), 2,
+     [ST_BASE + "the safetensors header is a JSON array, not an object"]),
+    ("st-header-not-utf8", lambda p: raw_header(base_weights(p), b'{"\xff": 1}'), 2,
+     [ST_BASE + "the safetensors header is not UTF-8 text"]),
+    ("st-header-nested-deeply", lambda p: raw_header(base_weights(p), b"[" * 100_000 + b"]" * 100_000), 2,
+     [ST_BASE + "the safetensors header nests JSON too deeply"]),
+    ("st-huge-header-length", lambda p: raw_header(base_weights(p), b"{}", length=2**40), 2,
+     [ST_BASE + "not a safetensors file (header length 1099511627776 is implausible)"]),
+    ("st-header-length-past-the-end",
+     lambda p: raw_header(base_weights(p), b"{}", length=base_weights(p).stat().st_size), 2,
+     [ST_BASE + "the header claims", "bytes but the file has only"]),
+    ("st-shorter-than-its-length-field", lambda p: overwrite(base_weights(p), b"\x01\x02\x03"), 2,
+     [ST_BASE + "not a safetensors file (shorter than its 8-byte header length)"]),
+    ("st-metadata-value-not-a-string", lambda p: edit_header(base_weights(p), set_metadata({"format": 1})), 2,
+     [ST_BASE + "__metadata__ must map names to strings, found {\"format\": 1}"]),
+    ("st-metadata-not-an-object", lambda p: edit_header(base_weights(p), set_metadata(["pt"])), 2,
+     [ST_BASE + "__metadata__ must map names to strings, found [\"pt\"]"]),
+    ("st-tensor-listed-twice", lambda p: duplicate_tensor(base_weights(p), BASE_TENSOR), 2,
+     [ST_BASE + f"the safetensors header is not valid JSON (key {BASE_TENSOR!r} appears twice)"]),
+    ("st-adapter-overlapping-offsets", lambda p: edit_header(adapter_weights(p), shift(ADAPTER_TENSOR, -8)), 2,
+     [ST_ADAPTER + f"tensor {ADAPTER_TENSOR!r} (data bytes", "overlaps tensor"]),
+    ("st-adapter-truncated", lambda p: edit_header(adapter_weights(p), resize_body(-1)), 2,
+     [ST_ADAPTER + "tensor", "ends 1 bytes past the end of the file"]),
+    ("st-adapter-integer-factor", lambda p: edit_header(adapter_weights(p), set_entry(ADAPTER_TENSOR, "dtype", "I32")), 2,
+     [f"adapter_model.safetensors: tensor {ADAPTER_TENSOR!r} has dtype torch.int32; expected floating point weights"]),
+]
+
+ADAPTER_CONFIG_CASES = [
+    ("adapter-rank-zero", lambda p: adapter_config(p, r=0), 2,
+     [ADAPTER_CONFIG + "r is 0, but must be a positive integer (the LoRA rank); " + RESAVE]),
+    ("adapter-rank-negative", lambda p: adapter_config(p, r=-8), 2, [ADAPTER_CONFIG + "r is -8, but must be a positive"]),
+    ("adapter-rank-string", lambda p: adapter_config(p, r="8"), 2, [ADAPTER_CONFIG + 'r is "8", but must be a positive']),
+    ("adapter-rank-fractional", lambda p: adapter_config(p, r=8.5), 2, [ADAPTER_CONFIG + "r is 8.5, but must be"]),
+    ("adapter-rank-beyond-any-dimension", lambda p: adapter_config(p, r=10**400, use_rslora=True), 2,
+     [ADAPTER_CONFIG + "r is 1000000000", "but must be a positive integer (the LoRA rank)"]),
+    ("adapter-alpha-beyond-any-float", lambda p: adapter_config(p, lora_alpha=10**400), 2,
+     [ADAPTER_CONFIG + "lora_alpha is 1000000000", "but must be a positive number"]),
+    ("adapter-alpha-not-a-number", lambda p: adapter_config(p, lora_alpha="sixteen"), 2,
+     [ADAPTER_CONFIG + 'lora_alpha is "sixteen", but must be a positive number (scaling = lora_alpha / r)']),
+    ("adapter-alpha-zero", lambda p: adapter_config(p, lora_alpha=0), 2, [ADAPTER_CONFIG + "lora_alpha is 0, but must be"]),
+    ("adapter-alpha-nan", lambda p: adapter_config(p, lora_alpha=float("nan")), 2,
+     [ADAPTER_CONFIG + "lora_alpha is NaN, but must be a positive number"]),
+    ("adapter-rank-pattern-zero", lambda p: adapter_config(p, rank_pattern={"q_proj": 0}), 2,
+     [ADAPTER_CONFIG + "rank_pattern['q_proj'] is 0, but must be a positive integer"]),
+    ("adapter-rank-pattern-bad-regex", lambda p: adapter_config(p, rank_pattern={"q_proj(": 8}), 2,
+     [ADAPTER_CONFIG + "rank_pattern key 'q_proj(' is not a valid regular expression (missing ), unterminated subpattern)"]),
+    ("adapter-alpha-pattern-string", lambda p: adapter_config(p, alpha_pattern={"v_proj": "32"}), 2,
+     [ADAPTER_CONFIG + "alpha_pattern['v_proj'] is \"32\", but must be a positive number"]),
+    ("adapter-pattern-not-a-mapping", lambda p: adapter_config(p, alpha_pattern=[32]), 2,
+     [ADAPTER_CONFIG + "alpha_pattern is [32], but must be a mapping of module name patterns to values"]),
+    ("adapter-targets-exist-nowhere", lambda p: adapter_config(p, target_modules=["query_key_value"]), 2,
+     [ADAPTER_CONFIG + "target_modules ['query_key_value'] match no module of the base model at {base}, "
+      "so peft cannot load this adapter"]),
+    ("adapter-target-regex-matches-nothing", lambda p: adapter_config(p, target_modules=r".*\.attn\.c_attn"), 2,
+     [ADAPTER_CONFIG + "target_modules '.*\\\\.attn\\\\.c_attn' match no module of the base model"]),
+    ("adapter-target-regex-invalid", lambda p: adapter_config(p, target_modules="(q_proj"), 2,
+     [ADAPTER_CONFIG + "target_modules '(q_proj' is not a valid regular expression"]),
+    ("adapter-targets-a-number", lambda p: adapter_config(p, target_modules=7), 2,
+     [ADAPTER_CONFIG + "target_modules is 7, but must be a list of module names or one regular expression"]),
+    ("adapter-rslora-a-string", lambda p: adapter_config(p, use_rslora="false"), 2,
+     [ADAPTER_CONFIG + 'use_rslora is "false", but must be true or false']),
+    ("adapter-base-name-a-number", lambda p: adapter_config(p, base_model_name_or_path=7), 2,
+     [ADAPTER_CONFIG + "base_model_name_or_path is 7, but must be a model name or path"]),
+    ("adapter-config-a-list", lambda p: overwrite(p.adapter / "adapter_config.json", "[]"), 2,
+     [ADAPTER_CONFIG + "expected a JSON object at the top level, found a list"]),
+    ("adapter-config-not-json", lambda p: overwrite(p.adapter / "adapter_config.json", '{"r": 8,}'), 2,
+     [ADAPTER_CONFIG + "invalid JSON at line 1: Expecting property name enclosed in double quotes"]),
+    ("adapter-not-lora", lambda p: adapter_config(p, peft_type="PREFIX_TUNING"), 2,
+     [ADAPTER_CONFIG + "peft_type is 'PREFIX_TUNING'; modelpack packages LoRA adapters only"]),
+]
+
+BASE_CONFIG_CASES = [
+    ("base-config-a-list", lambda p: overwrite(p.base / "config.json", "[1]"), 2,
+     [BASE_CONFIG + "expected a JSON object at the top level, found a list"]),
+    ("base-config-not-json", lambda p: overwrite(p.base / "config.json", "{'model_type': 'qwen2'}"), 2,
+     [BASE_CONFIG + "invalid JSON at line 1"]),
+    ("base-config-without-model-type", lambda p: base_config(p, model_type=DELETE), 2,
+     [BASE_CONFIG + '"model_type" is null; add the model type transformers knows the model by']),
+    ("base-architectures-a-string", lambda p: base_config(p, architectures="Qwen2ForCausalLM"), 2,
+     [BASE_CONFIG + '"architectures" is "Qwen2ForCausalLM"; write a list of model class names']),
+    ("base-without-architectures-of-unknown-type",
+     lambda p: base_config(p, architectures=DELETE, model_type="tiny-custom"), 2,
+     [BASE_CONFIG + 'has no "architectures" and transformers knows no causal language model for model_type '
+      "'tiny-custom'; add \"architectures\""]),
+    ("base-dtype-a-list", lambda p: base_config(p, dtype=["float32"]), 2,
+     [BASE_CONFIG + '"dtype" is ["float32"]; write a dtype name such as "bfloat16"']),
+    ("base-text-config-a-string", lambda p: base_config(p, text_config="qwen2"), 2,
+     [BASE_CONFIG + '"text_config" is "qwen2"; it must be a JSON object']),
+    ("base-index-names-a-file-outside", lambda p: write_index(p, {BASE_TENSOR: "../outside.safetensors"}), 2,
+     ["{base}/model.safetensors.index.json: weight_map gives \"../outside.safetensors\" for tensor "
+      f"{BASE_TENSOR!r}, not the name of a shard in {{base}}"]),
+    ("base-index-shard-not-a-name", lambda p: write_index(p, {BASE_TENSOR: 1}), 2,
+     ["{base}/model.safetensors.index.json: weight_map gives 1 for tensor"]),
+    ("base-positions-below-max-new-tokens", lambda p: base_config(p, max_position_embeddings=16), 2,
+     ["generation.max_new_tokens is 16, but the base model handles at most 16 positions"]),
+]
+
+CASES = SPEC_CASES + SAFETENSORS_CASES + ADAPTER_CONFIG_CASES + BASE_CONFIG_CASES
+
+
+@pytest.fixture(scope="module")
+def pristine(models, adapters):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    return base, adapters(base)
+
+
+@pytest.fixture
+def project(tmp_path, pristine) -> Project:
+    project = Project(tmp_path)
+    shutil.copytree(pristine[0], project.base)
+    shutil.copytree(pristine[1], project.adapter)
+    project.spec_dir.mkdir()
+    return project
+
+
+def build(project: Project, spec: Path):
+    return CliRunner().invoke(app, ["build", str(spec), "--no-verify"], env=project.env)
+
+
+def test_the_corpus_is_large_and_ids_are_unique():
+    assert len(CASES) >= 60
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case, break_input, exit_code, fragments", CASES, ids=[c[0] for c in CASES])
+def test_a_hostile_input_is_a_clear_user_error(project, case, break_input, exit_code, fragments):
+    spec = break_input(project) or project.spec()
+    before = tree_snapshot(project.root)
+
+    result = build(project, spec)
+
+    assert_user_error(result, exit_code, *(project.fill(fragment) for fragment in fragments))
+    assert tree_snapshot(project.root) == before  # sources, spec and every other file as they were
+    assert not (project.spec_dir / "dist").exists()
+
+
+# --- unusual but valid inputs still build --------------------------------------------------------------------------
+
+
+def test_a_base_config_without_architectures_gets_them_from_transformers(project):
+    base_config(project, architectures=DELETE)
+
+    result = build(project, project.spec())
+
+    assert result.exit_code == 0, result.output
+    bundle_config = json.loads((project.spec_dir / "dist" / "tiny-med" / "config.json").read_text())
+    assert bundle_config["architectures"] == ["Qwen2ForCausalLM"]
+    assert "architectures" not in json.loads((project.base / "config.json").read_text())
+
+
+def test_unsigned_and_float8_tensors_are_read_and_written(project):
+    """Packed quantisation data (U16/U32/U64) is copied byte for byte; float8 is a float dtype, cast like the rest."""
+    extra = {
+        "extra.u16": torch.arange(6, dtype=torch.int32).to(torch.uint16).reshape(2, 3),
+        "extra.u32": torch.tensor([7, 2**31 + 5], dtype=torch.int64).to(torch.uint32),
+        "extra.u64": torch.tensor([1, 2], dtype=torch.int64).to(torch.uint64),
+        "extra.f8": torch.tensor([0.5, -1.0, 2.0, 448.0]).to(torch.float8_e4m3fn),
+        "extra.f8_e5m2": torch.tensor([0.25, -3.0]).to(torch.float8_e5m2),
+    }
+
+    def append_tensors(header: dict, body: bytes) -> bytes:
+        for name, tensor in extra.items():
+            data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+            dtype = {torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+                     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}[tensor.dtype]
+            header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [len(body), len(body) + len(data)]}
+            body += data
+        return body
+
+    edit_header(base_weights(project), append_tensors)
+    with safe_open(base_weights(project), framework="pt") as f:  # the source is a valid safetensors file
+        assert torch.equal(f.get_tensor("extra.u16").to(torch.int32), extra["extra.u16"].to(torch.int32))
+
+    result = build(project, project.spec())
+
+    assert result.exit_code == 0, result.output
+    with safe_open(project.spec_dir / "dist" / "tiny-med" / "model.safetensors", framework="pt") as f:
+        for name in ("extra.u16", "extra.u32", "extra.u64"):
+            written = f.get_tensor(name)
+            assert written.dtype == extra[name].dtype
+            assert written.view(torch.uint8).tolist() == extra[name].view(torch.uint8).tolist()
+        for name in ("extra.f8", "extra.f8_e5m2"):
+            assert torch.equal(f.get_tensor(name), extra[name].to(torch.float32))
