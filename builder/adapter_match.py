@@ -9,7 +9,7 @@ from typing import Literal
 from builder.errors import SourceError
 from builder.merge import lora_scaling, pattern_value
 from builder.safetensors_io import TensorLocation
-from builder.sources import AdapterCheckpoint, BaseModel
+from builder.sources import AdapterCheckpoint, BaseModelFolder
 
 ADAPTER_PREFIX = "base_model.model."
 TIED_HEAD = "lm_head.weight"
@@ -80,7 +80,7 @@ class AdapterMatch:
     token_rows: dict[str, TokenRows]
 
 
-def refuse_unmergeable_config(adapter: AdapterCheckpoint, base: BaseModel) -> None:
+def refuse_unmergeable_config(adapter: AdapterCheckpoint, base: BaseModelFolder) -> None:
     """Adapter options whose merge peft itself cannot do, or does wrongly, stop the build with the reason."""
     config, where = adapter.config, adapter.path / "adapter_config.json"
     if config.get("layer_replication"):
@@ -101,7 +101,7 @@ def refuse_unmergeable_config(adapter: AdapterCheckpoint, base: BaseModel) -> No
         )
 
 
-def match_adapter(base: BaseModel, adapter: AdapterCheckpoint) -> AdapterMatch:
+def match_adapter(base: BaseModelFolder, adapter: AdapterCheckpoint) -> AdapterMatch:
     """Map every adapter tensor to its base tensor and check shapes; anything that maps to nothing is an error."""
     config = adapter.config
     weights = adapter.weights_file.name
@@ -143,7 +143,7 @@ def match_adapter(base: BaseModel, adapter: AdapterCheckpoint) -> AdapterMatch:
     return AdapterMatch(deltas=deltas, replacements=replacements, token_rows=token_rows)
 
 
-def _share_tied_copies(base: BaseModel, replacements: dict[str, Replacement]) -> dict[str, Replacement]:
+def _share_tied_copies(base: BaseModelFolder, replacements: dict[str, Replacement]) -> dict[str, Replacement]:
     """A base_layer copy saved for either side of a tied pair is the one shared matrix: it replaces both sides."""
     tied = tied_embedding_name(base)
     if not tied or TIED_HEAD in base.tensors:
@@ -198,7 +198,7 @@ def _check_layout(location: TensorLocation, weights: str, key: str) -> None:
         raise SourceError(f"{weights}: tensor {key!r} has dtype {location.dtype}; expected floating point weights")
 
 
-def _check_target_modules(adapter: AdapterCheckpoint, base: BaseModel, tensors: dict[str, TensorLocation]) -> None:
+def _check_target_modules(adapter: AdapterCheckpoint, base: BaseModelFolder, tensors: dict[str, TensorLocation]) -> None:
     """target_modules must name at least one module of the base, as peft requires when it loads the adapter.
 
     peft's rule: a string is a regex matched against the whole module path; a list entry matches a path equal to it
@@ -227,7 +227,7 @@ def _dotted_prefixes(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _target(target: str, tensors: dict[str, TensorLocation], key: str, base: BaseModel, config: dict) -> str:
+def _target(target: str, tensors: dict[str, TensorLocation], key: str, base: BaseModelFolder, config: dict) -> str:
     if target not in tensors:
         raise SourceError(
             f"adapter tensor {key!r} targets {target!r}, which the base model at {base.path} does not have. "
@@ -237,7 +237,7 @@ def _target(target: str, tensors: dict[str, TensorLocation], key: str, base: Bas
     return target
 
 
-def with_tied_head(base: BaseModel) -> dict[str, TensorLocation]:
+def with_tied_head(base: BaseModelFolder) -> dict[str, TensorLocation]:
     """The base's tensors plus `lm_head.weight` when the head is tied to (and stored as) the input embedding."""
     tied = tied_embedding_name(base)
     if tied and TIED_HEAD not in base.tensors:
@@ -245,7 +245,7 @@ def with_tied_head(base: BaseModel) -> dict[str, TensorLocation]:
     return dict(base.tensors)
 
 
-def tied_embedding_name(base: BaseModel) -> str | None:
+def tied_embedding_name(base: BaseModelFolder) -> str | None:
     """The input embedding the output head shares, when the config ties them (transformers' default)."""
     tied = base.config.get("tie_word_embeddings", base.config.get("text_config", {}).get("tie_word_embeddings"))
     if tied is False:

@@ -6,6 +6,8 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_INVALID_INPUT = 2
 EXIT_VERIFICATION_FAILED = 3
+# 128 + SIGINT, as shells report a command stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 
 class ModelpackError(Exception):

@@ -19,7 +19,7 @@ from builder.adapter_match import (
 )
 from builder.errors import OutputError, SourceError
 from builder.safetensors_io import TensorEntry, TensorLocation
-from builder.sources import AdapterCheckpoint, BaseModel
+from builder.sources import AdapterCheckpoint, BaseModelFolder
 from builder.spec import Spec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -73,7 +73,7 @@ class BuildPlan:
 
     spec: Spec
     spec_file: Path
-    base: BaseModel
+    base: BaseModelFolder
     adapter: AdapterCheckpoint
     out_dtype: torch.dtype
     shards: tuple[ShardPlan, ...]
@@ -108,7 +108,7 @@ class BuildPlan:
         return [t for s in self.shards for t in s.tensors if t.action == "merge"]
 
 
-def code_files(base: BaseModel, adapter: AdapterCheckpoint) -> tuple[Path, ...]:
+def code_files(base: BaseModelFolder, adapter: AdapterCheckpoint) -> tuple[Path, ...]:
     """The model's own code: the base's auto_map modules, and tokenizer code a checkpoint brings along."""
     carried = [p for p in adapter.tokenizer_files if p.suffix == ".py"]
     names = {p.name for p in carried}
@@ -130,7 +130,7 @@ def refuse_unimportable_folder_name(folder: Path) -> None:
         )
 
 
-def output_dtype(spec_dtype: str, base: BaseModel) -> torch.dtype:
+def output_dtype(spec_dtype: str, base: BaseModelFolder) -> torch.dtype:
     """The spec's dtype, or with `auto` the base's own (its config, else its tensors' float dtype)."""
     if spec_dtype != "auto":
         return DTYPES[spec_dtype]
@@ -164,7 +164,7 @@ def split_into_shards(tensors: list[TensorPlan], *, max_shard_size: int, prefix:
 POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
 
 
-def refuse_unusable_generation_length(spec: Spec, base: BaseModel, spec_file: Path) -> None:
+def refuse_unusable_generation_length(spec: Spec, base: BaseModelFolder, spec_file: Path) -> None:
     """A max_new_tokens the base cannot reach (its positions hold the prompt too) is a spec error, not a surprise."""
     key = next((k for k in POSITION_LIMIT_KEYS if type(base.config.get(k)) is int), None)
     if key is None:
@@ -178,8 +178,21 @@ def refuse_unusable_generation_length(spec: Spec, base: BaseModel, spec_file: Pa
             )
 
 
-def plan_build(spec: Spec, base: BaseModel, adapter: AdapterCheckpoint, *, spec_file: Path) -> BuildPlan:
+def refuse_quantized_base(base: BaseModelFolder) -> None:
+    """A quantized base (FP8, GPTQ, AWQ, bitsandbytes) stores weights that only make sense with their scales and
+    its quantization_config: merging a delta into them, or casting them, would silently give another model."""
+    quantization = base.config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise SourceError(
+            f"base.path {base.path} is a quantized model (quantization_config: quant_method {method!r}); modelpack "
+            "merges into full-precision weights: point base.path at the unquantized model"
+        )
+
+
+def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *, spec_file: Path) -> BuildPlan:
     """Decide every tensor and file of the bundle; raises SourceError for anything that cannot be packaged."""
+    refuse_quantized_base(base)
     code = code_files(base, adapter)
     if code and not spec.base.trust_remote_code:
         names = ", ".join(p.name for p in code)
@@ -253,7 +266,7 @@ def _tensor_plan(name: str, location: TensorLocation, match: AdapterMatch, out_d
     )
 
 
-def _needs_untying(base: BaseModel, match: AdapterMatch) -> bool:
+def _needs_untying(base: BaseModelFolder, match: AdapterMatch) -> bool:
     tied = tied_embedding_name(base)
     if not tied or TIED_HEAD in base.tensors:
         return False
@@ -261,7 +274,7 @@ def _needs_untying(base: BaseModel, match: AdapterMatch) -> bool:
     return head_replaced or TIED_HEAD in match.deltas or tied in match.deltas
 
 
-def _resized_vocabulary(base: BaseModel, tensors: list[TensorPlan]) -> int | None:
+def _resized_vocabulary(base: BaseModelFolder, tensors: list[TensorPlan]) -> int | None:
     """The new vocabulary size when the adapter saved resized embeddings; the head must agree with them."""
     embedding = tied_embedding_name(base) or next(
         (t.name for t in tensors if t.name.endswith(("embed_tokens.weight", "wte.weight"))), None

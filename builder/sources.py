@@ -47,7 +47,7 @@ TRAINING_LEFTOVER_PATTERNS = (
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class BaseModelFolder:
     """A local Hugging Face model folder: its config, where every weight tensor lies, and its side files."""
 
     path: Path
@@ -92,13 +92,17 @@ def _tokenizer_files(folder: Path) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def _auto_map_modules(*configs: dict | None) -> set[str]:
+def _auto_map_modules(folder: Path, *configs: dict | None) -> set[str]:
     """Module names referenced by `auto_map` entries ("modeling_qwen.QWenLMHeadModel" -> "modeling_qwen")."""
     modules = set()
     for config in configs:
-        for target in (config or {}).get("auto_map", {}).values():
+        auto_map = (config or {}).get("auto_map", {})
+        if not isinstance(auto_map, dict):
+            raise SourceError(f"{folder}: `auto_map` in a config there is {auto_map!r}, not an object mapping Auto "
+                              "classes to 'module.Class'; fix the config the model was saved with")
+        for target in auto_map.values():
             for ref in target if isinstance(target, list) else [target]:
-                if ref:
+                if isinstance(ref, str) and ref:
                     # "repo--module.Class" refers to code in another repo: only the module part is local.
                     modules.add(ref.split("--")[-1].rsplit(".", 1)[0])
     return modules
@@ -111,7 +115,7 @@ _KERNEL_SOURCE = re.compile(r"[\"'](?:\./)?([\w.-]+\.(?:c|cc|cpp|cu|cuh|h|hpp))[
 
 def find_remote_code(folder: Path, *configs: dict | None) -> tuple[Path, ...]:
     """The .py files a remote-code model needs: its auto_map modules and the local modules they import."""
-    pending = sorted(_auto_map_modules(*configs))
+    pending = sorted(_auto_map_modules(folder, *configs))
     found: dict[str, Path] = {}
     while pending:
         module = pending.pop()
@@ -128,7 +132,7 @@ def find_remote_code(folder: Path, *configs: dict | None) -> tuple[Path, ...]:
     return tuple(sorted(found.values()))
 
 
-def read_base_model(path: Path) -> BaseModel:
+def read_base_model(path: Path) -> BaseModelFolder:
     """Read a base model folder's config, safetensors headers and side files."""
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -175,7 +179,7 @@ def read_base_model(path: Path) -> BaseModel:
     tokenizer_config_path = path / "tokenizer_config.json"
     tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else None
     generation_config_path = path / "generation_config.json"
-    return BaseModel(
+    return BaseModelFolder(
         path=path,
         config=config,
         tensors=tensors,

@@ -6,11 +6,11 @@ import difflib
 import os
 import re
 from collections.abc import Iterator, Mapping
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import ByteSize as PydanticByteSize
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    TypeAdapter,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -29,21 +30,6 @@ from builder.errors import SpecError
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
-# huggingface_hub's convention: decimal units are powers of ten, binary (…iB) units powers of two.
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-# ${NAME}, or ${NAME:-default} where the default (possibly empty) replaces an unset or empty variable.
 _VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # A spec is a few hundred values; aliases that expand past this many are a "billion laughs" document, refused
 # before anything is built from it (PyYAML itself would expand it without limit).
@@ -56,26 +42,25 @@ Location = tuple[str | int, ...]
 
 
 def _parse_byte_size(value: Any) -> int:
-    """Accept a byte count or a size such as "2GB", "500MB", "1.5GiB"."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        match = _SIZE_PATTERN.match(value)
-        unit = match.group(2).upper() if match else None
-        if unit not in _SIZE_UNITS:
-            raise ValueError(
-                f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
-                "(KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024), e.g. '2GB'"
-            )
-        # Decimal, not float: "1.1GB" must be exactly 1_100_000_000 bytes.
-        size = int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
-    else:
+    """Accept a byte count or a size such as "2GB", "500MB", "1.5GiB", read by pydantic's ByteSize (decimal units
+    are powers of ten and binary ones powers of two, as in huggingface_hub's max_shard_size)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"expected a number of bytes or a size such as '2GB', got {value!r}")
+    if isinstance(value, int) and value <= 0:
+        raise ValueError(f"size must be greater than 0 bytes, got {value!r}")
+    try:
+        size = _BYTE_SIZE.validate_python(value)
+    except ValidationError:
+        raise ValueError(
+            f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
+            "(KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024), e.g. '2GB'"
+        ) from None
     if size <= 0:
         raise ValueError(f"size must be greater than 0 bytes, got {value!r}")
-    return size
+    return int(size)
 
 
+_BYTE_SIZE = TypeAdapter(PydanticByteSize)
 ByteSize = Annotated[
     int,
     BeforeValidator(_parse_byte_size),

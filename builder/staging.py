@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from builder.errors import OutputError
+from builder.trust import SIGNATURE
 from builder.manifest import MANIFEST, written_by_modelpack
 
 STAGING_INFIX = ".modelpack-staging-"
@@ -88,7 +89,8 @@ def check_destination(dest: Path, *, force: bool) -> None:
         )
     # Files the manifest does not list were put there by someone else: --force must not delete them.
     files = manifest.get("files")
-    listed = {*(files if isinstance(files, dict) else ()), MANIFEST}
+    # model.sig: the signature `modelpack sign` adds over the manifest's files, which it cannot list itself.
+    listed = {*(files if isinstance(files, dict) else ()), MANIFEST, SIGNATURE}
     unlisted = [name for name in _files_below(dest) if name not in listed]
     if unlisted:
         raise OutputError(
@@ -133,7 +135,7 @@ def destination_lock(dest: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def remove_stale_staging(dest: Path, *, report: Callable[[str], None]) -> None:
+def remove_stale_staging(dest: Path, *, progress: Callable[[str], None]) -> None:
     """Remove the staging folders that killed builds (SIGKILL, power loss) left beside dest.
 
     Called only while holding dest's lock, and every build holds that lock for as long as its staging folder
@@ -144,7 +146,7 @@ def remove_stale_staging(dest: Path, *, report: Callable[[str], None]) -> None:
         if stale.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
             size = sum(p.lstat().st_size for p in entry.rglob("*"))
             shutil.rmtree(entry)
-            report(f"removed stale staging folder {entry.name} ({_size(size)}) left by an interrupted build")
+            progress(f"removed stale staging folder {entry.name} ({_size(size)}) left by an interrupted build")
 
 
 def check_disk_space(dest: Path, needed: int) -> None:
@@ -158,7 +160,7 @@ def check_disk_space(dest: Path, needed: int) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(dest: Path, *, force: bool, needed: int, report: Callable[[str], None]) -> Iterator[Path]:
+def staged_output(dest: Path, *, force: bool, needed: int, progress: Callable[[str], None]) -> Iterator[Path]:
     """A build's output from start to publish: lock dest, check it, remove stale staging, check the disk space, and
     yield a fresh staging folder; the body writes, verifies and calls publish().
 
@@ -167,7 +169,7 @@ def staged_output(dest: Path, *, force: bool, needed: int, report: Callable[[str
     """
     with output_errors(dest, needed=needed), destination_lock(dest):
         check_destination(dest, force=force)
-        remove_stale_staging(dest, report=report)
+        remove_stale_staging(dest, progress=progress)
         check_disk_space(dest, needed)
         # Errors of the write are described before the staging folder is removed: a full disk is still full then,
         # so statvfs can tell missing bytes from missing inodes.

@@ -521,7 +521,8 @@ def test_sigint_during_verification_removes_the_staging_and_keeps_the_destinatio
     build.wait_for(lambda: build.said("verifying"), "verification")
     build.kill(signal.SIGINT)
     result = build.finish()
-    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert "interrupted: nothing was published" in result.output
     assert [state(dest), *(state(p) for p in sources)] == before
     assert leftovers(tmp_path) == []
 

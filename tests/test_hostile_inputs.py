@@ -395,6 +395,10 @@ BASE_CONFIG_CASES = [
      ["{base}/model.safetensors.index.json: weight_map gives 1 for tensor"]),
     ("base-positions-below-max-new-tokens", lambda p: base_config(p, max_position_embeddings=16), 2,
      ["generation.max_new_tokens is 16, but the base model handles at most 16 positions"]),
+    ("base-quantized-fp8", lambda p: base_config(p, quantization_config={"quant_method": "fp8"}), 2,
+     ["{base} is a quantized model (quantization_config: quant_method 'fp8')", "point base.path at the unquantized"]),
+    ("base-auto-map-a-string", lambda p: base_config(p, auto_map="modeling_x.X"), 2,
+     ["{base}: `auto_map` in a config there is 'modeling_x.X', not an object mapping Auto classes"]),
 ]
 
 CASES = SPEC_CASES + SAFETENSORS_CASES + ADAPTER_CONFIG_CASES + BASE_CONFIG_CASES
