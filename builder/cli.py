@@ -9,14 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from builder.errors import ModelpackError, VerificationError
+from builder.errors import EXIT_INTERRUPTED, ModelpackError, VerificationError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Package a base model and a LoRA adapter into a verified, self-contained bundle.\n\n"
     "Exit codes: 0 success, 1 unexpected error (a bug: please report it), 2 invalid spec or input, "
-    "3 verification failed.",
+    "3 verification failed, 130 interrupted (Ctrl-C).",
 )
 
 
@@ -27,7 +27,7 @@ def _say(line: str) -> None:
 def _print_table(report: dict) -> None:
     from rich.console import Console
 
-    from builder.verify import report_table
+    from builder.report import report_table
 
     Console(stderr=True, width=160).print(report_table(report))
 
@@ -45,6 +45,9 @@ def user_errors_exit(command):
         except ModelpackError as error:
             typer.echo(f"error: {error.message}", err=True)
             raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:  # the staging folder is already gone; the destination is as it was
+            typer.echo("interrupted: nothing was published", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return run
 
@@ -79,7 +82,7 @@ def build(
         return
     for warning in plan.warnings:
         _say(f"warning: {warning}")
-    result = build_bundle(plan, force=force, verify=not no_verify, device=device, report=_say)
+    result = build_bundle(plan, force=force, verify=not no_verify, device=device, progress=_say)
     if result.verification:
         _print_table(result.verification)
     verdict = "verified" if result.verification else "not verified (--no-verify)"
@@ -105,11 +108,12 @@ def verify(
 ) -> None:
     """Re-run a bundle's checks: every file against manifest.json (before any bundle code runs), the digest or
     signature, expected answers, serving contract, and equivalence when the sources are on this machine."""
-    from builder.verify import failure_message, reverify_bundle
+    from builder.report import failure_message
+    from builder.verify import reverify_bundle
 
     bundle = bundle.resolve()
     report = reverify_bundle(bundle, expected_digest=digest, public_key=public_key, trust_remote_code=trust_remote_code,
-                             python=python, device=device, max_memory=max_memory, on_progress=_say)
+                             python=python, device=device, max_memory=max_memory, progress=_say)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _print_table(report)

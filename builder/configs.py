@@ -6,21 +6,14 @@ import json
 from pathlib import Path
 
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from builder.errors import SourceError
 from builder.plan import BuildPlan
-from builder.sources import read_json
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Qwen-v1 style configs pick the load dtype from boolean flags; they must agree with the weights.
 DTYPE_FLAGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Sampling-only settings that transformers rejects when do_sample is false.
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-_SENTINEL = "MODELPACK_ASSISTANT_REPLY"
-# Remote-code chat models without a chat template name their prompt format in generation_config.json
-# (Qwen-v1: `chat_format: chatml`); the token that ends an assistant turn in each format.
-CHAT_FORMAT_END_OF_TURN = {"chatml": "<|im_end|>"}
 # adapter_config.json keys that peft 0.13 (the oldest peft a bundle supports) knows; it refuses any other key.
 PEFT_0_13_LORA_KEYS = frozenset({
     "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
@@ -45,68 +38,6 @@ def model_config(base_config: dict, out_dtype: torch.dtype, *, untie_embeddings:
         if flag in config:
             config[flag] = dtype == out_dtype
     return config
-
-
-def chat_template_of(plan: BuildPlan) -> str | None:
-    """The chat template the bundle ships: the spec's file, else the tokenizer's own (file or config entry)."""
-    if plan.spec.chat.template is not None:
-        return plan.spec.chat.template.read_text(encoding="utf-8")
-    by_name = {c.dest: c.source for c in plan.copies if c.role == "tokenizer"}
-    if "chat_template.jinja" in by_name:
-        return by_name["chat_template.jinja"].read_text(encoding="utf-8")
-    if "tokenizer_config.json" in by_name:
-        template = read_json(by_name["tokenizer_config.json"]).get("chat_template")
-        if isinstance(template, list):  # named templates: the "default" one is what chat uses
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return template
-    return None
-
-
-def special_token_ids(plan: BuildPlan) -> dict[str, int]:
-    """Added/special tokens of the shipped tokenizer, content -> id (tokenizer.json and tokenizer_config.json)."""
-    by_name = {c.dest: c.source for c in plan.copies if c.role == "tokenizer"}
-    tokens: dict[str, int] = {}
-    if "tokenizer.json" in by_name:
-        for token in read_json(by_name["tokenizer.json"]).get("added_tokens", []):
-            tokens[token["content"]] = token["id"]
-    if "tokenizer_config.json" in by_name:
-        for token_id, token in read_json(by_name["tokenizer_config.json"]).get("added_tokens_decoder", {}).items():
-            tokens[token["content"]] = int(token_id)
-    return tokens
-
-
-def tokenizer_config_tokens(plan: BuildPlan) -> dict[str, str]:
-    """bos/eos/pad/unk token strings as the tokenizer config names them, for rendering the template."""
-    by_name = {c.dest: c.source for c in plan.copies if c.role == "tokenizer"}
-    if "tokenizer_config.json" not in by_name:
-        return {}
-    config = read_json(by_name["tokenizer_config.json"])
-    found = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            found[key] = value
-    return found
-
-
-def end_of_turn_token(template: str, special_tokens: dict[str, int], template_vars: dict[str, str]) -> str | None:
-    """The special token the chat template puts right after an assistant reply (ChatML: <|im_end|>)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_template_exception
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
-    try:
-        rendered = env.from_string(template).render(messages=messages, add_generation_prompt=False, **template_vars)
-    except Exception as exc:  # a template error is the user's to fix: say where it came from
-        raise SourceError(f"chat template cannot be rendered: {exc}") from exc
-    after = rendered.split(_SENTINEL, 1)[-1] if _SENTINEL in rendered else ""
-    matches = [token for token in special_tokens if token and after.startswith(token)]
-    return max(matches, key=len) if matches else None
-
-
-def _raise_template_exception(message: str):
-    raise ValueError(message)
 
 
 def generation_config(plan: BuildPlan, base_generation: dict | None, end_of_turn_id: int | None) -> dict:
@@ -137,17 +68,9 @@ def single_token_stop_ids(generation: dict) -> list[int]:
     return [w[0] for w in words if isinstance(w, list) and len(w) == 1 and isinstance(w[0], int)]
 
 
-def chat_format_end_of_turn(base_generation: dict | None) -> str | None:
-    """The end-of-turn token of a model that names its chat format instead of shipping a template (Qwen-v1)."""
-    return CHAT_FORMAT_END_OF_TURN.get(str((base_generation or {}).get("chat_format")))
-
-
-def tokenizer_config(source: Path, chat_template: str | None) -> dict:
+def tokenizer_config(config: dict, chat_template: str) -> dict:
     """tokenizer_config.json with the shipped chat template inside it (older loaders read it only there)."""
-    config = read_json(source)
-    if chat_template is not None:
-        config["chat_template"] = chat_template
-    return config
+    return {**config, "chat_template": chat_template}
 
 
 def adapter_config(config: dict) -> dict:

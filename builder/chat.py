@@ -1,0 +1,147 @@
+"""The bundle's chat facts, computed once: chat template, end-of-turn token and id, special token ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import SourceError
+from builder.plan import BuildPlan
+from builder.sources import read_json
+from builder.verify import describe_crash
+
+_SENTINEL = "MODELPACK_ASSISTANT_REPLY"
+# Remote-code chat models without a chat template name their prompt format in generation_config.json
+# (Qwen-v1: `chat_format: chatml`); the token that ends an assistant turn in each format.
+CHAT_FORMAT_END_OF_TURN = {"chatml": "<|im_end|>"}
+# Token strings a tokenizer config names, which templates use as variables (`{{ eos_token }}`).
+TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+@dataclass(frozen=True)
+class ChatFacts:
+    """What chat and serving rely on, as the bundle ships it."""
+
+    template: str | None  # the spec's template file, else the tokenizer's own (file or tokenizer_config.json)
+    special_ids: dict[str, int]  # added/special tokens the tokenizer files declare, content -> id
+    end_of_turn_token: str | None  # the token after an assistant reply (ChatML: <|im_end|>)
+    end_of_turn_id: int | None
+    tokenizer_config: dict | None  # the shipped tokenizer_config.json as read, which the bundle's copy extends
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """The shipped tokenizer's declarations, each file read once."""
+
+    template: str | None
+    special_ids: dict[str, int]
+    template_tokens: dict[str, str]
+    config: dict | None
+
+
+def read_tokenizer_files(plan: BuildPlan) -> TokenizerFiles:
+    """The chat template and special tokens of the tokenizer files the bundle ships (and the spec's template)."""
+    by_name = {c.dest: c.source for c in plan.copies if c.role == "tokenizer"}
+    config = read_json(by_name["tokenizer_config.json"]) if "tokenizer_config.json" in by_name else None
+    special: dict[str, int] = {}
+    if "tokenizer.json" in by_name:
+        for token in read_json(by_name["tokenizer.json"]).get("added_tokens", []):
+            special[token["content"]] = token["id"]
+    for token_id, token in (config or {}).get("added_tokens_decoder", {}).items():
+        special[token["content"]] = int(token_id)
+    template_tokens = {}
+    for key in TEMPLATE_TOKEN_KEYS:
+        value = (config or {}).get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            template_tokens[key] = value
+    if plan.spec.chat.template is not None:
+        template = plan.spec.chat.template.read_text(encoding="utf-8")
+    elif "chat_template.jinja" in by_name:
+        template = by_name["chat_template.jinja"].read_text(encoding="utf-8")
+    else:
+        template = (config or {}).get("chat_template")
+        if isinstance(template, list):  # named templates: the "default" one is what chat uses
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return TokenizerFiles(template, special, template_tokens, config)
+
+
+def read_chat_facts(plan: BuildPlan, bundle: Path, *, python: str) -> ChatFacts:
+    """The chat facts of the bundle being written in `bundle` (its tokenizer files already copied there).
+
+    A model without a chat template whose format is named in generation_config.json (Qwen-v1) keeps its special
+    tokens in its tokenizer's own code: then that tokenizer is started from `bundle` in a subprocess of `python`,
+    the verifying interpreter, so no model code runs in modelpack's process.
+    """
+    files = read_tokenizer_files(plan)
+    if files.template is not None:
+        token = end_of_turn_token(files.template, files.special_ids, files.template_tokens)
+        token_id = files.special_ids.get(token) if token else None
+        return ChatFacts(files.template, files.special_ids, token, token_id, files.config)
+    token = CHAT_FORMAT_END_OF_TURN.get(str((plan.base.generation_config or {}).get("chat_format")))
+    if token is None:
+        return ChatFacts(None, files.special_ids, None, None, files.config)
+    token_id = files.special_ids.get(token)
+    if token_id is None:
+        token_id = probe_token_ids(bundle, [token], python=python)[token]
+    return ChatFacts(None, files.special_ids, token if token_id is not None else None, token_id, files.config)
+
+
+def end_of_turn_token(template: str, special_tokens: dict[str, int], template_vars: dict[str, str]) -> str | None:
+    """The special token the chat template puts right after an assistant reply (ChatML: <|im_end|>).
+
+    Rendered in transformers' own template environment (its `{% generation %}` tag, loop controls, `strftime_now`,
+    `tojson`), so a template that works in transformers and vLLM works here.
+    """
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        rendered = _compile_jinja_template(template).render(messages=messages, add_generation_prompt=False,
+                                                            **template_vars)
+    except Exception as exc:  # a template error is the user's to fix: say where it came from
+        raise SourceError(f"chat template cannot be rendered: {exc}") from exc
+    after = rendered.split(_SENTINEL, 1)[-1] if _SENTINEL in rendered else ""
+    matches = [token for token in special_tokens if token and after.startswith(token)]
+    return max(matches, key=len) if matches else None
+
+
+# Runs in the verifying interpreter: the model's tokenizer code is executed there, never in the builder.
+_TOKEN_PROBE = """
+import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = {}
+for token in sys.argv[2:]:
+    try:
+        value = tokenizer.convert_tokens_to_ids(token)
+    except (KeyError, ValueError):
+        value = None
+    ids[token] = value if isinstance(value, int) and value != tokenizer.unk_token_id else None
+print("MODELPACK_TOKEN_IDS " + json.dumps(ids))
+"""
+
+
+def probe_token_ids(folder: Path, tokens: list[str], *, python: str) -> dict[str, int | None]:
+    """Ids of special tokens that only the tokenizer's own code defines (Qwen-v1 keeps them in tokenization_qwen.py).
+
+    The tokenizer is loaded from `folder` in a fresh offline subprocess of `python`, so no model code runs here.
+    """
+    with tempfile.TemporaryDirectory(prefix="modelpack-tokens-") as workdir:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+               "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
+        env.pop("PYTHONPATH", None)
+        process = subprocess.run([python, "-c", _TOKEN_PROBE, str(folder), *tokens], cwd=workdir, env=env,
+                                 capture_output=True, text=True, encoding="utf-8", errors="replace")
+    for line in process.stdout.splitlines():
+        if line.startswith("MODELPACK_TOKEN_IDS "):
+            return json.loads(line.split(" ", 1)[1])
+    crash = describe_crash((process.stdout + process.stderr).splitlines(), process.returncode)
+    raise SourceError(
+        f"cannot load the model's tokenizer with {python} to look up {', '.join(tokens)}: {crash}; "
+        "set `verify.python` to an interpreter that can load this model"
+    )
