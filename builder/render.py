@@ -1,25 +1,35 @@
-"""Rendering the bundle's loader script, model card and requirements from one context, with Jinja templates."""
+"""The bundle's own files from one context: the runtime (copied) and its facts (JSON), card and requirements (Jinja)."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.resources
+import json
 import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 import yaml
+from packaging.utils import canonicalize_name
 from jinja2 import Environment, FunctionLoader, StrictUndefined
 
 import builder
-from builder.configs import DTYPE_NAMES, chat_template_of
+from builder.chat import ChatFacts
+from builder.configs import DTYPE_NAMES
 from builder.plan import BuildPlan
-from builder.trust import DIGEST_PLACEHOLDER
-from builder.remote_code import canonical, distribution_name, third_party_imports
+from builder.remote_code import distribution_name, third_party_imports
+from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER
 
 # Packages a bundle needs at load time; peft only when the adapter stays separate.
 RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
+# The bundle's facts, beside its runtime (templates/runtime/load.py reads them under this name).
+FACTS_FILE = "modelpack_bundle.json"
+# The RenderContext fields written to it: what the runtime needs to load, chat and verify.
+FACT_FIELDS = (
+    "name", "modelpack_version", "mode", "dtype", "trust_remote_code", "system_prompt", "has_chat_template",
+    "end_of_turn_token", "verify_max_new_tokens", "prompts", "probes", "remote_code_files", "remote_code_imports",
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,7 @@ class RenderContext:
     build_date: str
 
 
-def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str | None) -> RenderContext:
+def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> RenderContext:
     spec, adapter_config = plan.spec, plan.adapter.config
     deltas = [d for t in plan.merged_tensors for d in t.deltas]
     ranks = sorted({adapter_config.get("r", 8), *(adapter_config.get("rank_pattern") or {}).values()})
@@ -74,13 +84,13 @@ def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str |
         trust_remote_code=spec.base.trust_remote_code and bool(plan.code_files),
         remote_code_files=[p.name for p in plan.code_files],
         remote_code_imports=third_party_imports(c.source for c in plan.copies if c.dest.endswith(".py")),
-        has_chat_template=chat_template_of(plan) is not None,
+        has_chat_template=chat.template is not None,
         base_name=base_model_name(plan),
         system_prompt=spec.chat.system_prompt,
         verify_max_new_tokens=spec.verify.max_new_tokens,
         prompts=[p.model_dump() for p in spec.verify.prompts],
         probes=[p.model_dump() for p in spec.verify.probes],
-        end_of_turn_token=end_of_turn_token,
+        end_of_turn_token=chat.end_of_turn_token,
         generation=generation,
         card=spec.card.model_dump(),
         adapter=AdapterFacts(
@@ -94,7 +104,8 @@ def build_context(plan: BuildPlan, *, generation: dict, end_of_turn_token: str |
             checkpoint=plan.adapter.path.name,
         ),
         weight_files=[s.filename for s in plan.shards],
-        weight_size=f"{plan.weight_bytes / 1e9:.2f} GB" if plan.weight_bytes >= 1e8 else f"{plan.weight_bytes / 1e6:.1f} MB",
+        weight_size=(f"{plan.weight_bytes / 1e9:.2f} GB" if plan.weight_bytes >= 1e8
+                     else f"{plan.weight_bytes / 1e6:.1f} MB"),
         modelpack_version=builder.__version__,
         build_date=datetime.date.today().isoformat(),
     )
@@ -131,12 +142,25 @@ _ENV = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_ENV.filters["pyrepr"] = repr
 _ENV.filters["cell"] = _table_cell
 
 
-def render_loader(context: RenderContext) -> str:
-    return _ENV.get_template("load.py.jinja").render(**asdict(context))
+def runtime_source(name: str) -> bytes:
+    """A file of the bundle runtime (templates/runtime/) as installed with modelpack."""
+    return (importlib.resources.files("builder.templates") / "runtime" / name).read_bytes()
+
+
+def render_facts(context: RenderContext) -> str:
+    """modelpack_bundle.json: the only part of the bundle's runtime that differs between bundles."""
+    facts = asdict(context)
+    return json.dumps({key: facts[key] for key in FACT_FIELDS}, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_runtime(context: RenderContext) -> dict[str, bytes]:
+    """The bundle's runtime, file name -> bytes: load.py and bundle_check.py byte for byte, and their facts."""
+    files = {name: runtime_source(name) for name in BUNDLE_RUNTIME}
+    files[FACTS_FILE] = render_facts(context).encode("utf-8")
+    return files
 
 
 def render_card(context: RenderContext, *, verification: dict | None) -> str:
@@ -167,13 +191,13 @@ def render_requirements(context: RenderContext, *, environment: dict | None, ext
     wanted = [*RUNTIME_PACKAGES, *(["peft"] if context.mode == "separate" else []), *extra_packages]
     packages = [(p, versions[p]) for p in dict.fromkeys(wanted) if p in versions]
     imports = (environment or {}).get("imports") or remote_code_distributions(context.remote_code_imports)
-    listed = {canonical(p) for p, _ in packages}
+    listed = {canonicalize_name(p) for p, _ in packages}
     unpinned = []
     for name in context.remote_code_imports:
         distribution, version = imports.get(name) or (distribution_name(name), None)
-        if canonical(distribution) in listed:
+        if canonicalize_name(distribution) in listed:
             continue
-        listed.add(canonical(distribution))
+        listed.add(canonicalize_name(distribution))
         if version:
             packages.append((distribution, version))
         else:
@@ -187,7 +211,7 @@ def render_requirements(context: RenderContext, *, environment: dict | None, ext
 
 def remote_code_distributions(import_names: list[str]) -> dict[str, list]:
     """import name -> [distribution, version or None] in this environment, read from metadata (nothing imported)."""
-    found = {}
+    found: dict[str, list] = {}
     for name in import_names:
         distribution = distribution_name(name)
         try:

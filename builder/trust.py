@@ -19,9 +19,12 @@ DIGEST_PLACEHOLDER = "sha256:" + "0" * 64
 DIGEST_CARRIERS = ("README.md", "verification.json")
 # model_signing's signature file: the one file a bundle may hold beside manifest.json that the manifest cannot list.
 SIGNATURE = "model.sig"
-# Files of a bundle that run when it is loaded with trust_remote_code (load.py is the bundle's own loader).
+# Files of a bundle that run when it is loaded with trust_remote_code: model code, unless it is the bundle's own.
 CODE_SUFFIXES = (".py", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")
 LOADER = "load.py"
+# The bundle's own runtime, copied from templates/runtime/ (exact names at the bundle's top level): the loader and
+# the verification runtime `load.py --verify` runs. Not model code, so they need no --trust-remote-code.
+BUNDLE_RUNTIME = (LOADER, "bundle_check.py")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def seal(bundle: Path) -> str:
 
 def check_integrity(bundle: Path, manifest: dict, *, known_sha256: dict[str, str] | None = None) -> Integrity:
     """Every listed file is a regular file inside the bundle with its recorded size and sha256, and nothing else is
-    there (no unlisted file, no symlink, no __pycache__: Python would run a planted .pyc instead of load.py).
+    there (no unlisted file, no symlink, no __pycache__: Python would run a planted .pyc instead of the bundle's code).
 
     known_sha256: hashes this process computed while writing the files itself (the build's weights), not re-read.
     """
@@ -113,9 +116,9 @@ def _present_entries(bundle: Path) -> list[str]:
 
 
 def code_files(manifest: dict) -> dict[str, str]:
-    """The model's own code a bundle runs with trust_remote_code, name -> sha256 (load.py is the bundle's loader)."""
+    """The model's own code a bundle runs with trust_remote_code, name -> sha256 (not the bundle's own runtime)."""
     return {name: meta["sha256"] for name, meta in sorted(manifest.get("files", {}).items())
-            if name.endswith(CODE_SUFFIXES) and name != LOADER}
+            if name.endswith(CODE_SUFFIXES) and name not in BUNDLE_RUNTIME}
 
 
 def require_integrity(bundle: Path, manifest: dict, *, expected_digest: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
@@ -19,8 +20,9 @@ from builder.errors import BundleError, VerificationError
 from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
 from builder.manifest import read_manifest, sha256_file
 
-EQUIVALENCE_SCRIPT = Path(__file__).with_name("equivalence.py")
-# What the bundle's runtime (load.py, equivalence.py) puts before its progress lines.
+# Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
+EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "equivalence.py"))
+# What the runtime (templates/runtime/bundle_check.py, equivalence.py) puts before its progress lines.
 PROGRESS_MARKER = "[verify] "
 EMPTY_EXPECTATION = {"contains": [], "not_contains": [], "equals": None, "regex": None}
 

@@ -168,3 +168,23 @@ def assert_user_error(result, exit_code: int, *culprits: str) -> None:
     assert "error: " in output, output
     for culprit in culprits:
         assert culprit in output, f"{culprit!r} not in:\n{output}"
+
+
+# The Python that ships inside bundles (and the equivalence script), as in the repository.
+RUNTIME = Path(__file__).resolve().parents[1] / "templates" / "runtime"
+
+
+def import_file(path: Path, name: str | None = None):
+    """A Python file imported by path as a fresh module (a bundle's load.py, or the runtime in templates/runtime)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name or f"imported_{path.parent.name}_{path.stem}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    previous, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # never a __pycache__ inside a bundle
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = previous
+    return module

@@ -43,8 +43,9 @@ def merged_bundle(tmp_path_factory, models, adapters):
 def test_bundle_has_every_file_a_deployment_needs(merged_bundle):
     files = sorted(p.name for p in merged_bundle.bundle.iterdir())
     assert files == sorted([
-        "README.md", "chat_template.jinja", "config.json", "generation_config.json", "load.py", "manifest.json",
-        "model.safetensors", "requirements.txt", "tokenizer.json", "tokenizer_config.json", "verification.json",
+        "README.md", "bundle_check.py", "chat_template.jinja", "config.json", "generation_config.json", "load.py",
+        "manifest.json", "model.safetensors", "modelpack_bundle.json", "requirements.txt", "tokenizer.json",
+        "tokenizer_config.json", "verification.json",
     ])
 
 
@@ -136,6 +137,20 @@ def test_load_py_answers_without_modelpack_or_the_sources(merged_bundle, tmp_pat
     assert out.returncode == 0, out.stderr
     expected = json.loads((moved / "verification.json").read_text())["prompts"][0]["answer"]
     assert out.stdout.strip() == repr(expected)  # the same greedy answer verification recorded
+
+
+def test_load_py_verify_rechecks_the_bundle_without_modelpack_and_leaves_it_unchanged(merged_bundle, tmp_path):
+    moved = tmp_path / "received" / "bundle"
+    shutil.copytree(merged_bundle.bundle, moved)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    env["HF_HUB_OFFLINE"] = "1"
+    out = subprocess.run([sys.executable, "load.py", "--verify", "--device", "cpu"], cwd=moved, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.endswith("verification passed\n")
+    assert "[verify] checking files against manifest.json" in out.stderr  # its own integrity check ran, and passed
+    # Importing bundle_check.py wrote no __pycache__ into the bundle, which the next check would report as added.
+    assert not (moved / "__pycache__").exists()
 
 
 def test_separate_bundle_loads_in_plain_peft(tmp_path, models, adapters):

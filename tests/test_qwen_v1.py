@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -21,7 +20,7 @@ from builder.configs import adapter_config
 from builder.manifest import sha256_file
 from builder.remote_code import distribution_name, third_party_imports
 from builder.sources import find_remote_code
-from helpers import assert_user_error, bundle_tensors, tree_snapshot, write_spec
+from helpers import assert_user_error, bundle_tensors, import_file, tree_snapshot, write_spec
 from qwen_v1_support import (
     CODE_FILES,
     SEED_PROBES,
@@ -133,17 +132,21 @@ def test_every_file_the_model_and_tokenizer_need_is_copied_byte_for_byte_and_has
 def test_load_py_of_a_base_without_code_does_not_trust_remote_code(tmp_path, models, adapters):
     plain = models("qwen2", tied=True, dtype=torch.float32)
     spec = write_spec(tmp_path, plain, adapters(plain), base={"trust_remote_code": True})
-    source = (build_bundle(plan_from_spec(spec), verify=False).bundle / "load.py").read_text()
-    assert "TRUST_REMOTE_CODE = False" in source and "RUNS ITS OWN CODE" not in source
+    bundle = build_bundle(plan_from_spec(spec), verify=False).bundle
+    facts = json.loads((bundle / "modelpack_bundle.json").read_text())
+    assert facts["trust_remote_code"] is False and facts["remote_code_files"] == []
+    assert "RUNS ITS OWN CODE" not in (bundle / "README.md").read_text()
 
 
 def test_load_py_trusts_remote_code_and_says_so_at_the_top(bundle):
-    source = (bundle / "load.py").read_text()
-    header = source.split('"""')[1]
-    assert "THIS MODEL RUNS ITS OWN CODE" in header
-    assert ", ".join(CODE_FILES) in header
-    assert "TRUST_REMOTE_CODE = True" in source
-    assert "AutoPeftModelForCausalLM.from_pretrained" not in source
+    # load.py is the same file in every bundle; the bundle's facts say that it runs model code, and which.
+    facts = json.loads((bundle / "modelpack_bundle.json").read_text())
+    assert facts["trust_remote_code"] is True and facts["remote_code_files"] == list(CODE_FILES)
+    # The card says so before anything else, naming the files.
+    card = (bundle / "README.md").read_text()
+    top = card.split("## ")[0]
+    assert "THIS MODEL RUNS ITS OWN CODE" in top and ", ".join(CODE_FILES) in top
+    assert "AutoPeftModelForCausalLM.from_pretrained" not in (bundle / "load.py").read_text()
 
 
 def test_generation_config_keeps_qwen_fields_overlays_the_spec_and_stops_servers_at_im_end(bundle, base):
@@ -216,11 +219,15 @@ def test_bundle_loads_and_chats_through_model_chat_without_the_sources(bundle, b
     checkpoint.rename(hidden[1])
     try:  # a fresh process that sees neither the sources nor modelpack, with an empty remote-code module cache
         env = subprocess_env(HF_MODULES_CACHE=str(tmp_path / "modules"))
-        answer = run_python(sys.executable, "load.py", QUESTION, cwd=moved, env=env).stdout.strip()
+        loaded = run_python(sys.executable, "load.py", QUESTION, cwd=moved, env=env)
     finally:
         hidden[0].rename(base)
         hidden[1].rename(checkpoint)
+    answer = loaded.stdout.strip()
     assert answer == json.loads((bundle / "verification.json").read_text())["prompts"][0]["answer"] != ""
+    # load() says, as it loads, which of the bundle's files run as the model's own code.
+    assert f"this model runs its own code: loading it with trust_remote_code=True executes {', '.join(CODE_FILES)}" \
+        in loaded.stderr
 
     loader = _import_loader(moved)
     model, tokenizer = loader.load(device="cpu")
@@ -245,10 +252,7 @@ def test_bundle_loads_and_chats_through_model_chat_without_the_sources(bundle, b
 
 
 def _import_loader(bundle: Path):
-    spec = importlib.util.spec_from_file_location(f"load_{bundle.name.replace('-', '_')}", bundle / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(bundle / "load.py", f"load_{bundle.name.replace('-', '_')}")
 
 
 def _greedy(model, max_new_tokens):

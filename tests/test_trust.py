@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
 from builder.manifest import write_manifest
-from builder.trust import DIGEST_PLACEHOLDER, bundle_digest, check_integrity
-from helpers import assert_user_error, write_spec
+from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER, bundle_digest, check_integrity, code_files, seal
+from helpers import RUNTIME, assert_user_error, import_file, write_spec
 
 # A tampered load.py that would leave this file behind if it ever ran (at import, before anything else).
 MARKER = "tampered-load-py-ran"
@@ -100,12 +100,100 @@ def test_unlisted_linked_changed_or_missing_files_are_refused_by_both_checks(bun
     tamper(bundle)
     result = run("verify", bundle)
     assert_user_error(result, 3, f"integrity: {culprit}")
-    # The bundle's own load.py applies the same rules (for receivers without modelpack).
-    loader_spec = importlib.util.spec_from_file_location("received_load", bundle / "load.py")
-    loader = importlib.util.module_from_spec(loader_spec)
-    loader_spec.loader.exec_module(loader)
-    own = loader.check_integrity()
-    assert not own["ok"] and any(p.startswith(culprit.split(":")[0]) for p in own["problems"]), own
+    # The bundle's own verification runtime applies the same rules (for receivers without modelpack).
+    own = import_file(bundle / "bundle_check.py").check_integrity(bundle)
+    assert not own["ok"] and any(p.startswith(culprit) for p in own["problems"]), own
+    assert own["problems"] == check_integrity(bundle, json.loads((bundle / "manifest.json").read_text())).problems
+
+
+def _fake_bundle(folder: Path) -> Path:
+    """A bundle's shape without a model: a few files, a subfolder, a digest carrier, a manifest, sealed."""
+    bundle = folder / "fake"
+    (bundle / "sub").mkdir(parents=True)
+    (bundle / "config.json").write_text("{}\n")
+    (bundle / "sub" / "x.txt").write_text("x")
+    (bundle / "README.md").write_text(f"# fake\n\nBundle digest: {DIGEST_PLACEHOLDER}\n")
+    for name in BUNDLE_RUNTIME:
+        shutil.copy(RUNTIME / name, bundle / name)
+    write_manifest(bundle, {})
+    seal(bundle)
+    return bundle
+
+
+def _edit_manifest(bundle: Path, change) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _symlink_folder(bundle: Path) -> None:
+    shutil.move(bundle / "sub", bundle.parent / "sub-real")
+    (bundle / "sub").symlink_to(bundle.parent / "sub-real")
+
+
+def _folder_for_file(bundle: Path) -> None:
+    (bundle / "config.json").unlink()
+    (bundle / "config.json").mkdir()
+    (bundle / "config.json" / "a").write_text("a")
+
+
+# (how the received bundle was changed, a problem both checks must report; None: both must pass)
+TAMPERED = {
+    "untouched": (lambda b: None, None),
+    "signature beside the manifest": (lambda b: (b / "model.sig").write_text("sig"), None),
+    "unlisted file": (lambda b: (b / "notes.txt").write_text("n"), "notes.txt: not in manifest.json"),
+    "planted __pycache__": (
+        lambda b: (b / "__pycache__").mkdir() or (b / "__pycache__" / "load.cpython-311.pyc").write_bytes(b"x"),
+        "__pycache__/load.cpython-311.pyc: not in manifest.json"),
+    "empty folder": (lambda b: (b / "empty").mkdir(), "empty/: not in manifest.json"),
+    "file replaced by a symlink": (
+        lambda b: (b / "config.json").unlink() or (b / "config.json").symlink_to(b / "sub" / "x.txt"),
+        "config.json: is a symlink"),
+    "symlinked folder added": (lambda b: (b / "extra").symlink_to(b.parent), "extra: not in manifest.json"),
+    "listed file behind a symlinked folder": (_symlink_folder, "sub/x.txt: lies behind a symlink"),
+    "folder in place of a file": (_folder_for_file, "config.json: not a regular file"),
+    "fifo in place of a file": (lambda b: (b / "config.json").unlink() or os.mkfifo(b / "config.json"),
+                                "config.json: not a regular file"),
+    "missing file": (lambda b: (b / "sub" / "x.txt").unlink(), "sub/x.txt: missing"),
+    "changed size": (lambda b: (b / "config.json").write_text("{ }\n"), "config.json: size 4 != 3"),
+    "changed bytes": (lambda b: (b / "config.json").write_text("[]\n"), "config.json: sha256 differs"),
+    "changed runtime": (lambda b: (b / "bundle_check.py").write_text((b / "bundle_check.py").read_text()[:-1] + " "),
+                        "bundle_check.py: sha256 differs"),
+    "card with another digest": (
+        lambda b: (b / "README.md").write_text((b / "README.md").read_text().replace("sha256:", "sha256:f", 1)[:-1]),
+        "README.md: sha256 differs"),
+    "card edited": (lambda b: (b / "README.md").write_text((b / "README.md").read_text().replace("#", "##", 1)),
+                    "README.md: size"),
+    "path outside": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"../x": {"sha256": "0", "size": 1}})),
+                     "../x: not a file name inside the bundle"),
+    "absolute path": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"/etc/hostname": {"size": 1}})),
+                      "/etc/hostname: not a file name inside the bundle"),
+    "entry that is not a table": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"config.json": 3})),
+                                  "config.json: not a file name inside the bundle"),
+    "no files table": (lambda b: _edit_manifest(b, lambda m: m.pop("files")), "manifest.json: has no 'files' table"),
+}
+
+
+@pytest.mark.parametrize("tamper, culprit", TAMPERED.values(), ids=TAMPERED)
+def test_the_bundles_own_integrity_check_agrees_with_modelpacks(tmp_path, tamper, culprit):
+    bundle = _fake_bundle(tmp_path)
+    tamper(bundle)
+    trusted = check_integrity(bundle, json.loads((bundle / "manifest.json").read_text()))
+    own = import_file(RUNTIME / "bundle_check.py").check_integrity(bundle)
+    assert own == {"ok": trusted.ok, "files": trusted.files, "problems": trusted.problems}
+    if culprit is None:
+        assert trusted.ok, trusted.problems
+    else:
+        assert any(p.startswith(culprit) for p in trusted.problems), trusted.problems
+
+
+@pytest.mark.parametrize("name, is_model_code", [
+    ("load.py", False), ("bundle_check.py", False), ("modeling_qwen.py", True), ("cpp_kernels.py", True),
+    ("cache_autogptq_cuda_256.cpp", True), ("adapter/load.py", True), ("sub/bundle_check.py", True),
+    ("modelpack_bundle.json", False), ("equivalence.py", True),
+])
+def test_only_the_bundles_own_runtime_is_exempt_from_consent_to_model_code(name, is_model_code):
+    assert (name in code_files({"files": {name: {"sha256": "0" * 64, "size": 0}}})) is is_model_code
 
 
 def test_a_manifest_naming_files_outside_the_bundle_is_refused(bundle, tmp_path):

@@ -67,10 +67,11 @@ def test_a_file_added_after_the_build_is_caught(bundle):
 
 
 def test_an_expectation_that_cannot_hold_names_prompt_and_answer(bundle):
-    load_py = bundle / "load.py"
-    text = load_py.read_text()
-    assert "'equals': None" in text
-    load_py.write_text(text.replace("'equals': None", "'equals': 'IMPOSSIBLE'", 1))
+    facts_path = bundle / "modelpack_bundle.json"
+    facts = json.loads(facts_path.read_text())
+    assert facts["prompts"][0]["expect"]["equals"] is None
+    facts["prompts"][0]["expect"]["equals"] = "IMPOSSIBLE"
+    facts_path.write_text(json.dumps(facts, ensure_ascii=False))
     write_manifest(bundle, json.loads((bundle / "manifest.json").read_text()))
     message = failure_message(verify_bundle(bundle))
     assert "prompt '你好': expected equals 'IMPOSSIBLE'; answered " in message

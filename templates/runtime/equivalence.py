@@ -1,7 +1,8 @@
 """Equivalence check, run as a script in the verifying interpreter: the bundle answers like base + adapter in peft.
 
-It imports only torch, transformers, peft and the bundle's own load.py (never modelpack), so it runs in a
-deployment team's environment (`verify.python`) as well as in this one.
+It is not shipped in bundles: modelpack runs its own installed copy. It imports only torch, transformers, peft and
+the bundle's own runtime (load.py and bundle_check.py, by path; never modelpack), so it runs in a deployment team's
+environment (`verify.python`) as well as in this one.
 
     python equivalence.py --bundle B --base SRC --adapter SRC --answers answers.json --report out.json
 
@@ -13,8 +14,9 @@ run through both models and every position's next-token logits are compared.
 Tolerance rule: |delta logit| <= atol + rtol * max|reference logit|, with (atol, rtol) = (1e-3, 1e-4) in
 float32, (0.05, 2e-2) in float16 and (0.1, 0.1) in bfloat16: merged weights are rounded once into the dtype
 where the unmerged model keeps the adapter's contribution in float32, and the difference grows with depth
-(a random Qwen2-7B in bfloat16 differed by 8% of its largest logit, with every greedy token the same). A greedy token that differs counts as a disagreement only when the
-reference prefers its own token by more than the tolerance (otherwise it was a near tie).
+(a random Qwen2-7B in bfloat16 differed by 8% of its largest logit, with every greedy token the same). A greedy
+token that differs counts as a disagreement only when the reference prefers its own token by more than the
+tolerance (otherwise it was a near tie).
 """
 
 from __future__ import annotations
@@ -25,15 +27,24 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 TOLERANCES = {"float32": (1e-3, 1e-4), "float16": (0.05, 2e-2), "bfloat16": (0.1, 0.1)}
 
 
-def load_bundle_module(bundle: Path):
-    """The bundle's own load.py, imported without running its CLI."""
+def load_bundle_module(bundle: Path) -> ModuleType:
+    """The bundle's own load.py, imported by path without running its CLI (and without writing __pycache__ into the
+    bundle). Not through sys.path: this script's own folder comes first there and holds modelpack's copies."""
     spec = importlib.util.spec_from_file_location("modelpack_bundle_load", bundle / "load.py")
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(bundle / "load.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    previous, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = previous
     return module
 
 
@@ -49,7 +60,8 @@ def formatted_prompt(tokenizer, model, prompt: str, system: str | None) -> str:
     return prompt
 
 
-def load_reference(loader, base: Path, adapter: Path, *, mode: str, dtype: str, device: str, max_memory):
+def load_reference(loader: ModuleType, base: Path, adapter: Path, *, mode: str, dtype: str, device: str,
+                   max_memory: dict | None):
     """The model the bundle must equal: base + adapter unmerged (merge mode) or merged in memory (separate)."""
     import torch
     import transformers
@@ -61,12 +73,12 @@ def load_reference(loader, base: Path, adapter: Path, *, mode: str, dtype: str, 
         reference = copy.deepcopy(model).merge_and_unload().eval()
         return model, tokenizer, reference, None
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    kwargs = {dtype_key: getattr(torch, dtype), "trust_remote_code": loader.TRUST_REMOTE_CODE}
+    kwargs = {dtype_key: getattr(torch, dtype), "trust_remote_code": loader.bundle_facts().trust_remote_code}
     if model.device.type != "cpu":  # spread the reference the way the bundle was spread
         kwargs["device_map"] = "auto"
         if max_memory:
             kwargs["max_memory"] = max_memory
-    base_model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    base_model: Any = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     rows = model.get_input_embeddings().weight.shape[0]
     if base_model.get_input_embeddings().weight.shape[0] != rows:  # the adapter saved resized embeddings
         base_model.resize_token_embeddings(rows)
@@ -119,7 +131,8 @@ def compare(model, reference, tokenizer, entries: list[dict], *, system, dtype: 
     }
 
 
-def base_answers(loader, peft_reference, tokenizer, entries: list[dict], max_new_tokens: int) -> dict[str, str]:
+def base_answers(loader: ModuleType, peft_reference, tokenizer, entries: list[dict],
+                 max_new_tokens: int) -> dict[str, str]:
     """The same prompts answered by the base model alone (the adapter disabled), greedy."""
     import torch
 
@@ -146,20 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     loader = load_bundle_module(args.bundle)
+    check = loader.import_sibling("bundle_check")
+    facts = loader.bundle_facts()
     entries = json.loads(args.answers.read_text(encoding="utf-8"))
-    loader.progress("equivalence: loading the bundle and the reference")
+    check.progress("equivalence: loading the bundle and the reference")
     model, tokenizer, reference, peft_reference = load_reference(
-        loader, args.base, args.adapter, mode=loader.MODE, dtype=loader.DTYPE, device=args.device,
+        loader, args.base, args.adapter, mode=facts.mode, dtype=facts.dtype, device=args.device,
         max_memory=loader.parse_max_memory(args.max_memory),
     )
-    loader.progress("equivalence: comparing next-token logits")
-    report = compare(model, reference, tokenizer, entries, system=loader.SYSTEM_PROMPT, dtype=loader.DTYPE)
-    report["reference"] = "base + adapter through peft, unmerged" if loader.MODE == "merge" else "bundle merged in memory"
+    check.progress("equivalence: comparing next-token logits")
+    report = compare(model, reference, tokenizer, entries, system=facts.system_prompt, dtype=facts.dtype)
+    merged = facts.mode == "merge"
+    report["reference"] = "base + adapter through peft, unmerged" if merged else "bundle merged in memory"
     if args.compare_base:
-        loader.progress("equivalence: answering with the base model alone")
+        check.progress("equivalence: answering with the base model alone")
         if peft_reference is None:  # separate mode: the bundle itself is base + adapter
             peft_reference = model
-        report["base_answers"] = base_answers(loader, peft_reference, tokenizer, entries, loader.VERIFY_MAX_NEW_TOKENS)
+        report["base_answers"] = base_answers(loader, peft_reference, tokenizer, entries, facts.verify_max_new_tokens)
     args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
 

@@ -1,0 +1,314 @@
+"""Verification runtime of a modelpack bundle: what `python load.py --verify` runs.
+
+The bundle's files against manifest.json, the serving contract, the expected answers (greedy, seeded), the
+versions it ran with, load time, throughput and placement, as one JSON-ready report. Like load.py it is the same in
+every bundle, needs only torch and transformers (and peft in separate mode) and never imports modelpack. It runs
+inside the bundle's own code, so it cannot detect a changed load.py or bundle_check.py: see load.py's docstring.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+# What a calling tool (modelpack's verify) looks for at the start of a line to show it as progress.
+PROGRESS_MARKER = "[verify] "
+# The largest rank vLLM's --max-lora-rank accepts.
+VLLM_MAX_LORA_RANK = 512
+MANIFEST = "manifest.json"
+# model_signing's signature file (`modelpack sign`): the one file beside manifest.json that the manifest cannot list.
+SIGNATURE = "model.sig"
+# README.md and verification.json carry the bundle's digest (sha256 of manifest.json); they were hashed with this
+# placeholder in its place.
+DIGEST_CARRIERS = ("README.md", "verification.json")
+DIGEST_PLACEHOLDER = "sha256:" + "0" * 64
+
+
+def progress(line: str) -> None:
+    """A verification progress line; the marker lets a calling tool show these and keep library output in a log."""
+    print(f"{PROGRESS_MARKER}{line}", file=sys.stderr, flush=True)
+
+
+def check_expectations(answer: str, expect: dict) -> list[str]:
+    """Each unmet expectation as a sentence; empty when the answer satisfies all of them."""
+    failures = []
+    if expect.get("equals") is not None and answer != expect["equals"]:
+        failures.append(f"equals {expect['equals']!r}")
+    for text in expect.get("contains", []):
+        if text not in answer:
+            failures.append(f"contains {text!r}")
+    for text in expect.get("not_contains", []):
+        if text in answer:
+            failures.append(f"not_contains {text!r}")
+    if expect.get("regex") is not None and not re.search(expect["regex"], answer):
+        failures.append(f"regex {expect['regex']!r}")
+    return failures
+
+
+def check_integrity(bundle: Path) -> dict:
+    """Every file matches manifest.json (sha256 and size) and nothing was added since the build.
+
+    The same rules as `modelpack verify` (builder/trust.py, tested to agree): every listed name is a regular file
+    inside the bundle, not behind a symlink, with its recorded size and sha256; no unlisted file, symlink, empty
+    folder or __pycache__ (Python would run a planted .pyc instead of the bundle's code). README.md and
+    verification.json are hashed with the bundle's digest blanked, since they carry it.
+    """
+    manifest_path = bundle / MANIFEST
+    try:
+        listed = json.loads(manifest_path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, dict):
+        return {"ok": False, "files": 0, "problems": [f"{MANIFEST}: has no 'files' table"]}
+    digest = "sha256:" + sha256_file(manifest_path)
+    problems = []
+    for name, meta in sorted(listed.items()):
+        problem = _check_listed_file(bundle, name, meta, digest)
+        if problem:
+            problems.append(f"{name}: {problem}")
+    for name in _present_entries(bundle):
+        if name not in listed and name not in (MANIFEST, SIGNATURE):
+            problems.append(f"{name}: not in manifest.json (added after the build)")
+    return {"ok": not problems, "files": len(listed), "problems": problems}
+
+
+def _check_listed_file(bundle: Path, name: str, meta: object, digest: str) -> str | None:
+    parts = Path(name).parts
+    if not isinstance(meta, dict) or Path(name).is_absolute() or ".." in parts or not parts:
+        return "not a file name inside the bundle"
+    path = bundle / name
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return "missing"
+    if any((bundle / Path(*parts[:i])).is_symlink() for i in range(1, len(parts))):
+        return "lies behind a symlink"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symlink"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size != meta.get("size"):
+        return f"size {info.st_size} != {meta.get('size')} in manifest.json"
+    actual = sha256_file(path, blank=digest if name in DIGEST_CARRIERS else None)
+    if actual != meta.get("sha256"):
+        return "sha256 differs from manifest.json (the file changed after the build)"
+    return None
+
+
+def _present_entries(bundle: Path) -> list[str]:
+    """Every file, symlink and empty folder under the bundle, without following symlinks."""
+    found = []
+    for root, folders, files in os.walk(bundle):
+        for name in [*files, *(f for f in folders if os.path.islink(os.path.join(root, f)))]:
+            found.append(Path(root, name).relative_to(bundle).as_posix())
+        if not files and not folders and root != str(bundle):
+            found.append(Path(root).relative_to(bundle).as_posix() + "/")
+    return sorted(found)
+
+
+def sha256_file(path: Path, *, blank: str | None = None) -> str:
+    """sha256 of a file; with blank, of its content with that digest replaced by the placeholder it was hashed with."""
+    if blank is not None:
+        return hashlib.sha256(path.read_bytes().replace(blank.encode(), DIGEST_PLACEHOLDER.encode())).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def eos_ids(generation: dict) -> list[int]:
+    """generation_config.json's eos_token_id as a list (it may be one id, a list or absent)."""
+    eos = generation.get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def check_serving(model, tokenizer, bundle: Path, facts) -> dict:
+    """What servers rely on: stop ids, the chat template in both places, special ids inside the vocabulary."""
+    problems = []
+    generation = json.loads((bundle / "generation_config.json").read_text(encoding="utf-8"))
+    eos = eos_ids(generation)
+    if facts.end_of_turn_token is not None:
+        end_id = tokenizer.convert_tokens_to_ids(facts.end_of_turn_token)
+        if end_id not in eos:
+            problems.append(
+                f"generation_config.json eos_token_id {eos} lacks the chat template's end-of-turn token "
+                f"{facts.end_of_turn_token} (id {end_id}): servers would generate past the end of a reply"
+            )
+    if facts.has_chat_template:
+        config = json.loads((bundle / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if not config.get("chat_template"):
+            problems.append("tokenizer_config.json has no chat_template")
+        if not (bundle / "chat_template.jinja").is_file():
+            problems.append("chat_template.jinja is missing")
+    # Remote chat code (Qwen-v1) stops at its stop_words_ids by itself; servers stop only at eos_token_id.
+    for word in generation.get("stop_words_ids") or []:
+        if len(word) == 1 and word[0] not in eos:
+            problems.append(f"generation_config.json eos_token_id {eos} lacks stop word id {word[0]}: "
+                            "servers would generate past it")
+    rows = model.get_input_embeddings().weight.shape[0]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None and not 0 <= value < rows:
+            problems.append(f"tokenizer {name}={value} is outside the embedding's {rows} rows")
+    for token_id in eos:
+        if not 0 <= token_id < rows:
+            problems.append(f"generation_config.json eos_token_id {token_id} is outside the embedding's {rows} rows")
+    if len(tokenizer) > rows:
+        problems.append(f"tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows")
+    warnings = vllm_lora_warnings(adapter_config(bundle)) if facts.mode == "separate" else []
+    return {"ok": not problems, "problems": problems, "warnings": warnings}
+
+
+def adapter_config(bundle: Path) -> dict:
+    return json.loads((bundle / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+
+
+def vllm_lora_warnings(config: dict) -> list[str]:
+    """What stops vLLM from serving this adapter config as a LoRA (warnings: transformers + peft load it)."""
+    warnings = []
+    extra = [m for m in config.get("modules_to_save") or [] if m not in ("score", "classifier")]
+    if extra:
+        warnings.append(f"vLLM: modules_to_save {extra} (full module copies) are not loaded by vLLM's LoRA support")
+    if config.get("use_dora"):
+        warnings.append("vLLM: DoRA adapters (use_dora) are not supported by vLLM's LoRA support; merge instead")
+    if config.get("lora_bias"):
+        warnings.append("vLLM: lora_bias is not supported by vLLM's LoRA support; merge instead")
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    if max(ranks) > VLLM_MAX_LORA_RANK:
+        warnings.append(f"vLLM: rank {max(ranks)} exceeds vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANK})")
+    return warnings
+
+
+def answer_all(loader: ModuleType, model, tokenizer, entries: list[dict], max_new_tokens: int) -> list[dict]:
+    """Each prompt answered through the bundle's own chat(), greedy and seeded, with its unmet expectations."""
+    import torch
+
+    results = []
+    for i, entry in enumerate(entries, 1):
+        progress(f"  [{i}/{len(entries)}] {entry['prompt'][:40]}")
+        torch.manual_seed(0)
+        answer, _ = loader.chat(model, tokenizer, entry["prompt"], greedy=True, max_new_tokens=max_new_tokens)
+        failures = check_expectations(answer, entry.get("expect", {}))
+        results.append({"prompt": entry["prompt"], "answer": answer, "expect": entry.get("expect", {}),
+                        "failures": failures, "ok": not failures})
+    return results
+
+
+def versions(remote_code_imports: list[str]) -> dict:
+    """The versions this interpreter runs, and which distribution provides each import of the model's code."""
+    import platform
+    from importlib import metadata
+
+    found: dict = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "tiktoken"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    if remote_code_imports:
+        # import name -> [distribution, version]: what provided each import of the model's code here.
+        providers: dict[str, list[str]] = getattr(metadata, "packages_distributions", dict)()
+        found["imports"] = {}
+        for name in remote_code_imports:
+            distribution = (providers.get(name) or [name])[0]
+            try:
+                found["imports"][name] = [distribution, metadata.version(distribution)]
+            except metadata.PackageNotFoundError:
+                found["imports"][name] = [distribution, None]
+    return found
+
+
+def verify(loader: ModuleType, *, device: str = "cpu", max_memory: dict | None = None,
+           files_checked: bool = False) -> dict:
+    """Integrity, expected answers (greedy, seeded) and serving contract of the bundle loader belongs to.
+
+    loader: the bundle's load.py module. files_checked: the caller (modelpack verify) already checked every file
+    against manifest.json.
+    """
+    bundle, facts = loader.BUNDLE_DIR, loader.bundle_facts()
+    integrity: dict
+    if files_checked:
+        integrity = {"ok": True, "files": None, "problems": []}
+    else:
+        progress("checking files against manifest.json")
+        integrity = check_integrity(bundle)
+    progress("loading the bundle")
+    started = time.perf_counter()
+    model, tokenizer = loader.load(device=device, max_memory=max_memory)
+    load_seconds = time.perf_counter() - started
+    serving = check_serving(model, tokenizer, bundle, facts)
+    progress("answering the verification prompts")
+    prompts = answer_all(loader, model, tokenizer, facts.prompts, facts.verify_max_new_tokens)
+    probes = answer_all(loader, model, tokenizer, facts.probes, facts.verify_max_new_tokens) if facts.probes else []
+    ok = integrity["ok"] and serving["ok"] and all(r["ok"] for r in prompts + probes)
+    return {"bundle": facts.name, "ok": ok, "integrity": integrity, "serving": serving,
+            "prompts": prompts, "probes": probes, "environment": versions(facts.remote_code_imports),
+            "runtime": {"load_seconds": round(load_seconds, 2), "tokens_per_second": throughput(model, tokenizer),
+                        "placement": placement(model)}}
+
+
+def throughput(model, tokenizer, new_tokens: int = 32) -> float:
+    """Greedy decoding speed: a fixed number of new tokens (end-of-sequence suppressed) after a short prompt."""
+    import torch
+
+    inputs = tokenizer("Hello", return_tensors="pt", add_special_tokens=False).to(model.device)
+    generation_config = copy.deepcopy(model.generation_config)
+    generation_config.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        started = time.perf_counter()
+        output = model.generate(**inputs, generation_config=generation_config)
+        seconds = time.perf_counter() - started
+    return round((output.shape[1] - inputs["input_ids"].shape[1]) / seconds, 2)
+
+
+def placement(model) -> dict:
+    """Parameters per device (as accelerate spread them) and each GPU's peak memory, in GB."""
+    import torch
+
+    # accelerate leaves CPU-offloaded weights on the meta device; its device map says where they live.
+    device_map = getattr(model, "hf_device_map", None) or {}
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        owner = max((m for m in device_map if name == m or name.startswith(m + ".") or m == ""), key=len, default=None)
+        device = str(device_map[owner]) if owner is not None else str(parameter.device)
+        device = f"cuda:{device}" if device.isdigit() else device
+        counts[device] = counts.get(device, 0) + parameter.numel()
+    found: dict = {"parameters": counts}
+    if torch.cuda.is_available():
+        found["gpu_peak_gb"] = {f"cuda:{i}": round(torch.cuda.max_memory_allocated(i) / 1e9, 2)
+                                for i in range(torch.cuda.device_count())}
+    return found
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The terminal summary of `--verify`: one line per prompt, problem and warning, then the verdict."""
+    lines = []
+    for result in report["prompts"] + report["probes"]:
+        status = "ok  " if result["ok"] else "FAIL"
+        lines.append(f"{status} {result['prompt'][:30]!r} -> {result['answer'][:60]!r} {result['failures'] or ''}")
+    lines += [f"FAIL {problem}" for problem in report["integrity"]["problems"] + report["serving"]["problems"]]
+    lines += [f"WARN {warning}" for warning in report["serving"]["warnings"]]
+    lines.append("verification passed" if report["ok"] else "verification FAILED")
+    return lines
+
+
+def run_verify(loader: ModuleType, *, device: str, max_memory: str | None, files_checked: bool,
+               report_path: Path | None) -> int:
+    """`python load.py --verify`: check, print the summary, write the report; exit status 0 or 3."""
+    report = verify(loader, device=device, max_memory=loader.parse_max_memory(max_memory), files_checked=files_checked)
+    if report_path:
+        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print("\n".join(summary_lines(report)))
+    return 0 if report["ok"] else 3
