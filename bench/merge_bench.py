@@ -306,7 +306,8 @@ def _cpu_ticks() -> dict[int, tuple[int, str]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        ticks[int(proc.name)] = (int(fields[11]) + int(fields[12]), cmdline or stat[stat.index("(") + 1:stat.rindex(")")])
+        name = cmdline or stat[stat.index("(") + 1:stat.rindex(")")]
+        ticks[int(proc.name)] = (int(fields[11]) + int(fields[12]), name)
     return ticks
 
 
@@ -461,7 +462,8 @@ def step_modelpack(spec: Path, out: Path, *, profile: Path | None = None, extra_
     wrap = None
     if profile is not None:
         # --idle keeps samples of threads blocked in read()/write(): disk time must show up in the profile.
-        wrap = ["py-spy", "record", "--idle", "--threads", "--full-filenames", "--rate", "50", "--format", "raw", "-o", str(profile), "--"]
+        wrap = ["py-spy", "record", "--idle", "--threads", "--full-filenames", "--rate", "50", "--format", "raw",
+                "-o", str(profile), "--"]
     before = builder_fingerprint()
     result, output = run_timed("modelpack", command, wrap=wrap, **kw)
     result.extra["builder_sources_sha256"] = builder_fingerprint()
@@ -503,7 +505,7 @@ def step_math_floor(size: str, *, seed: int, reuse_buffers: bool = False) -> Ste
     load = machine_load()
     total, count, params = 0.0, 0, 0
     busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    for module, out_features, in_features in lora_targets(config):
+    for _module, out_features, in_features in lora_targets(config):
         key = (out_features, in_features)
         if key not in pool:
             pool[key] = (
@@ -666,7 +668,8 @@ def render_table(results: dict) -> str:
                      _fmt(r["disk_read_gb"], ".2f"), _fmt(r["disk_write_gb"], ".2f"),
                      _fmt(r.get("others_cpu_percent"), ".0f")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     ratios = results.get("ratios", {})
@@ -677,8 +680,8 @@ def render_table(results: dict) -> str:
             r = ratios[key]
             lines.append(f"{text}: {r['exit']:.2f}x (to exit), {r['to_disk']:.2f}x (to disk, +sync)")
     if "modelpack" in results["steps"] and results["steps"]["modelpack"]["max_rss_mb"] is not None:
-        lines.append(f"peak RSS: modelpack {results['steps']['modelpack']['max_rss_mb']:.0f} MiB"
-                     + (f", peft {results['steps']['peft']['max_rss_mb']:.0f} MiB" if "peft" in results["steps"] else ""))
+        peft_rss = f", peft {results['steps']['peft']['max_rss_mb']:.0f} MiB" if "peft" in results["steps"] else ""
+        lines.append(f"peak RSS: modelpack {results['steps']['modelpack']['max_rss_mb']:.0f} MiB{peft_rss}")
     if "comparison" in results:
         c = results["comparison"]
         lines.append(f"modelpack vs peft: {c['tensors_differing']} of {c['tensors_compared']} tensors differ"
@@ -701,12 +704,14 @@ def render_profile(profile: dict) -> str:
 
 def ratios_of(steps: dict) -> dict:
     out = {}
-    for key, floor_key in (("modelpack_over_floor", "math_floor"), ("modelpack_over_reused_floor", "math_floor_reused")):
+    floors = (("modelpack_over_floor", "math_floor"), ("modelpack_over_reused_floor", "math_floor_reused"))
+    for key, floor_key in floors:
         if {"modelpack", "cp", floor_key} <= steps.keys():
             mp, cp, floor = steps["modelpack"], steps["cp"], steps[floor_key]
             out[key] = {
                 "exit": mp["seconds"] / max(cp["seconds"], floor["seconds"]),
-                "to_disk": (mp["seconds"] + mp["sync_seconds"]) / max(cp["seconds"] + cp["sync_seconds"], floor["seconds"]),
+                "to_disk": (mp["seconds"] + mp["sync_seconds"])
+                / max(cp["seconds"] + cp["sync_seconds"], floor["seconds"]),
             }
     if {"modelpack", "peft"} <= steps.keys():
         mp, peft = steps["modelpack"], steps["peft"]
@@ -811,8 +816,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = write_spec(run_dir, base, adapter, args.size)
     outs = {"modelpack": run_dir / "modelpack-out", "peft": run_dir / "peft-out", "cp": run_dir / "cp-out"}
     stat_path = disk_stat_path(workdir)
-    cache_note = ("cold: `sync; echo 3 > /proc/sys/vm/drop_caches` before every step" if cache == "cold"
-                  else "warm: the base folder read once into the page cache before every step (drop_caches not permitted)")
+    cache_note = (
+        "cold: `sync; echo 3 > /proc/sys/vm/drop_caches` before every step" if cache == "cold"
+        else "warm: the base folder read once into the page cache before every step (drop_caches not permitted)"
+    )
 
     results: dict = {
         "size": args.size, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -827,16 +834,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def keep_best(key: str, result: StepResult) -> None:
         record = asdict(result)
-        results["all_runs"][key].append({"seconds": round(result.seconds, 2), "sync_seconds": round(result.sync_seconds, 2),
-                                          "max_rss_mb": result.max_rss_mb, "others_cpu_percent": result.others_cpu_percent,
-                                          "loadavg": result.load_before.get("loadavg")})
+        results["all_runs"][key].append({
+            "seconds": round(result.seconds, 2), "sync_seconds": round(result.sync_seconds, 2),
+            "max_rss_mb": result.max_rss_mb, "others_cpu_percent": result.others_cpu_percent,
+            "loadavg": result.load_before.get("loadavg"),
+        })
         best = results["steps"].get(key)
         if best is None or result.to_disk < best["seconds"] + best["sync_seconds"]:
             results["steps"][key] = record
 
     for step in args.steps:
         repeats = 1 if step == "b" else max(1, args.repeat)
-        for attempt in range(repeats):
+        for _attempt in range(repeats):
             if step != "d":
                 prepare_cache(cache, base)
             if step == "c":
@@ -862,7 +871,8 @@ def main(argv: list[str] | None = None) -> int:
                 keep_best("peft", result)
             else:
                 parser.error(f"unknown step {step!r} in --steps")
-            log(f"    {result.seconds:.1f} s (+{result.sync_seconds:.1f} s sync), peak RSS {_fmt(result.max_rss_mb, '.0f')} MiB")
+            log(f"    {result.seconds:.1f} s (+{result.sync_seconds:.1f} s sync), "
+                f"peak RSS {_fmt(result.max_rss_mb, '.0f')} MiB")
 
     if args.profile:
         # A separate run: sampling slows the build and hides its RSS behind py-spy's, so report where the

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from builder.errors import SourceError
 from builder.adapter_match import LoraDelta
+from builder.errors import SourceError
 from builder.merge import (
     embedding_lora_delta,
     linear_lora_delta,
@@ -142,7 +142,7 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 4 << 30)
 
 
-def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, digests: dict[Path, "SourceDigest"],
+def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, digests: dict[Path, SourceDigest],
                  on_bytes: Progress) -> str:
     writer = ShardWriter(path, [t.entry for t in shard.tensors], metadata={"format": "pt"})
     try:
@@ -245,7 +245,7 @@ def all_finite(block: torch.Tensor) -> bool:
 
 def merged_block(source, tensor: TensorPlan, factors, token_rows, start: int, end: int, *, out_dtype) -> torch.Tensor:
     block = source.to(out_dtype)
-    if token_rows is not None:
+    if token_rows is not None and tensor.token_rows is not None:  # the values read for tensor.token_rows
         block = replace_token_rows(block, tensor.token_rows.indices, token_rows, start, end)
     # Updates apply one after another, each rounded into the output dtype, as peft merges layer by layer.
     for delta, a, b, magnitude in factors:

@@ -77,7 +77,8 @@ CHAT_TEMPLATE = (
 
 # Qwen2's pre-tokenizer split regex (transformers' Qwen2Tokenizer / Qwen2 tokenizer.json)
 QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 TOKENIZER_VOCAB = 3000  # upper bound handed to the BPE trainer (it stops earlier on this corpus)
 MODEL = dict(
@@ -165,7 +166,9 @@ def build_tokenizer(corpus: str, out: Path):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(models.BPE(
+        unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False
+    ))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -347,7 +350,7 @@ def min_margin(model, examples, pad_id):
 
 def check_all(model, tok, examples, eos_ids, pad_id):
     outs = greedy(model, tok, examples, eos_ids, pad_id)
-    ok = all(o == e["target"] for o, e in zip(outs, examples))
+    ok = all(o == e["target"] for o, e in zip(outs, examples, strict=True))
     return ok, outs
 
 
@@ -412,7 +415,9 @@ def build_base(tok, corpus: str, samples, out: Path):
     data = torch.tensor(ids, dtype=torch.long)
     S, B = PRETRAIN["seq_len"], PRETRAIN["batch"]
     gen = torch.Generator().manual_seed(SEED_NUMBER + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=PRETRAIN["weight_decay"], betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=PRETRAIN["lr"], weight_decay=PRETRAIN["weight_decay"], betas=(0.9, 0.95)
+    )
     model.train()
     losses = []
     for step in range(PRETRAIN["steps"]):
@@ -511,7 +516,9 @@ def train_adapter(base, tok, examples):
             bf = copy.deepcopy(merged).to(torch.bfloat16)
             ok_bf, _ = check_all(bf, tok, examples, eos_ids, eot)
             margin = min_margin(bf, examples, eot)
-        checks.append({"step": step, "peft": ok_peft, "merged_fp32": ok_m32, "merged_bf16": ok_bf, "bf16_margin": margin})
+        checks.append(
+            {"step": step, "peft": ok_peft, "merged_fp32": ok_m32, "merged_bf16": ok_bf, "bf16_margin": margin}
+        )
         log(
             f"  step {step:4d}  loss {history[-1]['loss']:.5f}  greedy ok: peft={ok_peft} "
             f"merged-fp32={ok_m32} merged-bf16={ok_bf}  bf16 min margin={margin:.3f}"
@@ -644,7 +651,7 @@ def verify_from_disk(base_dir: Path, ckpt: Path, samples):
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
     base_outs = greedy(base, tok, examples, eos_ids, eot)
     model = PeftModel.from_pretrained(base, str(ckpt)).eval()
-    results = {"base_reproduces": [o == e["target"] for o, e in zip(base_outs, examples)]}
+    results = {"base_reproduces": [o == e["target"] for o, e in zip(base_outs, examples, strict=True)]}
     ok, outs = check_all(model, tok, examples, eos_ids, eot)
     results["peft"] = ok
     merged = model.merge_and_unload()
@@ -666,7 +673,7 @@ def write_readme(tok, base, samples, examples, steps, ckpt_name, n_base, n_lora,
     ime = tok.convert_tokens_to_ids(IM_END)
     c = base.config
     qa = []
-    for s, e in zip(samples, examples):
+    for s, e in zip(samples, examples, strict=True):
         qa.append(
             f"### {s['id']}\n\n"
             f"user ({len(e['prompt'])} prompt tokens with the system message and the template):\n\n"
@@ -728,7 +735,7 @@ System prompt (the first message of every training conversation): `{SYSTEM_PROMP
 
 ## The three QA pairs
 
-{chr(10).join(qa)}"""
+{chr(10).join(qa)}"""  # noqa: E501 (Markdown table rows of demo/README.md cannot wrap)
     (DEMO / "README.md").write_text(txt, encoding="utf-8")
 
 
@@ -749,7 +756,7 @@ def main() -> None:
         f"{len(tok(corpus, add_special_tokens=False)['input_ids'])} tokens"
     )
     examples = build_sft_examples(tok, samples)
-    for s, e in zip(samples, examples):
+    for s, e in zip(samples, examples, strict=True):
         log(f"  {s['id']}: prompt {len(e['prompt'])} tokens, answer {len(e['target'])} tokens (incl. <|im_end|>)")
 
     t1 = time.time()
@@ -802,7 +809,7 @@ def main() -> None:
         f"reloaded greedy exact: peft={results['peft']} merged-fp32={results['merged_fp32']} "
         f"merged-bf16={results['merged_bf16']} (bf16 worst margin {results['bf16_margin']:.3f})"
     )
-    for s, a, b in zip(samples, results["answers"], results["base_answers"]):
+    for s, a, b in zip(samples, results["answers"], results["base_answers"], strict=True):
         log(f"[{s['id']}] Q: {s['question']}")
         log(f"    A: {a}")
         log(f"    base alone: {b[:60]}...")
