@@ -14,15 +14,17 @@ from builder.errors import SourceError, VerificationError
 from builder.execute import copy_side_files, write_weights
 from builder.manifest import find_machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
-from builder.render import build_context, installed_versions, render_card, render_loader, render_requirements
+from builder.render import RenderContext, build_context, installed_versions, render_card, render_requirements, render_runtime
 from builder.sources import read_adapter_checkpoint, read_base_model
 from builder.spec import load_spec
-from builder.remote_code import probe_token_ids
+from builder.chat import read_chat_facts
 from builder.trust import DIGEST_PLACEHOLDER, seal
 from builder.staging import check_output_location, publish, staged_output
-from builder.verify import ReferenceSources, failure_message, verify_bundle, verifying_python
+from builder.report import VerificationReport, failure_message
+from builder.verify import ReferenceSources, verify_bundle, verifying_python
 
-Report = Callable[[str], None]
+# Receives one line per step of the build, for the terminal.
+Progress = Callable[[str], None]
 
 
 @dataclass
@@ -47,8 +49,9 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
 
 
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
-                 report: Report = lambda line: None) -> BuildResult:
-    """Execute the plan into a staging folder, verify it, and swap it into place (see staging.staged_output)."""
+                 progress: Progress = lambda line: None) -> BuildResult:
+    """The build's phases, in a staging folder beside the destination (see staging.staged_output): write the
+    weights, write the other files, verify, finalise (card, requirements, report, manifest, digest), publish."""
     spec = plan.spec
     dest = spec.output.dir
     check_output_location(
@@ -56,90 +59,90 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     )
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    with staged_output(dest, force=force, needed=plan.disk_needed, report=report) as staging:
-        report(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
+    with staged_output(dest, force=force, needed=plan.disk_needed, progress=progress) as staging:
+        progress(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
         weights = write_weights(plan, staging)
-        copy_side_files(plan, staging)
-        context = _write_configs_and_render(plan, staging)
+        context = _write_files(plan, staging)
         timings["write"] = time.perf_counter() - started
-
-        offenders = find_machine_paths(staging, [spec.base.path, spec.adapter.path, plan.spec_file.parent])
-        if offenders:
-            raise SourceError("the bundle would name paths of this machine:\n  " + "\n  ".join(offenders))
         provenance = _provenance(plan, _source_fingerprints(plan, weights.sources))
         manifest = write_manifest(staging, provenance, known_sha256=weights.written)
 
         verification = None
         if verify:
-            report("verifying: loading the bundle in a fresh offline process")
             verify_started = time.perf_counter()
-            verification = verify_bundle(
-                staging,
-                python=spec.verify.python,
-                device=device or spec.verify.device,
-                sources=ReferenceSources(spec.base.path, spec.adapter.path),
-                compare_base=spec.verify.compare_base,
-                trust_remote_code=spec.base.trust_remote_code,
-                # Hashed by this process as it wrote them; the check still covers listing, sizes and links.
-                known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()},
-                on_progress=report,
-            )
+            verification = _verify(plan, staging, manifest, device=device, progress=progress)
             timings["verify"] = time.perf_counter() - verify_started
-            message = failure_message(verification)
-            if message:
-                raise VerificationError(message)
-            verification["digest"] = DIGEST_PLACEHOLDER  # the final manifest's digest, written by seal() below
-            (staging / "verification.json").write_text(configs.dump_json(verification), encoding="utf-8")
-        (staging / "README.md").write_text(render_card(context, verification=verification), encoding="utf-8")
-        environment = verification["environment"] if verification else None
-        (staging / "requirements.txt").write_text(
-            render_requirements(context, environment=environment, extra_packages=_extra_packages(plan)),
-            encoding="utf-8",
-        )
-        unchanged = {name: meta["sha256"] for name, meta in manifest["files"].items()
-                     if name not in ("README.md", "requirements.txt")}
-        write_manifest(staging, provenance, known_sha256=unchanged)
-        digest = seal(staging)
+
+        digest = _finalise(plan, staging, context, provenance, manifest, verification)
         publish(staging, dest)
-        report(f"bundle digest: {digest} (give it to the receivers: modelpack verify BUNDLE --digest {digest})")
+    progress(f"bundle digest: {digest} (give it to the receivers: modelpack verify BUNDLE --digest {digest})")
     timings["total"] = time.perf_counter() - started
     return BuildResult(bundle=dest, plan=plan, verification=verification, digest=digest, timings=timings)
 
 
-def _write_configs_and_render(plan: BuildPlan, staging: Path):
-    """config.json, generation_config.json, tokenizer config and chat template, adapter config, load.py."""
-    template = configs.chat_template_of(plan)
-    special = configs.special_token_ids(plan)
-    end_of_turn = (
-        configs.end_of_turn_token(template, special, configs.tokenizer_config_tokens(plan)) if template else None
-    )
-    end_of_turn_id = special.get(end_of_turn)
-    if end_of_turn is None:  # no chat template: remote chat code (Qwen-v1) names its prompt format instead
-        end_of_turn = configs.chat_format_end_of_turn(plan.base.generation_config)
-        end_of_turn_id = special.get(end_of_turn)
-        if end_of_turn is not None and end_of_turn_id is None:
-            # Its special tokens live in the tokenizer's own code: ask it, in the verifying interpreter.
-            python = verifying_python(plan.spec.verify.python)
-            end_of_turn_id = probe_token_ids(staging, [end_of_turn], python=python)[end_of_turn]
-            end_of_turn = end_of_turn if end_of_turn_id is not None else None
-    generation = configs.generation_config(plan, plan.base.generation_config, end_of_turn_id)
+def _write_files(plan: BuildPlan, staging: Path) -> RenderContext:
+    """Everything but the weights and what reports on verification: copies, configs, chat template, loader."""
+    copy_side_files(plan, staging)
+    chat = read_chat_facts(plan, staging, python=verifying_python(plan.spec.verify.python))
+    generation = configs.generation_config(plan, plan.base.generation_config, chat.end_of_turn_id)
     _write(staging / "config.json", configs.dump_json(configs.model_config(
         plan.base.config, plan.out_dtype, untie_embeddings=plan.untie_embeddings, vocab_size=plan.vocab_size
     )))
     _write(staging / "generation_config.json", configs.dump_json(generation))
-    tokenizer_config = staging / "tokenizer_config.json"
-    if tokenizer_config.is_file() and template is not None:  # else it stays the byte-for-byte copy
-        _write(tokenizer_config, configs.dump_json(configs.tokenizer_config(tokenizer_config, template)))
-    if template is not None:
-        _write(staging / "chat_template.jinja", template)
+    if chat.template is not None:
+        if chat.tokenizer_config is not None:  # else the tokenizer has no config to carry the template
+            _write(staging / "tokenizer_config.json",
+                   configs.dump_json(configs.tokenizer_config(chat.tokenizer_config, chat.template)))
+        _write(staging / "chat_template.jinja", chat.template)
     if plan.mode == "separate":
         _write(staging / "adapter" / "adapter_config.json", configs.dump_json(configs.adapter_config(plan.adapter.config)))
-    context = build_context(plan, generation=generation, end_of_turn_token=end_of_turn)
-    _write(staging / "load.py", render_loader(context))
-    _write(staging / "README.md", render_card(context, verification=None))
-    _write(staging / "requirements.txt",
-           render_requirements(context, environment=None, extra_packages=_extra_packages(plan)))
+    context = build_context(plan, generation=generation, chat=chat)
+    for name, content in render_runtime(context).items():
+        (staging / name).write_bytes(content)
     return context
+
+
+def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None, progress: Progress) -> VerificationReport:
+    """Reload-and-chat verification of the staged bundle; a failed check stops the build (exit 3)."""
+    spec = plan.spec
+    progress("verifying: loading the bundle in a fresh offline process")
+    verification = verify_bundle(
+        staging,
+        python=spec.verify.python,
+        device=device or spec.verify.device,
+        sources=ReferenceSources(spec.base.path, spec.adapter.path),
+        compare_base=spec.verify.compare_base,
+        trust_remote_code=spec.base.trust_remote_code,
+        # Hashed by this process as it wrote them; the check still covers listing, sizes and links.
+        known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()},
+        progress=progress,
+    )
+    message = failure_message(verification)
+    if message:
+        raise VerificationError(message)
+    return verification
+
+
+def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance: dict, manifest: dict,
+              verification: VerificationReport | None) -> str:
+    """The files that report on the bundle, written once verification is known, then the final manifest and digest.
+
+    The card and requirements.txt are rendered only now because they show what verification found (its answers,
+    the versions it ran with); the files verified before are unchanged, so their hashes are reused.
+    """
+    spec = plan.spec
+    if verification is not None:
+        verification["digest"] = DIGEST_PLACEHOLDER  # the final manifest's digest, written by seal() below
+        _write(staging / "verification.json", configs.dump_json(verification))
+    _write(staging / "README.md", render_card(context, verification=verification))
+    environment = verification["environment"] if verification else None
+    _write(staging / "requirements.txt",
+           render_requirements(context, environment=environment, extra_packages=_extra_packages(plan)))
+    offenders = find_machine_paths(staging, [spec.base.path, spec.adapter.path, plan.spec_file.parent])
+    if offenders:
+        raise SourceError("the bundle would name paths of this machine:\n  " + "\n  ".join(offenders))
+    write_manifest(staging, provenance, known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()})
+    return seal(staging)
 
 
 def _extra_packages(plan: BuildPlan) -> list[str]:

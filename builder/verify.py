@@ -6,6 +6,7 @@ import importlib.resources
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -13,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.table import Table
-
 import builder
 from builder.errors import BundleError, VerificationError
+from builder.report import VerificationReport, read_equivalence, read_runtime_report
 from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
 from builder.manifest import read_manifest, sha256_file
 
@@ -24,7 +24,6 @@ from builder.manifest import read_manifest, sha256_file
 EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "equivalence.py"))
 # What the runtime (templates/runtime/bundle_check.py, equivalence.py) puts before its progress lines.
 PROGRESS_MARKER = "[verify] "
-EMPTY_EXPECTATION = {"contains": [], "not_contains": [], "equals": None, "regex": None}
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
                   sources: ReferenceSources | None = None, compare_base: bool = False, max_memory: str | None = None,
                   trust_remote_code: bool = False, expected_digest: str | None = None,
                   known_sha256: dict[str, str] | None = None,
-                  on_progress: Callable[[str], None] = lambda line: None) -> dict:
+                  progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """Check the bundle's files in this process, then run `load.py --verify` in a subprocess that cannot import
     modelpack, then (with the sources) the equivalence check; return the combined JSON report.
 
@@ -50,7 +49,7 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     """
     python = verifying_python(python)
     manifest = read_manifest(bundle)
-    on_progress("checking every file against manifest.json")
+    progress("checking every file against manifest.json")
     integrity = require_integrity(bundle, manifest, expected_digest=expected_digest, known_sha256=known_sha256)
     code = require_consent_to_code(manifest, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
@@ -59,13 +58,16 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
         # The files were checked above, by code the receiver trusts; load.py need not hash them a second time.
         _run([python, str(bundle / "load.py"), "--verify", "--files-checked", "--report", str(report_path),
               "--device", device, *spread],
-             workdir, report_path, on_progress, what=f"verification could not load the bundle {bundle}")
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        report["integrity"] = {"ok": integrity.ok, "files": integrity.files, "problems": integrity.problems,
-                               "checked_by": f"modelpack {builder.__version__}"}
-        report["digest"] = bundle_digest(bundle)
-        report["remote_code"] = code
-        report["skipped"] = []
+             workdir, report_path, progress, what=f"verification could not load the bundle {bundle}")
+        runtime_report = read_runtime_report(json.loads(report_path.read_text(encoding="utf-8")), python=python)
+        report: VerificationReport = {
+            **runtime_report,
+            "integrity": {"ok": integrity.ok, "files": integrity.files, "problems": integrity.problems,
+                          "checked_by": f"modelpack {builder.__version__}"},
+            "digest": bundle_digest(bundle),
+            "remote_code": code,
+            "skipped": [],
+        }
         if sources is None:
             report["skipped"].append({"check": "equivalence", "reason": "the source base and adapter are not available"})
             return report
@@ -78,9 +80,9 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
         command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(base),
                    "--adapter", str(adapter), "--answers", str(answers), "--report", str(equivalence_path),
                    "--device", device, *spread]
-        _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, on_progress,
+        _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, progress,
              what="the equivalence check could not load the bundle and its sources")
-        equivalence = json.loads(equivalence_path.read_text(encoding="utf-8"))
+        equivalence = read_equivalence(json.loads(equivalence_path.read_text(encoding="utf-8")), python=python)
     base_answers = equivalence.pop("base_answers", None)
     if base_answers is not None:
         for result in report["prompts"] + report["probes"]:
@@ -92,15 +94,15 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
 
 def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_key: Path | None = None,
                     trust_remote_code: bool = False, python: str | os.PathLike | None = None, device: str = "auto",
-                    max_memory: str | None = None, on_progress: Callable[[str], None] = lambda line: None) -> dict:
+                    max_memory: str | None = None, progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """A received bundle: its signature (when a key is given), then verify_bundle against the sources manifest.json
     names when they are on this machine (else equivalence is reported as skipped)."""
     if public_key is not None:
-        on_progress("checking the signature")
+        progress("checking the signature")
         require_signature(bundle, public_key)
     sources, unavailable = recorded_sources(bundle, read_manifest(bundle))
     report = verify_bundle(bundle, python=python, device=device, sources=sources, max_memory=max_memory,
-                           trust_remote_code=trust_remote_code, expected_digest=expected_digest, on_progress=on_progress)
+                           trust_remote_code=trust_remote_code, expected_digest=expected_digest, progress=progress)
     if unavailable:
         report["skipped"] = [{"check": "equivalence", "reason": unavailable}]
     return report
@@ -135,7 +137,7 @@ def _reference_adapter(adapter: Path, folder: Path) -> Path:
     return folder
 
 
-def _run(command: list[str], workdir: str, output: Path, on_progress: Callable[[str], None], *, what: str) -> None:
+def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str], None], *, what: str) -> None:
     """Run a verification step offline in an empty folder (it sees the bundle and nothing of the build).
 
     Model code is imported into a modules cache of this run only, so nothing another model left in the user's
@@ -146,13 +148,14 @@ def _run(command: list[str], workdir: str, output: Path, on_progress: Callable[[
            "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
     env.pop("PYTHONPATH", None)
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+                               stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     lines: list[str] = []
     assert process.stdout is not None
     for line in process.stdout:
         lines.append(line.rstrip())
         if line.startswith(PROGRESS_MARKER):  # the runtime's own lines; libraries' bars and warnings stay in the log
-            on_progress(line.rstrip().removeprefix(PROGRESS_MARKER))
+            progress(line.rstrip().removeprefix(PROGRESS_MARKER))
     returncode = process.wait()
     if not output.is_file():
         handle, log = tempfile.mkstemp(prefix="modelpack-verify-", suffix=".log")
@@ -160,6 +163,15 @@ def _run(command: list[str], workdir: str, output: Path, on_progress: Callable[[
             f.write(" ".join(command) + "\n\n" + "\n".join(lines) + "\n")
         raise VerificationError(f"{what}: {describe_crash(lines, returncode)}; it ran with {command[0]}, and its "
                                 f"full output is in {log}")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGKILL when modelpack dies, even by SIGKILL, so a killed build
+    leaves no verification running on a staging folder the next build removes."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 # A frame of a Python traceback: `  File "/path/modeling_qwen.py", line 44, in <module>`.
@@ -207,63 +219,3 @@ def verifying_python(python: str | os.PathLike | None) -> str:
     # Absolute (the subprocess runs elsewhere) but not resolved: a virtualenv's bin/python is a symlink, and
     # only under its own path does it find the venv's packages.
     return os.path.abspath(path)
-
-
-def failure_message(report: dict) -> str | None:
-    """One line per failed check: the prompt, the unmet expectation and the answer; None if all passed."""
-    lines = [f"integrity: {p}" for p in report["integrity"]["problems"]]
-    lines += [f"serving: {p}" for p in report["serving"]["problems"]]
-    for result in report["prompts"] + report["probes"]:
-        if not result["ok"]:
-            lines.append(
-                f"prompt {result['prompt']!r}: expected {', '.join(result['failures'])}; answered {result['answer']!r}"
-            )
-    equivalence = report.get("equivalence")
-    if equivalence and not equivalence["ok"]:
-        for result in equivalence["prompts"]:
-            if not result["ok"]:
-                lines.append(
-                    f"equivalence: prompt {result['prompt']!r}: max |delta logit| {result['max_abs_logit_diff']:.4g} "
-                    f"vs tolerance {result['tolerance']:.4g}, {result['greedy_disagreements']} greedy tokens differ "
-                    f"from {equivalence['reference']}"
-                )
-    return "verification failed:\n  " + "\n  ".join(lines) if lines else None
-
-
-def report_table(report: dict) -> Table:
-    """The terminal summary of a verification report: one row per check and per prompt."""
-    table = Table(title=f"verification of {report['bundle']}: {'passed' if report['ok'] else 'FAILED'}")
-    for column in ("check", "result", "detail"):
-        table.add_column(column, overflow="fold")
-    integrity = report["integrity"]
-    table.add_row("integrity", _verdict(integrity["ok"]), f"{integrity['files']} files against manifest.json")
-    serving = report["serving"]
-    table.add_row("serving", _verdict(serving["ok"]), "; ".join(serving["problems"]) or "eos ids, chat template, vocabulary")
-    for warning in serving.get("warnings", []):
-        table.add_row("serving", "warning", warning)
-    equivalence = report.get("equivalence")
-    if equivalence:
-        table.add_row(
-            "equivalence", _verdict(equivalence["ok"]),
-            f"max |delta logit| {equivalence['max_abs_logit_diff']:.3g} over {equivalence['positions']} positions, "
-            f"greedy agreement {equivalence['greedy_agreement']:.1%} ({equivalence['dtype']}; {equivalence['rule']})",
-        )
-    runtime = report.get("runtime")
-    if runtime:
-        spread = ", ".join(f"{device}: {count / 1e6:.1f}M" for device, count in runtime["placement"]["parameters"].items())
-        table.add_row("runtime", "", f"loaded in {runtime['load_seconds']}s, {runtime['tokens_per_second']} tokens/s; "
-                      f"parameters on {spread}")
-    for skipped in report.get("skipped", []):
-        table.add_row(skipped["check"], "skipped", skipped["reason"])
-    for kind, results in (("prompt", report["prompts"]), ("probe", report["probes"])):
-        for result in results:
-            detail = f"{result['prompt'][:40]} -> {result['answer'][:60]}"
-            if "base_answer" in result:
-                detail += f"  (base: {result['base_answer'][:40]})"
-            verdict = _verdict(result["ok"]) if kind == "prompt" or result["expect"] != EMPTY_EXPECTATION else "recorded"
-            table.add_row(kind, verdict, detail + ("" if result["ok"] else f"  [{'; '.join(result['failures'])}]"))
-    return table
-
-
-def _verdict(ok: bool) -> str:
-    return "ok" if ok else "FAILED"

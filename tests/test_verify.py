@@ -12,7 +12,8 @@ import builder
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import BundleError, VerificationError
 from builder.manifest import write_manifest
-from builder.verify import failure_message, verify_bundle
+from builder.report import failure_message, read_verification
+from builder.verify import verify_bundle
 from helpers import write_spec
 
 
@@ -109,7 +110,11 @@ def test_a_merge_with_wrong_scaling_fails_equivalence(tmp_path, models, adapters
 def test_equivalence_passes_and_base_answers_are_recorded(tmp_path, models, adapters):
     base = models("llama", tied=False, dtype=torch.float32)
     spec = write_spec(tmp_path, base, adapters(base), verify={"compare_base": True, "probes": [{"prompt": "hi"}]})
-    report = build_bundle(plan_from_spec(spec), verify=True, device="cpu").verification
+    result = build_bundle(plan_from_spec(spec), verify=True, device="cpu")
+    report = result.verification
+    # verification.json as written has exactly the declared shape (builder/report.py), digest included.
+    written = read_verification(json.loads((result.bundle / "verification.json").read_text()))
+    assert written["digest"] == result.digest and written["equivalence"]["prompts"][0]["ok"]
     equivalence = report["equivalence"]
     assert equivalence["ok"] and equivalence["dtype"] == "float32"
     assert equivalence["max_abs_logit_diff"] < 1e-3 and equivalence["significant_disagreements"] == 0
@@ -125,3 +130,8 @@ def test_dora_adapter_in_separate_mode_gets_a_vllm_warning(tmp_path, models, ada
     warnings = report["serving"]["warnings"]
     assert any("DoRA adapters (use_dora) are not supported by vLLM" in w for w in warnings)
     assert len(warnings) == 1
+
+
+def test_a_report_of_another_shape_is_named_not_a_key_error():
+    with pytest.raises(VerificationError, match="verification.json does not have the expected shape: .*integrity"):
+        read_verification({"bundle": "x", "ok": True})
