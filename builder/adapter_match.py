@@ -84,7 +84,9 @@ def refuse_unmergeable_config(adapter: AdapterCheckpoint, base: BaseModelFolder)
     """Adapter options whose merge peft itself cannot do, or does wrongly, stop the build with the reason."""
     config, where = adapter.config, adapter.path / "adapter_config.json"
     if config.get("layer_replication"):
-        raise SourceError(f"{where}: layer_replication is set; peft cannot merge such adapters, so neither does modelpack")
+        raise SourceError(
+            f"{where}: layer_replication is set; peft cannot merge such adapters, so neither does modelpack"
+        )
     if config.get("megatron_config"):
         raise SourceError(f"{where}: megatron_config is set; megatron-parallel LoRA layers cannot be merged")
     init = str(config.get("init_lora_weights", True)).lower()
@@ -164,7 +166,9 @@ def _module_deltas(module: str, roles: dict, *, rank: int, scaling: float, confi
                         fan_in_fan_out=bool(config.get("fan_in_fan_out")), magnitude=roles.get("magnitude"))
     if "embedding_A" in roles or "embedding_B" in roles:
         if "embedding_A" not in roles or "embedding_B" not in roles:
-            raise SourceError(f"{where} has only one of lora_embedding_A / lora_embedding_B; the adapter file is incomplete")
+            raise SourceError(
+                f"{where} has only one of lora_embedding_A / lora_embedding_B; the adapter file is incomplete"
+            )
         yield LoraDelta(module, "embedding", roles["embedding_A"], roles["embedding_B"], rank, scaling,
                         magnitude=roles.get("magnitude"))
     if "bias" in roles:
@@ -174,7 +178,8 @@ def _module_deltas(module: str, roles: dict, *, rank: int, scaling: float, confi
 
 
 def _token_indices(adapter: AdapterCheckpoint, module: str, values: TensorLocation, *, rows: int) -> tuple[int, ...]:
-    """trainable_token_indices is a list (for the input embedding) or {module name: list}, each a row of the embedding."""
+    """trainable_token_indices is a list (for the input embedding) or {module name: list}, each a row of the
+    embedding."""
     spec = adapter.config.get("trainable_token_indices")
     if isinstance(spec, dict):
         indices = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
@@ -182,13 +187,14 @@ def _token_indices(adapter: AdapterCheckpoint, module: str, values: TensorLocati
         indices = spec
     if not isinstance(indices, list) or not indices or len(indices) != values.shape[0]:
         raise SourceError(
-            f"{adapter.weights_file.name}: {module}.token_adapter holds {values.shape[0]} rows but adapter_config.json's "
-            f"trainable_token_indices gives {indices!r} for it"
+            f"{adapter.weights_file.name}: {module}.token_adapter holds {values.shape[0]} rows "
+            f"but adapter_config.json's trainable_token_indices gives {indices!r} for it"
         )
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < rows for i in indices):
         raise SourceError(
-            f"{adapter.path / 'adapter_config.json'}: trainable_token_indices for {module} are {indices!r}, but must be "
-            f"token ids from 0 to {rows - 1} (the embedding's rows); correct them or re-save the adapter with peft"
+            f"{adapter.path / 'adapter_config.json'}: trainable_token_indices for {module} are {indices!r}, "
+            f"but must be token ids from 0 to {rows - 1} (the embedding's rows); "
+            "correct them or re-save the adapter with peft"
         )
     return tuple(indices)
 
@@ -198,7 +204,9 @@ def _check_layout(location: TensorLocation, weights: str, key: str) -> None:
         raise SourceError(f"{weights}: tensor {key!r} has dtype {location.dtype}; expected floating point weights")
 
 
-def _check_target_modules(adapter: AdapterCheckpoint, base: BaseModelFolder, tensors: dict[str, TensorLocation]) -> None:
+def _check_target_modules(
+    adapter: AdapterCheckpoint, base: BaseModelFolder, tensors: dict[str, TensorLocation]
+) -> None:
     """target_modules must name at least one module of the base, as peft requires when it loads the adapter.
 
     peft's rule: a string is a regex matched against the whole module path; a list entry matches a path equal to it
@@ -257,8 +265,11 @@ def _check_delta_shape(delta: LoraDelta, target: TensorLocation, weights: str) -
     where = f"{weights}: module {delta.module!r}"
     if delta.kind == "bias":
         if tuple(target.shape) != tuple(delta.b.shape):
-            raise SourceError(f"{where}: lora_B.bias has shape {list(delta.b.shape)}, the base bias {list(target.shape)}")
+            raise SourceError(
+                f"{where}: lora_B.bias has shape {list(delta.b.shape)}, the base bias {list(target.shape)}"
+            )
         return
+    assert delta.a is not None  # only a bias delta (handled above) has no lora_A
     a_shape, b_shape = delta.a.shape, delta.b.shape
     if len(a_shape) != 2 or len(b_shape) != 2:
         raise SourceError(

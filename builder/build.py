@@ -10,17 +10,24 @@ from pathlib import Path
 
 import builder
 from builder import configs
+from builder.chat import read_chat_facts
 from builder.errors import SourceError, VerificationError
 from builder.execute import copy_side_files, write_weights
 from builder.manifest import find_machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
-from builder.render import RenderContext, build_context, installed_versions, render_card, render_requirements, render_runtime
+from builder.render import (
+    RenderContext,
+    build_context,
+    installed_versions,
+    render_card,
+    render_requirements,
+    render_runtime,
+)
+from builder.report import VerificationReport, failure_message
 from builder.sources import read_adapter_checkpoint, read_base_model
 from builder.spec import load_spec
-from builder.chat import read_chat_facts
-from builder.trust import DIGEST_PLACEHOLDER, seal
 from builder.staging import check_output_location, publish, staged_output
-from builder.report import VerificationReport, failure_message
+from builder.trust import DIGEST_PLACEHOLDER, seal
 from builder.verify import ReferenceSources, verify_bundle, verifying_python
 
 # Receives one line per step of the build, for the terminal.
@@ -31,7 +38,7 @@ Progress = Callable[[str], None]
 class BuildResult:
     bundle: Path
     plan: BuildPlan
-    verification: dict | None
+    verification: VerificationReport | None
     digest: str
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -95,14 +102,16 @@ def _write_files(plan: BuildPlan, staging: Path) -> RenderContext:
                    configs.dump_json(configs.tokenizer_config(chat.tokenizer_config, chat.template)))
         _write(staging / "chat_template.jinja", chat.template)
     if plan.mode == "separate":
-        _write(staging / "adapter" / "adapter_config.json", configs.dump_json(configs.adapter_config(plan.adapter.config)))
+        _write(staging / "adapter" / "adapter_config.json",
+               configs.dump_json(configs.adapter_config(plan.adapter.config)))
     context = build_context(plan, generation=generation, chat=chat)
     for name, content in render_runtime(context).items():
         (staging / name).write_bytes(content)
     return context
 
 
-def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None, progress: Progress) -> VerificationReport:
+def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None,
+            progress: Progress) -> VerificationReport:
     """Reload-and-chat verification of the staged bundle; a failed check stops the build (exit 3)."""
     spec = plan.spec
     progress("verifying: loading the bundle in a fresh offline process")

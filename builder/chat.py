@@ -59,6 +59,7 @@ def read_tokenizer_files(plan: BuildPlan) -> TokenizerFiles:
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str):
             template_tokens[key] = value
+    template: str | None
     if plan.spec.chat.template is not None:
         template = plan.spec.chat.template.read_text(encoding="utf-8")
     elif "chat_template.jinja" in by_name:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from builder.errors import EXIT_INTERRUPTED, ModelpackError, VerificationError
+
+if TYPE_CHECKING:
+    from builder.report import VerificationReport
 
 app = typer.Typer(
     add_completion=False,
@@ -24,7 +27,7 @@ def _say(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def _print_table(report: dict) -> None:
+def _print_table(report: VerificationReport) -> None:
     from rich.console import Console
 
     from builder.report import report_table
@@ -66,11 +69,12 @@ def validate(spec: Annotated[Path, typer.Argument(help="the spec YAML file")]) -
 @user_errors_exit
 def build(
     spec: Annotated[Path, typer.Argument(help="the spec YAML file")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="bundle folder (overrides output.dir)")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="bundle folder (overrides output.dir)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing bundle")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip reload-and-chat verification")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and write nothing")] = False,
-    device: Annotated[Optional[str], typer.Option(help="verification device: auto | cpu | cuda (default: verify.device)")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="verification device: auto | cpu | cuda (default: verify.device)")] = None,
 ) -> None:
     """Build the bundle a spec describes."""
     from builder.build import build_bundle, plan_from_spec
@@ -93,18 +97,19 @@ def build(
 @user_errors_exit
 def verify(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
-    digest: Annotated[Optional[str], typer.Option(
+    digest: Annotated[str | None, typer.Option(
         help="the bundle digest the sender gave you (sha256:...); a bundle with another manifest is refused")] = None,
-    public_key: Annotated[Optional[Path], typer.Option(
+    public_key: Annotated[Path | None, typer.Option(
         help="the sender's public key (PEM): the bundle's model.sig must be theirs, over exactly these files")] = None,
     trust_remote_code: Annotated[bool, typer.Option(
-        "--trust-remote-code", help="allow verification to run the model code the bundle ships (read it first)")] = False,
+        "--trust-remote-code",
+        help="allow verification to run the model code the bundle ships (read it first)")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    python: Annotated[Optional[Path], typer.Option(
+    python: Annotated[Path | None, typer.Option(
         help="Python interpreter that loads the model (e.g. the deployment's venv/bin/python)")] = None,
-    max_memory: Annotated[Optional[str], typer.Option(
+    max_memory: Annotated[str | None, typer.Option(
         help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
-    report_path: Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report here")] = None,
+    report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
 ) -> None:
     """Re-run a bundle's checks: every file against manifest.json (before any bundle code runs), the digest or
     signature, expected answers, serving contract, and equivalence when the sources are on this machine."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -99,5 +100,5 @@ def _is_lora_default(key: str, value: object) -> bool:
     return value == default or value in (None, {}, []) and default in (None, {}, [])
 
 
-def dump_json(data: dict) -> str:
+def dump_json(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n"

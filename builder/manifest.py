@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TypeGuard
 
 from builder.errors import BundleError
 
@@ -68,7 +69,7 @@ def read_manifest(bundle: Path) -> dict:
         raise BundleError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
 
 
-def written_by_modelpack(manifest: object) -> bool:
+def written_by_modelpack(manifest: object) -> TypeGuard[dict]:
     """Whether a parsed manifest.json says modelpack wrote its folder.
 
     Bundles built before the `generator` marker existed are recognised by their `modelpack_version`.

@@ -1,4 +1,5 @@
-"""The build plan as data: every adapter tensor matched to a base tensor, every output tensor and file, before any math."""
+"""The build plan as data: every adapter tensor matched to a base tensor, every output tensor and file, before any
+math."""
 
 from __future__ import annotations
 
@@ -124,8 +125,8 @@ def refuse_unimportable_folder_name(folder: Path) -> None:
     """
     if "." in folder.name:
         raise OutputError(
-            f"output folder {folder.name!r} contains '.', and a bundle with remote code cannot: transformers 4.x imports "
-            f"the model's code as the package transformers_modules.<folder name>, which a dot breaks; "
+            f"output folder {folder.name!r} contains '.', and a bundle with remote code cannot: transformers 4.x "
+            f"imports the model's code as the package transformers_modules.<folder name>, which a dot breaks; "
             f"name it e.g. {folder.name.replace('.', '-')!r}"
         )
 
@@ -141,7 +142,9 @@ def output_dtype(spec_dtype: str, base: BaseModelFolder) -> torch.dtype:
     return max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
 
 
-def split_into_shards(tensors: list[TensorPlan], *, max_shard_size: int, prefix: str = "model") -> tuple[ShardPlan, ...]:
+def split_into_shards(
+    tensors: list[TensorPlan], *, max_shard_size: int, prefix: str = "model"
+) -> tuple[ShardPlan, ...]:
     """Fill shards in tensor order up to max_shard_size (a single larger tensor gets a shard of its own)."""
     groups: list[list[TensorPlan]] = [[]]
     size = 0
@@ -218,7 +221,9 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *,
         # A delta on one side of a tied pair must not reach the other: peft's merge writes it into the shared
         # matrix, which changes the input embeddings too (the merged model then answers differently from
         # base + adapter). The bundle stores the head as its own tensor instead and unties it in config.json.
-        tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied_embedding_name(base)], match, out_dtype))
+        tied = tied_embedding_name(base)
+        assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
+        tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype))
     vocab_size = _resized_vocabulary(base, tensors)
     shards = split_into_shards(tensors, max_shard_size=spec.output.max_shard_size)
 

@@ -11,14 +11,15 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
-from packaging.utils import canonicalize_name
 from jinja2 import Environment, FunctionLoader, StrictUndefined
+from packaging.utils import canonicalize_name
 
 import builder
 from builder.chat import ChatFacts
 from builder.configs import DTYPE_NAMES
 from builder.plan import BuildPlan
 from builder.remote_code import distribution_name, third_party_imports
+from builder.report import VerificationReport
 from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER
 
 # Packages a bundle needs at load time; peft only when the adapter stays separate.
@@ -163,7 +164,7 @@ def render_runtime(context: RenderContext) -> dict[str, bytes]:
     return files
 
 
-def render_card(context: RenderContext, *, verification: dict | None) -> str:
+def render_card(context: RenderContext, *, verification: VerificationReport | None) -> str:
     front_matter = {
         "base_model": context.base_name,
         "library_name": "peft" if context.mode == "separate" else "transformers",

@@ -179,7 +179,8 @@ def report_table(report: VerificationReport) -> Table:
     for name, digest in report["remote_code"].items():
         table.add_row("model code", "runs", f"{name} sha256:{digest[:16]}…")
     serving = report["serving"]
-    table.add_row("serving", _verdict(serving["ok"]), "; ".join(serving["problems"]) or "eos ids, chat template, vocabulary")
+    table.add_row("serving", _verdict(serving["ok"]),
+                  "; ".join(serving["problems"]) or "eos ids, chat template, vocabulary")
     for warning in serving["warnings"]:
         table.add_row("serving", "warning", warning)
     equivalence = report.get("equivalence")
@@ -200,7 +201,8 @@ def report_table(report: VerificationReport) -> Table:
             detail = f"{result['prompt'][:40]} -> {result['answer'][:60]}"
             if "base_answer" in result:
                 detail += f"  (base: {result['base_answer'][:40]})"
-            verdict = _verdict(result["ok"]) if kind == "prompt" or result["expect"] != EMPTY_EXPECTATION else "recorded"
+            checked = kind == "prompt" or result["expect"] != EMPTY_EXPECTATION
+            verdict = _verdict(result["ok"]) if checked else "recorded"
             table.add_row(kind, verdict, detail + ("" if result["ok"] else f"  [{'; '.join(result['failures'])}]"))
     return table
 

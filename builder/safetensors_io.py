@@ -70,10 +70,14 @@ def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
             file_size = os.fstat(f.fileno()).st_size
             raw_len = f.read(8)
             if len(raw_len) != 8:
-                raise SourceError(f"{path}: not a safetensors file (shorter than its 8-byte header length); {_REDOWNLOAD}")
+                raise SourceError(
+                    f"{path}: not a safetensors file (shorter than its 8-byte header length); {_REDOWNLOAD}"
+                )
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > _MAX_HEADER_BYTES:
-                raise SourceError(f"{path}: not a safetensors file (header length {header_len} is implausible); {_REDOWNLOAD}")
+                raise SourceError(
+                    f"{path}: not a safetensors file (header length {header_len} is implausible); {_REDOWNLOAD}"
+                )
             if 8 + header_len > file_size:
                 raise SourceError(
                     f"{path}: the header claims {header_len} bytes but the file has only {file_size}; {_REDOWNLOAD}"
@@ -103,7 +107,9 @@ def _parse_header(path: Path, raw_header: bytes) -> dict:
         reason = f"{exc.msg} at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else str(exc)
         raise SourceError(f"{path}: the safetensors header is not valid JSON ({reason}); {_REDOWNLOAD}") from None
     if not isinstance(header, dict):
-        raise SourceError(f"{path}: the safetensors header is a JSON {_json_type(header)}, not an object; {_REDOWNLOAD}")
+        raise SourceError(
+            f"{path}: the safetensors header is a JSON {_json_type(header)}, not an object; {_REDOWNLOAD}"
+        )
     metadata = header.get("__metadata__")
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
@@ -155,12 +161,15 @@ def _tensor_location(path: Path, name: str, info: object, data_start: int) -> Te
 
 def _check_tiling(path: Path, tensors: list[TensorLocation], data_start: int, file_size: int) -> None:
     """Tensors sorted by offset must cover the data section exactly, as the safetensors library requires."""
-    position, previous = data_start, None
+    position = data_start
+    previous: TensorLocation | None = None
     for tensor in tensors:
         if tensor.start < position:
+            assert previous is not None  # the first tensor starts at or after data_start
             raise SourceError(
                 f"{path}: tensor {tensor.name!r} (data bytes {tensor.start - data_start}-{tensor.end - data_start}) "
-                f"overlaps tensor {previous.name!r} (data bytes {previous.start - data_start}-{previous.end - data_start}); "
+                f"overlaps tensor {previous.name!r} "
+                f"(data bytes {previous.start - data_start}-{previous.end - data_start}); "
                 f"{_REDOWNLOAD}"
             )
         if tensor.start > position:
@@ -170,6 +179,7 @@ def _check_tiling(path: Path, tensors: list[TensorLocation], data_start: int, fi
             )
         position, previous = tensor.end, tensor
     if position > file_size:
+        assert previous is not None  # with no tensor, position is data_start, which the header check kept in the file
         raise SourceError(
             f"{path}: tensor {previous.name!r} ends {position - file_size} bytes past the end of the file "
             f"(truncated download?); {_REDOWNLOAD}"
@@ -325,7 +335,7 @@ class ShardWriter:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's raw little-endian bytes, without a copy when it is contiguous."""
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data  # ndarray.data: memoryview(array)
 
 
 def read_byte_chunks(location: TensorLocation, chunk_bytes: int) -> Iterator[bytes]:

@@ -188,7 +188,9 @@ def read_base_model(path: Path) -> BaseModelFolder:
         generation_config=read_json(generation_config_path) if generation_config_path.is_file() else None,
         remote_code_files=find_remote_code(path, config, tokenizer_config),
         # Licenses like Qwen's require their text (and NOTICE) to travel with redistributed weights.
-        license_files=tuple(sorted(p for p in path.iterdir() if p.is_file() and p.name.upper().startswith(("LICENSE", "NOTICE")))),
+        license_files=tuple(sorted(
+            p for p in path.iterdir() if p.is_file() and p.name.upper().startswith(("LICENSE", "NOTICE"))
+        )),
     )
 
 
@@ -212,7 +214,9 @@ def _checked_base_config(config: dict, where: Path) -> dict:
         raise SourceError(f'{where}: "text_config" is {_json(config["text_config"])}; it must be a JSON object')
     architectures = config.get("architectures")
     if architectures is not None:
-        if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) and a for a in architectures)):
+        if not (
+            isinstance(architectures, list) and architectures and all(isinstance(a, str) and a for a in architectures)
+        ):
             raise SourceError(
                 f'{where}: "architectures" is {_json(architectures)}; write a list of model class names '
                 'such as ["Qwen2ForCausalLM"]'
@@ -335,7 +339,7 @@ def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> Adapte
     # name tokenizer code saved beside it (Qwen's finetune.py leaves tokenization_qwen.py there): that code
     # belongs with that config, so it comes along and takes the place of the base's file of the same name.
     tokenizer_config_path = path / "tokenizer_config.json"
-    tokenizer_files = ()
+    tokenizer_files: tuple[Path, ...] = ()
     if tokenizer_config_path.is_file():
         tokenizer_files = _tokenizer_files(path) + find_remote_code(path, read_json(tokenizer_config_path))
     return AdapterCheckpoint(
@@ -363,7 +367,8 @@ def convert_legacy_adapter(legacy: Path) -> Path:
     if not isinstance(state, dict) or not state:
         raise SourceError(
             f"{legacy}: holds no tensors ({legacy.stat().st_size} bytes). Some training scripts save an empty "
-            "adapter_model.bin when the model was wrapped (e.g. by DeepSpeed); re-save the adapter from the trained model"
+            "adapter_model.bin when the model was wrapped (e.g. by DeepSpeed); "
+            "re-save the adapter from the trained model"
         )
     folder = Path(tempfile.mkdtemp(prefix="modelpack-adapter-"))
     atexit.register(shutil.rmtree, folder, True)

@@ -10,20 +10,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import ByteSize as PydanticByteSize
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     TypeAdapter,
+    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic import ByteSize as PydanticByteSize
 
 from builder.errors import SpecError
 
@@ -83,7 +83,9 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     try:
         expanded = value.expanduser()
     except RuntimeError:  # "~name/..." for a user this machine does not have
-        raise ValueError(f"cannot expand {str(value)!r}: no such user's home folder; write ~/... or a full path") from None
+        raise ValueError(
+            f"cannot expand {str(value)!r}: no such user's home folder; write ~/... or a full path"
+        ) from None
     # normpath, not resolve(): keep symlinked model folders as the user named them.
     return Path(os.path.normpath(Path(anchor) / expanded))
 
@@ -318,7 +320,9 @@ class _SpecLoader(yaml.SafeLoader):
 
     def fetch_flow_collection_start(self, token_class):
         if self.flow_level >= MAX_NESTING:
-            raise yaml.scanner.ScannerError(problem=f"nested deeper than {MAX_NESTING} levels", problem_mark=self.get_mark())
+            raise yaml.scanner.ScannerError(
+                problem=f"nested deeper than {MAX_NESTING} levels", problem_mark=self.get_mark()
+            )
         super().fetch_flow_collection_start(token_class)
 
 

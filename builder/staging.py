@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from builder.errors import OutputError
-from builder.trust import SIGNATURE
 from builder.manifest import MANIFEST, written_by_modelpack
+from builder.trust import SIGNATURE
 
 STAGING_INFIX = ".modelpack-staging-"
 LOCK_SUFFIX = ".modelpack-lock"
@@ -76,7 +76,9 @@ def check_destination(dest: Path, *, force: bool) -> None:
     if not dest.is_dir():
         raise OutputError(f"output {dest} exists and is not a folder; remove it or choose another output")
     if not force:
-        raise OutputError(f"output {dest} already exists; pass --force to replace it (it is kept until the new one is ready)")
+        raise OutputError(
+            f"output {dest} already exists; pass --force to replace it (it is kept until the new one is ready)"
+        )
     entries = sorted(os.listdir(dest))
     if not entries:
         return
@@ -257,14 +259,19 @@ def _describe_output_error(error: OSError, dest: Path, needed: int) -> str | Non
             what = f"the filesystem of {dest.parent} has no free inodes (file entries) left"
         else:
             what = f"the filesystem of {dest.parent} is full"
-        return f"{what} while writing {target}; the bundle needs {_size(needed)}: free space or pass -o to build elsewhere"
+        return (
+            f"{what} while writing {target}; the bundle needs {_size(needed)}: free space or pass -o to build elsewhere"
+        )
     if code in (errno.EEXIST, errno.ENOTDIR):
         blocker = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), where)
         return f"cannot create {target}: {blocker} is a file in the way; move it or choose another output"
     if code == errno.EROFS:
         return f"cannot write {target}: {dest.parent} is on a read-only filesystem; pass -o to build elsewhere"
     if code == errno.EACCES:
-        return f"permission denied writing {target}; make {where.parent} writable for this user or pass -o to build elsewhere"
+        return (
+            f"permission denied writing {target}; make {where.parent} writable for this user "
+            "or pass -o to build elsewhere"
+        )
     if code == errno.EPERM:
         return (
             f"operation not permitted writing {target}: {where.parent} may be immutable (`lsattr -d {where.parent}`); "
@@ -283,7 +290,10 @@ def _describe_output_error(error: OSError, dest: Path, needed: int) -> str | Non
             )
         return f"the filesystem refuses the path {where} as too long; choose a shorter output path"
     if code in (errno.EINVAL, errno.EILSEQ):
-        return f"the filesystem of {dest.parent} refuses the name {where.name!r} ({error.strerror}); choose another output name"
+        return (
+            f"the filesystem of {dest.parent} refuses the name {where.name!r} ({error.strerror}); "
+            "choose another output name"
+        )
     return f"cannot write {target}: {error.strerror}; pass -o to build elsewhere"
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import builder
 from builder.errors import BundleError, VerificationError
+from builder.manifest import read_manifest, sha256_file
 from builder.report import VerificationReport, read_equivalence, read_runtime_report
 from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
-from builder.manifest import read_manifest, sha256_file
 
 # Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
 EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "equivalence.py"))
@@ -69,7 +69,9 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
             "skipped": [],
         }
         if sources is None:
-            report["skipped"].append({"check": "equivalence", "reason": "the source base and adapter are not available"})
+            report["skipped"].append(
+                {"check": "equivalence", "reason": "the source base and adapter are not available"}
+            )
             return report
         answers = Path(workdir) / "answers.json"
         entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in report["prompts"] + report["probes"]]
@@ -94,7 +96,8 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
 
 def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_key: Path | None = None,
                     trust_remote_code: bool = False, python: str | os.PathLike | None = None, device: str = "auto",
-                    max_memory: str | None = None, progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
+                    max_memory: str | None = None,
+                    progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """A received bundle: its signature (when a key is given), then verify_bundle against the sources manifest.json
     names when they are on this machine (else equivalence is reported as skipped)."""
     if public_key is not None:
@@ -189,9 +192,10 @@ def describe_crash(lines: list[str], returncode: int) -> str:
     frames = [match for line in block if (match := _FRAME.match(line))]
     exception = next((line for line in reversed(block) if line and not line[0].isspace()), "")
     model_frames = [f for f in frames if "transformers_modules" in Path(f["file"]).parts]
-    frame = (model_frames or frames or [None])[-1]
-    if frame is None:
+    candidates = model_frames or frames
+    if not candidates:
         return exception
+    frame = candidates[-1]
     owner = "the model's own code" if model_frames else "library code"
     return f"{exception} (raised in {owner}: {Path(frame['file']).name} line {frame['line']}, in {frame['function']})"
 

@@ -1,4 +1,5 @@
-"""Sources for the Qwen-v1 (remote code) tests: the fixture model, LoRA checkpoints as Qwen's finetune.py leaves them."""
+"""Sources for the Qwen-v1 (remote code) tests: the fixture model, LoRA checkpoints as Qwen's finetune.py leaves
+them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fixtures.qwen_v1.make_qwen_v1 import CODE_FILES, make_qwen_v1_model, write_trainer_checkpoint_tokenizer_files
+from fixtures.qwen_v1.make_qwen_v1 import make_qwen_v1_model, write_trainer_checkpoint_tokenizer_files
 
 # The seed walkthrough's three samples (medical_treatment.json identity_21, identity_24, identity_19). The third
 # answer is cut to the training answer's first two clauses (the seed's own replies differ after them) so that
@@ -140,7 +141,8 @@ def train_seed_adapter(base: Path, checkpoint: Path, *, max_steps: int = 300, ma
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     answer_positions = labels[:, 1:] != -100
     targets = labels[:, 1:][answer_positions]
-    for step in range(max_steps):
+    steps = 0  # optimizer steps taken before every answer token won by `margin`
+    for _ in range(max_steps):
         hidden = inner.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = hidden.last_hidden_state[:, :-1][answer_positions]
         with torch.no_grad():  # greedy decoding's view: every answer token against the whole vocabulary
@@ -157,10 +159,11 @@ def train_seed_adapter(base: Path, checkpoint: Path, *, max_steps: int = 300, ma
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        steps += 1
     else:
         raise AssertionError(f"the adapter did not learn the seed's answers in {max_steps} steps")
     peft_model.save_pretrained(checkpoint)
-    return step
+    return steps
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -49,7 +49,8 @@ def build(folder, base, adapter_dir, **sections):
 REFUSED_CONFIGS = [
     ("layer-replication", {"layer_replication": [[0, 2], [1, 2]]}, "layer_replication is set; peft cannot merge"),
     ("megatron", {"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron_config is set"),
-    ("pissa-init", {"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changed the base weights"),
+    ("pissa-init", {"init_lora_weights": "pissa_niter_4"},
+     "init_lora_weights='pissa_niter_4' changed the base weights"),
     ("loftq-init", {"init_lora_weights": "loftq"}, "Convert it to a plain LoRA first"),
     ("tied-weight-tying", {"ensure_weight_tying": True}, "applies the shared delta to the shared matrix twice"),
 ]
@@ -105,7 +106,9 @@ def test_float16_overflow_names_the_largest_value_and_suggests_bfloat16(tmp_path
     base, adapter = copy_adapter()
     key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
     edit_tensors(adapter, lambda t: t[key].mul_(1e5))
-    with pytest.raises(SourceError, match=r"overflows float16: its largest magnitude is [0-9.e+]+, beyond float16's 65504.*bfloat16"):
+    with pytest.raises(
+        SourceError, match=r"overflows float16: its largest magnitude is [0-9.e+]+, beyond float16's 65504.*bfloat16"
+    ):
         build(tmp_path, base, adapter, output={"dtype": "float16"})
     build(tmp_path, base, adapter, output={"dtype": "bfloat16"})  # the suggested fix works
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from importlib import metadata
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 import torch
@@ -17,10 +17,10 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.trust import DIGEST_CARRIERS, DIGEST_PLACEHOLDER, bundle_digest
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import OutputError
 from builder.manifest import sha256_file
+from builder.trust import DIGEST_CARRIERS, DIGEST_PLACEHOLDER, bundle_digest
 from helpers import CHATML_TEMPLATE, write_spec
 
 
@@ -180,7 +180,8 @@ def test_existing_destination_needs_force_and_survives_a_failed_build(tmp_path, 
     with pytest.raises(OutputError, match="already exists; pass --force"):
         build_bundle(plan_from_spec(spec), verify=False)
 
-    failing = write_spec(tmp_path, base, adapters(base), verify={"prompts": [{"prompt": "你好", "expect": {"equals": "impossible"}}]})
+    failing = write_spec(tmp_path, base, adapters(base),
+                         verify={"prompts": [{"prompt": "你好", "expect": {"equals": "impossible"}}]})
     with pytest.raises(Exception, match="equals 'impossible'"):
         build_bundle(plan_from_spec(failing), force=True, verify=True)
     assert (dest / "keep.txt").read_text() == "previous bundle"

@@ -39,7 +39,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, sources):
     spec = write_spec(tmp_path, *sources)
     result = run("build", spec, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "merge model.layers.0.self_attn.q_proj.weight [64, 64] <- model.layers.0.self_attn.q_proj r=8 scale=2" in result.output
+    assert ("merge model.layers.0.self_attn.q_proj.weight [64, 64] <- model.layers.0.self_attn.q_proj r=8 scale=2"
+            in result.output)
     assert "tensors: 6 merged, 0 cast, 20 copied as bytes" in result.output
     assert "skip training leftover: optimizer.pt" in result.output
     assert not (tmp_path / "dist").exists()

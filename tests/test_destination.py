@@ -251,7 +251,8 @@ def test_a_destination_another_build_holds_is_refused_at_once_naming_its_pid(tmp
         held.write("4242\n")
         held.flush()
         result = run("build", spec, "--no-verify", "--force")
-    assert_user_error(result, 2, f"another modelpack build (pid 4242) is writing {dest}; wait for it or build elsewhere")
+    assert_user_error(result, 2,
+                      f"another modelpack build (pid 4242) is writing {dest}; wait for it or build elsewhere")
     assert sorted(p.name for p in dest.parent.iterdir()) == [f".{NAME}.modelpack-lock"]
 
 
@@ -277,7 +278,7 @@ def test_a_build_removes_only_stale_staging_folders_and_says_what_it_freed(tmp_p
     stale = dist / f".{NAME}.modelpack-staging-999999"
     (stale / NAME).mkdir(parents=True)
     (stale / NAME / "model.safetensors").write_bytes(b"\0" * 1_500_000)
-    others = [f".{NAME}.modelpack-staging-x1", f".{NAME}.staging-123", f".other.modelpack-staging-5",
+    others = [f".{NAME}.modelpack-staging-x1", f".{NAME}.staging-123", ".other.modelpack-staging-5",
               f".{NAME}.modelpack-staging-7.modelpack-staging-8"]
     for name in others:
         _files(dist / name, ["keep.txt"])
@@ -359,8 +360,8 @@ def fs_case(tmp_path, sources, bundle):
 def test_a_read_only_parent_folder_is_exit_2(fs_case):
     out = fs_case.out
     result = cli_in_shell(
-        f"mount --bind {out} {out} && mount -o remount,ro,bind {out} && $MODELPACK build {fs_case.spec} -o {fs_case.dest} "
-        "--force --no-verify", prefix=["unshare", "-rm"])
+        f"mount --bind {out} {out} && mount -o remount,ro,bind {out} && "
+        f"$MODELPACK build {fs_case.spec} -o {fs_case.dest} --force --no-verify", prefix=["unshare", "-rm"])
     assert_user_error(result, 2, f"{out} is on a read-only filesystem; pass -o to build elsewhere")
     assert [state(p) for p in fs_case.watched] == fs_case.before
 
@@ -492,7 +493,8 @@ def test_sigkill_during_the_merge_keeps_the_destination_and_the_next_build_frees
     before = [state(dest), *(state(p) for p in medium_sources)]
     build = Build(spec, "--no-verify", "--force")
     def merging() -> bool:  # a few MB of the 36 MB weight file written
-        return any(p.stat().st_size > 4e6 for p in dest.parent.glob(f".{NAME}.modelpack-staging-*/{NAME}/*.safetensors"))
+        return any(p.stat().st_size > 4e6
+                   for p in dest.parent.glob(f".{NAME}.modelpack-staging-*/{NAME}/*.safetensors"))
 
     build.wait_for(merging, "the merge")
     build.kill(signal.SIGKILL)

@@ -132,9 +132,11 @@ def test_a_valid_spec_with_one_value_replaced_loads_or_is_a_spec_error(spec_proj
     outcome(load_spec, spec, environ=ENVIRON)
 
 
-# --- adapter configs ---------------------------------------------------------------------------------------------------
+# --- adapter configs --------------------------------------------------------------------------------------------------
 
-MODULE_NAMES = ["q_proj", "k_proj", "v_proj", "down_proj", "lm_head", "embed_tokens", "model", "layers.0.mlp", "nope", ""]
+MODULE_NAMES = [
+    "q_proj", "k_proj", "v_proj", "down_proj", "lm_head", "embed_tokens", "model", "layers.0.mlp", "nope", "",
+]
 module_patterns = st.sampled_from(MODULE_NAMES) | st.text("abq_proj.*()[]\\d+?|^$", max_size=10)
 numbers = st.integers(-2, 20) | st.floats(-1, 64) | st.sampled_from([float("nan"), float("inf"), True, 2**63, 10**400])
 ADAPTER_VALUES = {
@@ -211,7 +213,9 @@ def consistent_headers(draw) -> tuple[dict, int]:
         header[f"t{index}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     if draw(st.booleans()):
-        header["__metadata__"] = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4) | json_values, max_size=2))
+        header["__metadata__"] = draw(
+            st.dictionaries(st.text(max_size=4), st.text(max_size=4) | json_values, max_size=2)
+        )
     if header and draw(st.booleans()):
         name = draw(st.sampled_from(sorted(header)))
         if name == "__metadata__":

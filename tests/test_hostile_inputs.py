@@ -165,7 +165,7 @@ def duplicate_tensor(path: Path, tensor: str) -> None:
 
 
 BILLION_LAUGHS = "name: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"{key}: &{key} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, key in zip("abcdefgh", "bcdefghi")
+    f"{key}: &{key} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, key in zip("abcdefgh", "bcdefghi", strict=True)
 )
 
 
@@ -223,7 +223,8 @@ SPEC_CASES = [
     ("spec-deep-flow-nesting", lambda p: p.raw_spec("name: " + "[" * 50_000), 2,
      ["{spec}:1: invalid YAML: nested deeper than 100 levels"]),
     ("spec-python-object-tag", lambda p: p.raw_spec("name: !!python/object/apply:os.system [touch pwned]\n"), 2,
-     ["{spec}:1: invalid YAML:", "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"]),
+     ["{spec}:1: invalid YAML:",
+      "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"]),
     ("spec-syntax-error", lambda p: p.raw_spec("name: tiny\nbase: {path: [x}\n"), 2,
      ["{spec}:2: invalid YAML: while parsing a flow sequence"]),
     ("spec-top-level-list", lambda p: p.raw_spec("- name: tiny\n"), 2,
@@ -251,7 +252,8 @@ SPEC_CASES = [
      ["{spec}:2: base: expected a mapping of keys, got 'models/base'"]),
     ("spec-misspelled-key", lambda p: p.spec(output={"dtyp": "float16"}), 2,
      ["output.dtyp: unknown key 'dtyp'; did you mean 'dtype'?"]),
-    ("spec-invalid-regex", lambda p: p.spec(verify={"prompts": [{"prompt": "hi", "expect": {"regex": "(unclosed"}}]}), 2,
+    ("spec-invalid-regex",
+     lambda p: p.spec(verify={"prompts": [{"prompt": "hi", "expect": {"regex": "(unclosed"}}]}), 2,
      ["verify.prompts[0].expect.regex: invalid regular expression '(unclosed'"]),
     ("spec-base-path-is-a-file", lambda p: p.spec(base={"path": str(base_weights(p))}), 2,
      ["{spec}:3: base.path: not a directory: {base}/model.safetensors"]),
@@ -275,7 +277,8 @@ SAFETENSORS_CASES = [
      [ST_BASE + f"tensor {BASE_TENSOR!r} has data_offsets", "that end before they begin"]),
     ("st-missing-offsets", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "data_offsets", DELETE)), 2,
      [ST_BASE + f"tensor {BASE_TENSOR!r} lacks data_offsets; " + DAMAGED]),
-    ("st-span-does-not-match-shape", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "shape", [64, 65])), 2,
+    ("st-span-does-not-match-shape",
+     lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "shape", [64, 65])), 2,
      [ST_BASE + f"tensor {BASE_TENSOR!r} spans 16384 bytes but shape [64, 65] of F32 needs 16640"]),
     ("st-gap-between-tensors", lambda p: edit_header(base_weights(p), gap_before(BASE_TENSOR)), 2,
      [ST_BASE + "data bytes", f"before tensor {BASE_TENSOR!r} belong to no tensor"]),
@@ -294,7 +297,8 @@ SAFETENSORS_CASES = [
      [ST_BASE + f"tensor {BASE_TENSOR!r} has shape \"64x64\", not a list of non-negative integers"]),
     ("st-three-offsets", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "data_offsets", [0, 8, 16])), 2,
      [ST_BASE + f"tensor {BASE_TENSOR!r} has data_offsets [0, 8, 16], not two non-negative integers"]),
-    ("st-fractional-offsets", lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "data_offsets", [0.5, 8])), 2,
+    ("st-fractional-offsets",
+     lambda p: edit_header(base_weights(p), set_entry(BASE_TENSOR, "data_offsets", [0.5, 8])), 2,
      [ST_BASE + f"tensor {BASE_TENSOR!r} has data_offsets [0.5, 8], not two non-negative integers"]),
     ("st-entry-not-an-object", lambda p: edit_header(base_weights(p), replace_entry(BASE_TENSOR, "F32")), 2,
      [ST_BASE + f"tensor {BASE_TENSOR!r} is a JSON string where an object with dtype, shape and data_offsets belongs"]),
@@ -323,15 +327,18 @@ SAFETENSORS_CASES = [
      [ST_ADAPTER + f"tensor {ADAPTER_TENSOR!r} (data bytes", "overlaps tensor"]),
     ("st-adapter-truncated", lambda p: edit_header(adapter_weights(p), resize_body(-1)), 2,
      [ST_ADAPTER + "tensor", "ends 1 bytes past the end of the file"]),
-    ("st-adapter-integer-factor", lambda p: edit_header(adapter_weights(p), set_entry(ADAPTER_TENSOR, "dtype", "I32")), 2,
+    ("st-adapter-integer-factor",
+     lambda p: edit_header(adapter_weights(p), set_entry(ADAPTER_TENSOR, "dtype", "I32")), 2,
      [f"adapter_model.safetensors: tensor {ADAPTER_TENSOR!r} has dtype torch.int32; expected floating point weights"]),
 ]
 
 ADAPTER_CONFIG_CASES = [
     ("adapter-rank-zero", lambda p: adapter_config(p, r=0), 2,
      [ADAPTER_CONFIG + "r is 0, but must be a positive integer (the LoRA rank); " + RESAVE]),
-    ("adapter-rank-negative", lambda p: adapter_config(p, r=-8), 2, [ADAPTER_CONFIG + "r is -8, but must be a positive"]),
-    ("adapter-rank-string", lambda p: adapter_config(p, r="8"), 2, [ADAPTER_CONFIG + 'r is "8", but must be a positive']),
+    ("adapter-rank-negative", lambda p: adapter_config(p, r=-8), 2,
+     [ADAPTER_CONFIG + "r is -8, but must be a positive"]),
+    ("adapter-rank-string", lambda p: adapter_config(p, r="8"), 2,
+     [ADAPTER_CONFIG + 'r is "8", but must be a positive']),
     ("adapter-rank-fractional", lambda p: adapter_config(p, r=8.5), 2, [ADAPTER_CONFIG + "r is 8.5, but must be"]),
     ("adapter-rank-beyond-any-dimension", lambda p: adapter_config(p, r=10**400, use_rslora=True), 2,
      [ADAPTER_CONFIG + "r is 1000000000", "but must be a positive integer (the LoRA rank)"]),
@@ -339,13 +346,15 @@ ADAPTER_CONFIG_CASES = [
      [ADAPTER_CONFIG + "lora_alpha is 1000000000", "but must be a positive number"]),
     ("adapter-alpha-not-a-number", lambda p: adapter_config(p, lora_alpha="sixteen"), 2,
      [ADAPTER_CONFIG + 'lora_alpha is "sixteen", but must be a positive number (scaling = lora_alpha / r)']),
-    ("adapter-alpha-zero", lambda p: adapter_config(p, lora_alpha=0), 2, [ADAPTER_CONFIG + "lora_alpha is 0, but must be"]),
+    ("adapter-alpha-zero", lambda p: adapter_config(p, lora_alpha=0), 2,
+     [ADAPTER_CONFIG + "lora_alpha is 0, but must be"]),
     ("adapter-alpha-nan", lambda p: adapter_config(p, lora_alpha=float("nan")), 2,
      [ADAPTER_CONFIG + "lora_alpha is NaN, but must be a positive number"]),
     ("adapter-rank-pattern-zero", lambda p: adapter_config(p, rank_pattern={"q_proj": 0}), 2,
      [ADAPTER_CONFIG + "rank_pattern['q_proj'] is 0, but must be a positive integer"]),
     ("adapter-rank-pattern-bad-regex", lambda p: adapter_config(p, rank_pattern={"q_proj(": 8}), 2,
-     [ADAPTER_CONFIG + "rank_pattern key 'q_proj(' is not a valid regular expression (missing ), unterminated subpattern)"]),
+     [ADAPTER_CONFIG + "rank_pattern key 'q_proj(' is not a valid regular expression "
+                       "(missing ), unterminated subpattern)"]),
     ("adapter-alpha-pattern-string", lambda p: adapter_config(p, alpha_pattern={"v_proj": "32"}), 2,
      [ADAPTER_CONFIG + "alpha_pattern['v_proj'] is \"32\", but must be a positive number"]),
     ("adapter-pattern-not-a-mapping", lambda p: adapter_config(p, alpha_pattern=[32]), 2,
@@ -469,7 +478,8 @@ def test_unsigned_and_float8_tensors_are_read_and_written(project):
             data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
             dtype = {torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}[tensor.dtype]
-            header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [len(body), len(body) + len(data)]}
+            header[name] = {"dtype": dtype, "shape": list(tensor.shape),
+                            "data_offsets": [len(body), len(body) + len(data)]}
             body += data
         return body
 

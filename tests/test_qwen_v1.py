@@ -20,9 +20,9 @@ from builder.configs import adapter_config
 from builder.manifest import sha256_file
 from builder.remote_code import distribution_name, third_party_imports
 from builder.sources import find_remote_code
+from fixtures.qwen_v1.make_qwen_v1 import CODE_FILES
 from helpers import assert_user_error, bundle_tensors, import_file, tree_snapshot, write_spec
 from qwen_v1_support import (
-    CODE_FILES,
     SEED_PROBES,
     SEED_SAMPLES,
     TARGET_MODULES,
@@ -205,7 +205,9 @@ def test_merged_tensors_equal_peft_merge_and_unload(merged_bundle, base, checkpo
 def test_separate_bundle_keeps_tokenizer_files_out_of_the_adapter_folder(separate_bundle):
     bundle = separate_bundle
     # peft >= 0.8's AutoPeftModelForCausalLM would load a tokenizer found here without trust_remote_code.
-    assert sorted(p.name for p in (bundle / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (bundle / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]
     config = json.loads((bundle / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == ".."
     assert sorted(config["target_modules"]) == sorted(TARGET_MODULES)

@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import RUNTIME, import_file
 
 from builder import render
 from builder.trust import BUNDLE_RUNTIME
+from helpers import RUNTIME, import_file
 
 load = import_file(RUNTIME / "load.py", "runtime_load")
 check = import_file(RUNTIME / "bundle_check.py", "runtime_bundle_check")

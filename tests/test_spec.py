@@ -637,7 +637,9 @@ def test_a_self_referencing_alias_is_refused(project):
 
     message = load_error(spec_path)
 
-    assert message == f"{spec_path}:2: invalid YAML: nested deeper than 100 levels through aliases of the anchor at this line"
+    assert message == (
+        f"{spec_path}:2: invalid YAML: nested deeper than 100 levels through aliases of the anchor at this line"
+    )
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from helpers import RUNTIME, assert_user_error, import_file, write_spec
 
 # A tampered load.py that would leave this file behind if it ever ran (at import, before anything else).
 MARKER = "tampered-load-py-ran"
-PAYLOAD = f"import pathlib; pathlib.Path({{marker!r}}).write_text('ran')\n"
+PAYLOAD = "import pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
 
 
 def run(*args) -> object:

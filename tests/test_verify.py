@@ -1,4 +1,5 @@
-"""Verification catches what a deployment team would trip over: changed files, wrong answers, broken serving settings."""
+"""Verification catches what a deployment team would trip over: changed files, wrong answers, broken serving
+settings."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from helpers import write_spec
 def built(tmp_path_factory, models, adapters):
     root = tmp_path_factory.mktemp("verify")
     base = models("qwen2", tied=True, dtype=torch.float32)
-    spec = write_spec(root, base, adapters(base), verify={"prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}]})
+    spec = write_spec(root, base, adapters(base),
+                      verify={"prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}]})
     return build_bundle(plan_from_spec(spec), verify=False).bundle
 
 
@@ -36,7 +38,8 @@ def bundle(built, tmp_path):
 def test_an_untouched_bundle_passes_and_reports_every_check(bundle):
     report = verify_bundle(bundle)
     assert report["ok"] and failure_message(report) is None
-    assert report["integrity"] == {"ok": True, "files": len(json.loads((bundle / "manifest.json").read_text())["files"]),
+    files = len(json.loads((bundle / "manifest.json").read_text())["files"])
+    assert report["integrity"] == {"ok": True, "files": files,
                                    "problems": [], "checked_by": f"modelpack {builder.__version__}"}
     assert report["serving"]["ok"]
     assert [r["prompt"] for r in report["prompts"]] == ["你好"] and [r["prompt"] for r in report["probes"]] == ["hi"]
@@ -85,7 +88,8 @@ def test_generation_config_without_end_of_turn_id_is_caught(bundle):
     path.write_text(json.dumps(config))
     write_manifest(bundle, json.loads((bundle / "manifest.json").read_text()))
     message = failure_message(verify_bundle(bundle))
-    assert "serving: generation_config.json eos_token_id [0] lacks the chat template's end-of-turn token <|im_end|>" in message
+    assert ("serving: generation_config.json eos_token_id [0] lacks the chat template's end-of-turn token <|im_end|>"
+            in message)
 
 
 def test_a_folder_that_is_not_a_bundle_is_refused(tmp_path):
