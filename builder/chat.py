@@ -67,7 +67,11 @@ def read_tokenizer_files(plan: BuildPlan) -> TokenizerFiles:
     else:
         template = (config or {}).get("chat_template")
         if isinstance(template, list):  # named templates: the "default" one is what chat uses
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            named = [t for t in template if isinstance(t, dict)]
+            template = next((t.get("template") for t in named if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise SourceError(f"{by_name['tokenizer_config.json']}: chat_template is {template!r}, not a Jinja "
+                              "template text; fix it or give one with `chat.template` in the spec")
     return TokenizerFiles(template, special, template_tokens, config)
 
 

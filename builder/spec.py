@@ -49,8 +49,11 @@ def _parse_byte_size(value: Any) -> int:
     if isinstance(value, int) and value <= 0:
         raise ValueError(f"size must be greater than 0 bytes, got {value!r}")
     try:
+        # pydantic reads the number and unit at the start and ignores what follows ("2 GB each"): refuse that.
+        if isinstance(value, str) and not _SIZE_TEXT.fullmatch(value):
+            raise ValueError(value)
         size = _BYTE_SIZE.validate_python(value)
-    except ValidationError:
+    except (ValidationError, ValueError):
         raise ValueError(
             f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
             "(KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers of 1024), e.g. '2GB'"
@@ -61,6 +64,7 @@ def _parse_byte_size(value: Any) -> int:
 
 
 _BYTE_SIZE = TypeAdapter(PydanticByteSize)
+_SIZE_TEXT = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)\s*[A-Za-z]*\s*")
 ByteSize = Annotated[
     int,
     BeforeValidator(_parse_byte_size),
