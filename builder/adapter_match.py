@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from builder.errors import SourceError
-from builder.merge import lora_scaling, pattern_value
 from builder.safetensors_io import TensorLocation
 from builder.sources import AdapterCheckpoint, BaseModelFolder
 
@@ -27,6 +28,22 @@ LORA_ROLES = {
     "lora_magnitude_vector": "magnitude",
     "token_adapter.trainable_tokens_delta": "token_rows",
 }
+
+
+def pattern_value(patterns: Mapping[str, float], module_path: str, default: float) -> float:
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the module path's suffix wins.
+
+    A key is a regex matched against the whole path, anchored at a dot boundary ("(.*\\.)?key$").
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def lora_scaling(*, alpha: float, rank: int, use_rslora: bool) -> float:
+    """The factor peft multiplies B @ A by: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass(frozen=True)

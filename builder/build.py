@@ -12,7 +12,6 @@ import builder
 from builder import configs
 from builder.chat import read_chat_facts
 from builder.errors import SourceError, VerificationError
-from builder.execute import copy_side_files, write_weights
 from builder.manifest import find_machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
 from builder.render import (
@@ -29,6 +28,7 @@ from builder.spec import load_spec
 from builder.staging import check_output_location, publish, staged_output
 from builder.trust import DIGEST_PLACEHOLDER, seal
 from builder.verify import ReferenceSources, verify_bundle, verifying_python
+from builder.weights import copy_side_files, write_weights
 
 # Receives one line per step of the build, for the terminal.
 Progress = Callable[[str], None]

@@ -2,27 +2,7 @@
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Mapping
-
 import torch
-
-
-def pattern_value(patterns: Mapping[str, float], module_path: str, default: float) -> float:
-    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the module path's suffix wins.
-
-    A key is a regex matched against the whole path, anchored at a dot boundary ("(.*\\.)?key$").
-    """
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
-
-
-def lora_scaling(*, alpha: float, rank: int, use_rslora: bool) -> float:
-    """The factor peft multiplies B @ A by: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def linear_lora_delta(a: torch.Tensor, b: torch.Tensor, *, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:

@@ -13,16 +13,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from builder.adapter_match import lora_scaling, pattern_value
 from builder.merge import (
     embedding_lora_delta,
     linear_lora_delta,
-    lora_scaling,
     merge_bias_delta,
     merge_dora_delta,
     merge_dora_embedding_delta,
     merge_embedding_lora_delta,
     merge_lora_delta,
-    pattern_value,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

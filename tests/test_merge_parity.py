@@ -127,11 +127,11 @@ def test_sharded_base_streams_into_sharded_bundle(tmp_path, models, adapters):
 
 def test_block_wise_merge_is_bit_identical(tmp_path, models, adapters, monkeypatch):
     """Large tensors are merged in row blocks to bound memory; the result must not depend on the block size."""
-    import builder.execute
+    import builder.weights
 
     base = models("llama", tied=False, dtype=torch.bfloat16)
     adapter = adapters(base, "blocks", target_modules=["q_proj", "down_proj", "lm_head"])
-    monkeypatch.setattr(builder.execute, "BLOCK_BYTES", 1000)  # the minimum block: 64 rows
+    monkeypatch.setattr(builder.weights, "BLOCK_BYTES", 1000)  # the minimum block: 64 rows
     spec = write_spec(tmp_path, base, adapter, output={"dtype": "bfloat16"})
     written = bundle_tensors(build_bundle(plan_from_spec(spec), verify=False).bundle)
     merged_state, *_ = peft_reference(base, adapter, torch.bfloat16)

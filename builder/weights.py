@@ -1,4 +1,4 @@
-"""Executing a build plan's weights: stream each base tensor, merge its LoRA deltas, write shards and copies."""
+"""Writing a plan's weights: stream each base tensor, merge its LoRA deltas, write shards; copy side files."""
 
 from __future__ import annotations
 
@@ -152,11 +152,11 @@ def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, digests: dic
                 item = chunks.get()
                 if isinstance(item, BaseException):
                     raise item
-                name, data, (source_file, source_offset, source_bytes) = item
+                data = item.data
                 view = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
-                writer.write_bytes(name, view)
-                if source_file in digests:
-                    digests[source_file].feed(source_offset, source_bytes)
+                writer.write_bytes(item.tensor, view)
+                if item.source.file in digests:
+                    digests[item.source.file].feed(item.source.offset, item.source.data)
                 remaining -= view.nbytes
                 on_bytes(view.nbytes)
     except BaseException:
@@ -184,21 +184,36 @@ def _produce_chunks(plan: BuildPlan, chunks: queue.Queue, stop: threading.Event)
                     continue
                 parts = copied_chunks(tensor.source) if tensor.action == "copy" else output_blocks(tensor)
                 for part, source_read in parts:
-                    if not put((tensor.name, part, source_read)):
+                    if not put(Chunk(tensor.name, part, source_read)):
                         return
         put(_DONE)
     except BaseException as error:  # handed to the writing thread, which raises it in the caller
         put(error)
 
 
-SourceRead = tuple[Path, int, memoryview]  # (file, offset, the bytes read there)
+@dataclass(frozen=True)
+class SourceRead:
+    """Bytes of a base weight file the merge read, so the file's hash needs no second pass over it."""
+
+    file: Path
+    offset: int
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The next bytes of an output tensor, handed from the merging thread to the writing thread."""
+
+    tensor: str
+    data: torch.Tensor | bytes
+    source: SourceRead
 
 
 def copied_chunks(location: TensorLocation) -> Iterator[tuple[bytes, SourceRead]]:
     """An unchanged tensor's stored bytes, slice by slice, without materialising it as a tensor."""
     offset = location.start
     for chunk in read_byte_chunks(location, COPY_CHUNK_BYTES):
-        yield chunk, (location.file, offset, memoryview(chunk))
+        yield chunk, SourceRead(location.file, offset, memoryview(chunk))
         offset += len(chunk)
 
 
@@ -207,7 +222,7 @@ def output_blocks(tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, SourceRead
     shape = tensor.source.shape
     if not shape:
         source = read_tensor(tensor.source)
-        yield source.to(tensor.out_dtype), (tensor.source.file, tensor.source.start, tensor_bytes(source))
+        yield source.to(tensor.out_dtype), SourceRead(tensor.source.file, tensor.source.start, tensor_bytes(source))
         return
     block_rows = shape[0] if any(d.needs_whole_tensor for d in tensor.deltas) else rows_per_block(tensor.source)
     factors = [
@@ -218,8 +233,8 @@ def output_blocks(tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, SourceRead
     for start in range(0, shape[0], block_rows):
         end = min(shape[0], start + block_rows)
         source = read_tensor_rows(tensor.source, start, end)
-        source_read = (tensor.source.file, tensor.source.start + start * tensor.source.nbytes // shape[0],
-                       tensor_bytes(source))
+        source_read = SourceRead(tensor.source.file, tensor.source.start + start * tensor.source.nbytes // shape[0],
+                                 tensor_bytes(source))
         block = merged_block(source, tensor, factors, token_rows, start, end, out_dtype=tensor.out_dtype)
         if not (factors or tensor.out_dtype == torch.float16) or all_finite(block):
             yield block, source_read
