@@ -22,10 +22,12 @@ from builder.errors import OutputError, SourceError
 from builder.safetensors_io import TensorEntry, TensorLocation
 from builder.sources import AdapterCheckpoint, BaseModelFolder
 from builder.spec import Spec
+from builder.trust import BUNDLE_RUNTIME
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# The disk-space bound for what is written after the plan: a dozen small files, well under 1 MB together.
-RENDERED_FILES, RENDERED_BYTES, FILESYSTEM_BLOCK = 12, 1 << 20, 4096
+# The disk-space bound for what is written after the plan: fourteen small files (configs, chat template, card,
+# requirements, manifest, report, index, the runtime's two files and its facts), well under 1 MB together.
+RENDERED_FILES, RENDERED_BYTES, FILESYSTEM_BLOCK = 14, 1 << 20, 4096
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,10 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *,
     """Decide every tensor and file of the bundle; raises SourceError for anything that cannot be packaged."""
     refuse_quantized_base(base)
     code = code_files(base, adapter)
+    clashing = sorted({p.name for p in code} & set(BUNDLE_RUNTIME))
+    if clashing:  # the bundle's own runtime would overwrite the model's file of the same name
+        raise SourceError(f"base.path {base.path}: the model's own code has a file named {clashing[0]}, which is the "
+                          "name of the bundle's loader; rename it in the model's code (and in what imports it)")
     if code and not spec.base.trust_remote_code:
         names = ", ".join(p.name for p in code)
         raise SourceError(

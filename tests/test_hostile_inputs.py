@@ -406,6 +406,10 @@ BASE_CONFIG_CASES = [
      ["generation.max_new_tokens is 16, but the base model handles at most 16 positions"]),
     ("base-quantized-fp8", lambda p: base_config(p, quantization_config={"quant_method": "fp8"}), 2,
      ["{base} is a quantized model (quantization_config: quant_method 'fp8')", "point base.path at the unquantized"]),
+    ("base-code-named-like-the-loader",
+     lambda p: base_config(p, auto_map={"AutoConfig": "load.Config"})
+     or (p.base / "load.py").write_text("x = 1\n") and None,
+     2, ["{base}: the model's own code has a file named load.py, which is the name of the bundle's loader"]),
     ("base-auto-map-a-string", lambda p: base_config(p, auto_map="modeling_x.X"), 2,
      ["{base}: `auto_map` in a config there is 'modeling_x.X', not an object mapping Auto classes"]),
 ]

@@ -171,6 +171,8 @@ TAMPERED = {
     "entry that is not a table": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"config.json": 3})),
                                   "config.json: not a file name inside the bundle"),
     "no files table": (lambda b: _edit_manifest(b, lambda m: m.pop("files")), "manifest.json: has no 'files' table"),
+    "path through a file": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"config.json/x": {"size": 1}})),
+                            "config.json/x: missing"),
 }
 
 

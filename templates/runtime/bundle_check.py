@@ -87,7 +87,7 @@ def _check_listed_file(bundle: Path, name: str, meta: object, digest: str) -> st
     path = bundle / name
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # `config.json/x`: a path through a file is missing too
         return "missing"
     if any((bundle / Path(*parts[:i])).is_symlink() for i in range(1, len(parts))):
         return "lies behind a symlink"
