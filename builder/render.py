@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-import yaml
+from huggingface_hub import ModelCardData
 from jinja2 import Environment, FunctionLoader, StrictUndefined
 from packaging.utils import canonicalize_name
 
@@ -165,17 +165,18 @@ def render_runtime(context: RenderContext) -> dict[str, bytes]:
 
 
 def render_card(context: RenderContext, *, verification: VerificationReport | None) -> str:
-    front_matter = {
-        "base_model": context.base_name,
-        "library_name": "peft" if context.mode == "separate" else "transformers",
-        "license": context.card["license"] or "other",
-        "language": context.card["language"],
-        "tags": list(dict.fromkeys([*context.card["tags"], "lora", "modelpack"])),
-        "pipeline_tag": "text-generation",
-    }
+    # huggingface_hub's own card metadata type: the Hub's field names, and None fields left out.
+    front_matter = ModelCardData(
+        base_model=context.base_name,
+        library_name="peft" if context.mode == "separate" else "transformers",
+        license=context.card["license"] or "other",
+        language=context.card["language"] or None,
+        tags=list(dict.fromkeys([*context.card["tags"], "lora", "modelpack"])),
+        pipeline_tag="text-generation",
+    )
     return _ENV.get_template("README.md.jinja").render(
         **asdict(context),
-        front_matter=yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True),
+        front_matter=front_matter.to_yaml() + "\n",
         verification=verification,
         # The digest exists only once manifest.json is final; trust.seal writes it over the placeholder.
         digest=DIGEST_PLACEHOLDER,
