@@ -196,7 +196,39 @@ def refuse_quantized_base(base: BaseModelFolder) -> None:
 
 
 def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *, spec_file: Path) -> BuildPlan:
-    """Decide every tensor and file of the bundle; raises SourceError for anything that cannot be packaged."""
+    """Decide every tensor and file of the bundle; raises a ModelpackError for anything that cannot be packaged."""
+    refuse_unpackageable(spec, base, adapter, spec_file)
+    match = match_adapter(base, adapter)  # separate mode too: the adapter must fit the base it ships with
+    if spec.output.mode == "merge":
+        refuse_unmergeable_config(adapter, base)
+    else:
+        match = AdapterMatch(deltas={}, replacements={}, token_rows={})
+    out_dtype = output_dtype(spec.output.dtype, base)
+    tensors = [_tensor_plan(name, location, match, out_dtype) for name, location in _in_file_order(base.tensors)]
+    untie = _needs_untying(base, match)
+    if untie:
+        # A delta on one side of a tied pair must not reach the other: peft's merge writes it into the shared
+        # matrix, which changes the input embeddings too (the merged model then answers differently from
+        # base + adapter). The bundle stores the head as its own tensor instead and unties it in config.json.
+        tied = tied_embedding_name(base)
+        assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
+        tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype))
+    return BuildPlan(
+        spec=spec,
+        spec_file=spec_file,
+        base=base,
+        adapter=adapter,
+        out_dtype=out_dtype,
+        shards=split_into_shards(tensors, max_shard_size=spec.output.max_shard_size),
+        copies=_file_copies(spec, base, adapter),
+        untie_embeddings=untie,
+        vocab_size=_resized_vocabulary(base, tensors),
+        warnings=_warnings(base, adapter, untie=untie),
+    )
+
+
+def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, spec_file: Path) -> None:
+    """What stops a build before any tensor is matched: the base's kind, its code, the output's name, lengths."""
     refuse_quantized_base(base)
     code = code_files(base, adapter)
     clashing = sorted({p.name for p in code} & set(BUNDLE_RUNTIME))
@@ -212,34 +244,21 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *,
     if code:
         refuse_unimportable_folder_name(spec.output.dir)
     refuse_unusable_generation_length(spec, base, spec_file)
-    mode = spec.output.mode
-    match = match_adapter(base, adapter)  # separate mode too: the adapter must fit the base it ships with
-    if mode == "merge":
-        refuse_unmergeable_config(adapter, base)
-    else:
-        match = AdapterMatch(deltas={}, replacements={}, token_rows={})
-    out_dtype = output_dtype(spec.output.dtype, base)
-    tensors = [
-        _tensor_plan(name, location, match, out_dtype) for name, location in _in_file_order(base.tensors)
-    ]
-    untie = _needs_untying(base, match)
-    if untie:
-        # A delta on one side of a tied pair must not reach the other: peft's merge writes it into the shared
-        # matrix, which changes the input embeddings too (the merged model then answers differently from
-        # base + adapter). The bundle stores the head as its own tensor instead and unties it in config.json.
-        tied = tied_embedding_name(base)
-        assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
-        tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype))
-    vocab_size = _resized_vocabulary(base, tensors)
-    shards = split_into_shards(tensors, max_shard_size=spec.output.max_shard_size)
 
+
+def _file_copies(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint) -> tuple[FileCopy, ...]:
+    """The side files copied byte for byte: model code, licenses, the tokenizer (the checkpoint's when it saved one),
+    and in separate mode the adapter's weights."""
     copies = [FileCopy(p, p.name, "remote code") for p in base.remote_code_files]
     copies += [FileCopy(p, p.name, "license") for p in base.license_files]
     tokenizer_source = adapter if adapter.tokenizer_files else base
     copies += [FileCopy(p, p.name, "tokenizer") for p in tokenizer_source.tokenizer_files]
-    if mode == "separate":
+    if spec.output.mode == "separate":
         copies.append(FileCopy(adapter.weights_file, "adapter/adapter_model.safetensors", "adapter weights"))
+    return tuple(_dedupe(copies))
 
+
+def _warnings(base: BaseModelFolder, adapter: AdapterCheckpoint, *, untie: bool) -> tuple[str, ...]:
     warnings = []
     recorded = adapter.config.get("base_model_name_or_path")
     if recorded and Path(recorded).name != base.path.name:
@@ -251,18 +270,7 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *,
         warnings.append(f"using the tokenizer saved in the adapter checkpoint ({adapter.path.name}), not the base's")
     if untie:
         warnings.append("the adapter changes one side of the tied embedding/lm_head pair: the bundle unties them")
-    return BuildPlan(
-        spec=spec,
-        spec_file=spec_file,
-        base=base,
-        adapter=adapter,
-        out_dtype=out_dtype,
-        shards=shards,
-        copies=tuple(_dedupe(copies)),
-        untie_embeddings=untie,
-        vocab_size=vocab_size,
-        warnings=tuple(warnings),
-    )
+    return tuple(warnings)
 
 
 def _tensor_plan(name: str, location: TensorLocation, match: AdapterMatch, out_dtype: torch.dtype) -> TensorPlan:

@@ -138,44 +138,7 @@ def read_base_model(path: Path) -> BaseModelFolder:
     if not config_path.is_file():
         raise SourceError(f"base.path {path}: no config.json; point base.path at a Hugging Face model folder")
     config = _checked_base_config(read_json(config_path), config_path)
-
-    index_path = path / "model.safetensors.index.json"
-    single_path = path / "model.safetensors"
-    tensors: dict[str, TensorLocation] = {}
-    if index_path.is_file():
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise SourceError(f"{index_path}: has no 'weight_map'")
-        # Shards lie beside the index: a name with a folder in it ("../x") would read files outside base.path.
-        stray = next(((n, f) for n, f in weight_map.items() if not isinstance(f, str) or Path(f).name != f), None)
-        if stray:
-            raise SourceError(
-                f"{index_path}: weight_map gives {_json(stray[1])} for tensor {stray[0]!r}, not the name of a shard "
-                f"in {path}; re-download or re-save the index"
-            )
-        weight_files = tuple(path / name for name in dict.fromkeys(weight_map.values()))
-        for shard in weight_files:
-            if not shard.is_file():
-                raise SourceError(f"{index_path}: lists shard {shard.name}, which is missing from {path}")
-            for name, location in read_safetensors_header(shard).items():
-                if weight_map.get(name) == shard.name:
-                    tensors[name] = location
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise SourceError(f"{index_path}: tensor {missing[0]!r} is not in shard {weight_map[missing[0]]}")
-    elif single_path.is_file():
-        weight_files = (single_path,)
-        tensors = read_safetensors_header(single_path)
-    else:
-        legacy = sorted(p.name for p in path.glob("pytorch_model*.bin"))
-        hint = (
-            f"it has only pickled weights ({legacy[0]}); convert them to safetensors first "
-            "(load with transformers and save_pretrained(safe_serialization=True))"
-            if legacy
-            else "no model.safetensors or model.safetensors.index.json"
-        )
-        raise SourceError(f"base.path {path}: {hint}")
-
+    weight_files, tensors = _weight_locations(path)
     tokenizer_config_path = path / "tokenizer_config.json"
     tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else None
     generation_config_path = path / "generation_config.json"
@@ -192,6 +155,45 @@ def read_base_model(path: Path) -> BaseModelFolder:
             p for p in path.iterdir() if p.is_file() and p.name.upper().startswith(("LICENSE", "NOTICE"))
         )),
     )
+
+
+def _weight_locations(path: Path) -> tuple[tuple[Path, ...], dict[str, TensorLocation]]:
+    """The base's weight files and where each tensor lies: through the shard index, or the one model.safetensors."""
+    index_path = path / "model.safetensors.index.json"
+    single_path = path / "model.safetensors"
+    if single_path.is_file() and not index_path.is_file():
+        return (single_path,), read_safetensors_header(single_path)
+    if not index_path.is_file():
+        legacy = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+        hint = (
+            f"it has only pickled weights ({legacy[0]}); convert them to safetensors first "
+            "(load with transformers and save_pretrained(safe_serialization=True))"
+            if legacy
+            else "no model.safetensors or model.safetensors.index.json"
+        )
+        raise SourceError(f"base.path {path}: {hint}")
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index_path}: has no 'weight_map'")
+    # Shards lie beside the index: a name with a folder in it ("../x") would read files outside base.path.
+    stray = next(((n, f) for n, f in weight_map.items() if not isinstance(f, str) or Path(f).name != f), None)
+    if stray:
+        raise SourceError(
+            f"{index_path}: weight_map gives {_json(stray[1])} for tensor {stray[0]!r}, not the name of a shard "
+            f"in {path}; re-download or re-save the index"
+        )
+    weight_files = tuple(path / name for name in dict.fromkeys(weight_map.values()))
+    tensors: dict[str, TensorLocation] = {}
+    for shard in weight_files:
+        if not shard.is_file():
+            raise SourceError(f"{index_path}: lists shard {shard.name}, which is missing from {path}")
+        for name, location in read_safetensors_header(shard).items():
+            if weight_map.get(name) == shard.name:
+                tensors[name] = location
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise SourceError(f"{index_path}: tensor {missing[0]!r} is not in shard {weight_map[missing[0]]}")
+    return weight_files, tensors
 
 
 def _checked_base_config(config: dict, where: Path) -> dict:

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import BundleError, VerificationError
 from builder.manifest import MANIFEST, read_manifest, sha256_file
 
-# The bundle's digest is the sha256 of manifest.json, which lists every other file. The card and verification.json
-# carry that digest, so they cannot be hashed with it: they are written with this placeholder, hashed so, and the
-# placeholder is then replaced by the digest (same length). Checking undoes exactly that replacement, so every byte
-# of them but the digest itself is covered, and the digest they show must be the bundle's own.
-DIGEST_PLACEHOLDER = "sha256:" + "0" * 64
-DIGEST_CARRIERS = ("README.md", "verification.json")
-# model_signing's signature file: the one file a bundle may hold beside manifest.json that the manifest cannot list.
-SIGNATURE = "model.sig"
+# The integrity rules have one implementation, in the bundle's runtime (receivers without modelpack run it from the
+# bundle); modelpack runs the copy installed with it. It also names the files the rules single out: the bundle's
+# digest is the sha256 of manifest.json, which lists every other file; DIGEST_CARRIERS (the card and
+# verification.json) carry that digest, so they are written with DIGEST_PLACEHOLDER, hashed so, and the placeholder
+# is then replaced by the digest (same length): checking undoes exactly that replacement, so every byte of them but
+# the digest is covered, and the digest they show must be the bundle's own. SIGNATURE is model_signing's file, the
+# one a bundle may hold beside manifest.json that the manifest cannot list.
+from builder.templates.runtime import bundle_check
+from builder.templates.runtime.bundle_check import DIGEST_CARRIERS, DIGEST_PLACEHOLDER, SIGNATURE
+
 # Files of a bundle that run when it is loaded with trust_remote_code: model code, unless it is the bundle's own.
 CODE_SUFFIXES = (".py", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")
 LOADER = "load.py"
@@ -54,65 +53,16 @@ def seal(bundle: Path) -> str:
     return digest
 
 
-def check_integrity(bundle: Path, manifest: dict, *, known_sha256: dict[str, str] | None = None) -> Integrity:
+def check_integrity(bundle: Path, *, known_sha256: dict[str, str] | None = None) -> Integrity:
     """Every listed file is a regular file inside the bundle with its recorded size and sha256, and nothing else is
-    there (no unlisted file, no symlink, no __pycache__: Python would run a planted .pyc instead of the bundle's code).
+    there (no unlisted file, symlink, empty folder or __pycache__: Python would run a planted .pyc instead of the
+    bundle's code).
 
+    The runtime's function, from the copy installed with modelpack, never the bundle's.
     known_sha256: hashes this process computed while writing the files itself (the build's weights), not re-read.
     """
-    listed = manifest.get("files")
-    if not isinstance(listed, dict):
-        return Integrity(0, ["manifest.json: has no 'files' table"])
-    problems = []
-    digest = bundle_digest(bundle)
-    for name, meta in sorted(listed.items()):
-        problem = _check_listed_file(bundle, name, meta, digest, (known_sha256 or {}).get(name))
-        if problem:
-            problems.append(f"{name}: {problem}")
-    for name in _present_entries(bundle):
-        if name not in listed and name not in (MANIFEST, SIGNATURE):
-            problems.append(f"{name}: not in manifest.json (added after the build)")
-    return Integrity(len(listed), problems)
-
-
-def _check_listed_file(bundle: Path, name: str, meta: object, digest: str, known: str | None) -> str | None:
-    parts = Path(name).parts
-    if not isinstance(meta, dict) or Path(name).is_absolute() or ".." in parts or not parts:
-        return "not a file name inside the bundle"
-    path = bundle / name
-    try:
-        info = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):  # `config.json/x`: a path through a file is missing too
-        return "missing"
-    if any((bundle / Path(*parts[:i])).is_symlink() for i in range(1, len(parts))):
-        return "lies behind a symlink"
-    if stat.S_ISLNK(info.st_mode):
-        return "is a symlink"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    if info.st_size != meta.get("size"):
-        return f"size {info.st_size} != {meta.get('size')} in manifest.json"
-    if known is not None:
-        actual = known
-    elif name in DIGEST_CARRIERS:
-        content = path.read_bytes().replace(digest.encode(), DIGEST_PLACEHOLDER.encode())
-        actual = hashlib.sha256(content).hexdigest()
-    else:
-        actual = sha256_file(path)
-    if actual != meta.get("sha256"):
-        return "sha256 differs from manifest.json (the file changed after the build)"
-    return None
-
-
-def _present_entries(bundle: Path) -> list[str]:
-    """Every file, symlink and folder-less entry under the bundle, without following symlinks."""
-    found = []
-    for root, folders, files in os.walk(bundle):
-        for name in [*files, *(f for f in folders if os.path.islink(os.path.join(root, f)))]:
-            found.append(Path(root, name).relative_to(bundle).as_posix())
-        if not files and not folders and root != str(bundle):
-            found.append(Path(root).relative_to(bundle).as_posix() + "/")
-    return sorted(found)
+    found = bundle_check.check_integrity(bundle, known_sha256=known_sha256)
+    return Integrity(found["files"], found["problems"])
 
 
 def code_files(manifest: dict) -> dict[str, str]:
@@ -121,7 +71,7 @@ def code_files(manifest: dict) -> dict[str, str]:
             if name.endswith(CODE_SUFFIXES) and name not in BUNDLE_RUNTIME}
 
 
-def require_integrity(bundle: Path, manifest: dict, *, expected_digest: str | None = None,
+def require_integrity(bundle: Path, *, expected_digest: str | None = None,
                       known_sha256: dict[str, str] | None = None) -> Integrity:
     """Refuse (exit 3) a bundle whose files differ from its manifest or whose digest is not the expected one.
 
@@ -135,7 +85,7 @@ def require_integrity(bundle: Path, manifest: dict, *, expected_digest: str | No
                 f"{bundle}: digest {digest} is not the expected {wanted}: this manifest.json is not the one the sender "
                 "built; nothing from the bundle was run"
             )
-    integrity = check_integrity(bundle, manifest, known_sha256=known_sha256)
+    integrity = check_integrity(bundle, known_sha256=known_sha256)
     if not integrity.ok:
         raise VerificationError(
             f"verification failed: files of {bundle} differ from its manifest.json, so nothing from it was run:\n  "

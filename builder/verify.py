@@ -50,7 +50,7 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     python = verifying_python(python)
     manifest = read_manifest(bundle)
     progress("checking every file against manifest.json")
-    integrity = require_integrity(bundle, manifest, expected_digest=expected_digest, known_sha256=known_sha256)
+    integrity = require_integrity(bundle, expected_digest=expected_digest, known_sha256=known_sha256)
     code = require_consent_to_code(manifest, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
         report_path = Path(workdir) / "report.json"

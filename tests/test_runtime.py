@@ -181,3 +181,18 @@ def test_the_runtime_never_imports_modelpack_and_parses_as_python_3_10(name):
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"builder", "modelpack"}, imported
+
+
+@pytest.mark.parametrize("got, want, ok, significant", [
+    ([[0.0, 1.0, 0.5]], [[0.0, 1.0, 0.5]], True, 0),  # identical
+    ([[0.0, 1.0, 0.99]], [[0.0, 0.99, 1.0]], True, 0),  # greedy tokens differ on a near tie: counted, allowed
+    ([[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]], False, 1),  # the reference clearly preferred its own token
+    ([[0.0, 1.0, 0.5]], [[0.0, 1.0, 0.7]], False, 0),  # same greedy token, logits beyond the tolerance
+])
+def test_compare_logits_applies_the_tolerance_rule(got, want, ok, significant):
+    import torch
+
+    equivalence = import_file(RUNTIME / "equivalence.py")
+    result = equivalence.compare_logits(torch.tensor(got), torch.tensor(want), atol=0.05, rtol=0.05)
+    assert (result["ok"], result["significant"], result["positions"]) == (ok, significant, 1)
+    assert result["greedy_disagreements"] == int(torch.tensor(got).argmax(-1) != torch.tensor(want).argmax(-1))

@@ -53,13 +53,14 @@ def check_expectations(answer: str, expect: dict) -> list[str]:
     return failures
 
 
-def check_integrity(bundle: Path) -> dict:
+def check_integrity(bundle: Path, *, known_sha256: dict[str, str] | None = None) -> dict:
     """Every file matches manifest.json (sha256 and size) and nothing was added since the build.
 
-    The same rules as `modelpack verify` (builder/trust.py, tested to agree): every listed name is a regular file
-    inside the bundle, not behind a symlink, with its recorded size and sha256; no unlisted file, symlink, empty
-    folder or __pycache__ (Python would run a planted .pyc instead of the bundle's code). README.md and
-    verification.json are hashed with the bundle's digest blanked, since they carry it.
+    `modelpack verify` runs this same function from modelpack's own copy (builder/trust.py): every listed name is a
+    regular file inside the bundle, not behind a symlink, with its recorded size and sha256; no unlisted file,
+    symlink, empty folder or __pycache__ (Python would run a planted .pyc instead of the bundle's code). README.md and
+    verification.json are hashed with the bundle's digest blanked, since they carry it. known_sha256: hashes the
+    caller computed while writing the files itself (modelpack's build), not read again.
     """
     manifest_path = bundle / MANIFEST
     try:
@@ -71,7 +72,7 @@ def check_integrity(bundle: Path) -> dict:
     digest = "sha256:" + sha256_file(manifest_path)
     problems = []
     for name, meta in sorted(listed.items()):
-        problem = _check_listed_file(bundle, name, meta, digest)
+        problem = _check_listed_file(bundle, name, meta, digest, (known_sha256 or {}).get(name))
         if problem:
             problems.append(f"{name}: {problem}")
     for name in _present_entries(bundle):
@@ -80,7 +81,7 @@ def check_integrity(bundle: Path) -> dict:
     return {"ok": not problems, "files": len(listed), "problems": problems}
 
 
-def _check_listed_file(bundle: Path, name: str, meta: object, digest: str) -> str | None:
+def _check_listed_file(bundle: Path, name: str, meta: object, digest: str, known: str | None) -> str | None:
     parts = Path(name).parts
     if not isinstance(meta, dict) or Path(name).is_absolute() or ".." in parts or not parts:
         return "not a file name inside the bundle"
@@ -97,7 +98,7 @@ def _check_listed_file(bundle: Path, name: str, meta: object, digest: str) -> st
         return "not a regular file"
     if info.st_size != meta.get("size"):
         return f"size {info.st_size} != {meta.get('size')} in manifest.json"
-    actual = sha256_file(path, blank=digest if name in DIGEST_CARRIERS else None)
+    actual = known or sha256_file(path, blank=digest if name in DIGEST_CARRIERS else None)
     if actual != meta.get("sha256"):
         return "sha256 differs from manifest.json (the file changed after the build)"
     return None

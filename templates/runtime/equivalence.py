@@ -87,47 +87,60 @@ def load_reference(loader: ModuleType, base: Path, adapter: Path, *, mode: str, 
 
 
 def compare(model, reference, tokenizer, entries: list[dict], *, system, dtype: str) -> dict:
-    import torch
-
+    """Every prompt followed by the bundle's answer, run through both models; logits compared position by position."""
     atol, rtol = TOLERANCES[dtype]
-    results, worst, positions, raw_disagreements, significant = [], 0.0, 0, 0, 0
-    for entry in entries:
-        text = formatted_prompt(tokenizer, model, entry["prompt"], system)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(entry["answer"], add_special_tokens=False)["input_ids"] if entry["answer"] else []
-        ids = torch.tensor([prompt_ids + answer_ids], device=model.get_input_embeddings().weight.device)
-        with torch.no_grad():
-            got = model(ids).logits[0].float()
-            want = reference(ids.to(reference.get_input_embeddings().weight.device)).logits[0].float().to(got.device)
-        # Positions whose next token is part of the answer (plus the first answer token's prediction).
-        start = len(prompt_ids) - 1
-        got, want = got[start:], want[start:]
-        delta = (got - want).abs().max().item()
-        tolerance = atol + rtol * want.abs().max().item()
-        got_top, want_top = got.argmax(-1), want.argmax(-1)
-        margin = want.gather(-1, want_top[:, None]) - want.gather(-1, got_top[:, None])
-        disagree = (got_top != want_top)
-        results.append({
-            "prompt": entry["prompt"],
-            "max_abs_logit_diff": delta,
-            "tolerance": tolerance,
-            "positions": int(got.shape[0]),
-            "greedy_disagreements": int(disagree.sum().item()),
-            "ok": delta <= tolerance and not bool((margin[:, 0] > tolerance)[disagree].any()),
-        })
-        worst = max(worst, delta)
-        positions += int(got.shape[0])
-        raw_disagreements += int(disagree.sum().item())
-        significant += int((margin[:, 0] > tolerance)[disagree].sum().item())
+    results = [
+        {"prompt": entry["prompt"], **compare_logits(*answer_logits(model, reference, tokenizer, entry, system),
+                                                     atol=atol, rtol=rtol)}
+        for entry in entries
+    ]
+    significant = sum(r.pop("significant") for r in results)  # reported once, for all prompts together
+    positions = sum(r["positions"] for r in results)
+    disagreements = sum(r["greedy_disagreements"] for r in results)
     return {
         "ok": all(r["ok"] for r in results),
         "dtype": dtype,
         "rule": f"|delta logit| <= {atol:g} + {rtol:g} * max|reference logit|",
-        "max_abs_logit_diff": worst,
+        "max_abs_logit_diff": max((r["max_abs_logit_diff"] for r in results), default=0.0),
         "positions": positions,
-        "greedy_agreement": 1.0 - raw_disagreements / positions if positions else 1.0,
+        "greedy_agreement": 1.0 - disagreements / positions if positions else 1.0,
         "significant_disagreements": significant,
         "prompts": results,
+    }
+
+
+def answer_logits(model, reference, tokenizer, entry: dict, system):
+    """Both models' next-token logits (float32) at the positions that predict the answer: the prompt's last token
+    (the first answer token's prediction) and every answer token."""
+    import torch
+
+    text = formatted_prompt(tokenizer, model, entry["prompt"], system)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(entry["answer"], add_special_tokens=False)["input_ids"] if entry["answer"] else []
+    ids = torch.tensor([prompt_ids + answer_ids], device=model.get_input_embeddings().weight.device)
+    with torch.no_grad():
+        got = model(ids).logits[0].float()
+        want = reference(ids.to(reference.get_input_embeddings().weight.device)).logits[0].float().to(got.device)
+    start = len(prompt_ids) - 1
+    return got[start:], want[start:]
+
+
+def compare_logits(got, want, *, atol: float, rtol: float) -> dict:
+    """The tolerance rule on one sequence: |delta| <= atol + rtol * max|want|, and no greedy token that differs where
+    the reference preferred its own by more than that (a smaller margin is a near tie, counted but allowed)."""
+    delta = (got - want).abs().max().item()
+    tolerance = atol + rtol * want.abs().max().item()
+    got_top, want_top = got.argmax(-1), want.argmax(-1)
+    margin = (want.gather(-1, want_top[:, None]) - want.gather(-1, got_top[:, None]))[:, 0]
+    disagree = got_top != want_top
+    significant = int((margin > tolerance)[disagree].sum().item())
+    return {
+        "max_abs_logit_diff": delta,
+        "tolerance": tolerance,
+        "positions": int(got.shape[0]),
+        "greedy_disagreements": int(disagree.sum().item()),
+        "significant": significant,
+        "ok": delta <= tolerance and significant == 0,
     }
 
 
