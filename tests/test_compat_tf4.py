@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
-from helpers import write_spec
-from qwen_v1_support import SEED_SAMPLES, qwen_base, random_checkpoint, run_python, subprocess_env
+from helpers import SEED_SAMPLES, qwen_base, random_checkpoint, run_python, subprocess_env, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 # The oldest libraries a bundle supports; torch is pinned to the CPU wheel on this machine's disk.

@@ -21,17 +21,21 @@ from builder.manifest import sha256_file
 from builder.remote_code import distribution_name, third_party_imports
 from builder.sources import find_remote_code
 from fixtures.qwen_v1.make_qwen_v1 import CODE_FILES
-from helpers import assert_user_error, bundle_tensors, import_file, tree_snapshot, write_spec
-from qwen_v1_support import (
+from helpers import (
     SEED_PROBES,
     SEED_SAMPLES,
     TARGET_MODULES,
+    assert_user_error,
+    bundle_tensors,
+    import_file,
     load_fixture,
     qwen_base,
     random_checkpoint,
     run_python,
     seed_checkpoint,
     subprocess_env,
+    tree_snapshot,
+    write_spec,
 )
 
 ENDOFTEXT_ID, IM_END_ID, VOCAB_ROWS = 151643, 151645, 151936
