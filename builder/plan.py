@@ -244,6 +244,13 @@ def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapter: AdapterChec
     if code:
         refuse_unimportable_folder_name(spec.output.dir)
     refuse_unusable_generation_length(spec, base, spec_file)
+    if not base.tokenizer_files and not adapter.tokenizer_files:
+        # The seed's pitfall: merge_and_unload + save_pretrained writes weights and config but no tokenizer.
+        raise SourceError(
+            f"base.path {base.path} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab files) and "
+            f"neither has the checkpoint; a folder written by merge_and_unload + save_pretrained lacks them: copy the "
+            "original model's tokenizer files into it"
+        )
 
 
 def _file_copies(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint) -> tuple[FileCopy, ...]:

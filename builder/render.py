@@ -5,10 +5,9 @@ from __future__ import annotations
 import datetime
 import importlib.resources
 import json
-import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import PureWindowsPath
 
 from huggingface_hub import ModelCardData
 from jinja2 import Environment, FunctionLoader, StrictUndefined
@@ -113,11 +112,11 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
 
 
 def recorded_base_name(recorded: object) -> str:
-    """The adapter's recorded base for the card; a folder of this machine (trained where it is built) by name only."""
+    """The adapter's recorded base for the card: a hub id ("Qwen/Qwen-7B-Chat") as it is, a folder (of this machine
+    or of the training machine) by its last component only, so no bundle file names a machine's paths."""
     text = str(recorded)
-    if os.path.isabs(text) and os.path.exists(text):
-        return Path(text).name
-    return text
+    is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    return text if is_hub_id or "/" not in text and "\\" not in text else PureWindowsPath(text).name
 
 
 def base_model_name(plan: BuildPlan) -> str:

@@ -111,6 +111,8 @@ def test_model_card_parses_and_shows_adapter_facts_and_verification(merged_bundl
     assert "| rank (r) | 8 |" in text and "q_proj, v_proj" in text.replace("down_proj, ", "")
     assert "**passed**" in text
     assert "什么是机器学习" in text  # the probe and its answer are in the card
+    # The adapter records its training machine's base folder: the card names it by its last component only.
+    assert "| trained on base | `tiny-base` |" in text and "/home/Work" not in text
 
 
 def test_requirements_pin_the_versions_verification_used(merged_bundle):
