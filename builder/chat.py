@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from pathlib import Path
 from builder.errors import SourceError
 from builder.plan import BuildPlan
 from builder.sources import read_json
-from builder.verify import describe_crash
+from builder.verify import describe_crash, model_code_env
 
 _SENTINEL = "MODELPACK_ASSISTANT_REPLY"
 # Remote-code chat models without a chat template name their prompt format in generation_config.json
@@ -137,10 +136,8 @@ def probe_token_ids(folder: Path, tokens: list[str], *, python: str) -> dict[str
     The tokenizer is loaded from `folder` in a fresh offline subprocess of `python`, so no model code runs here.
     """
     with tempfile.TemporaryDirectory(prefix="modelpack-tokens-") as workdir:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-               "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
-        env.pop("PYTHONPATH", None)
-        process = subprocess.run([python, "-c", _TOKEN_PROBE, str(folder), *tokens], cwd=workdir, env=env,
+        process = subprocess.run([python, "-c", _TOKEN_PROBE, str(folder), *tokens], cwd=workdir,
+                                 env=model_code_env(workdir),
                                  capture_output=True, text=True, encoding="utf-8", errors="replace")
     for line in process.stdout.splitlines():
         if line.startswith("MODELPACK_TOKEN_IDS "):

@@ -18,12 +18,13 @@ import builder
 from builder.errors import BundleError, VerificationError
 from builder.manifest import read_manifest, sha256_file
 from builder.report import VerificationReport, read_equivalence, read_runtime_report
+
+# The runtime's marker before its own progress lines (bundle_check.progress, which equivalence.py uses too).
+from builder.templates.runtime.bundle_check import PROGRESS_MARKER
 from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
 
 # Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
 EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "equivalence.py"))
-# What the runtime (templates/runtime/bundle_check.py, equivalence.py) puts before its progress lines.
-PROGRESS_MARKER = "[verify] "
 
 
 @dataclass(frozen=True)
@@ -143,14 +144,10 @@ def _reference_adapter(adapter: Path, folder: Path) -> Path:
 def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str], None], *, what: str) -> None:
     """Run a verification step offline in an empty folder (it sees the bundle and nothing of the build).
 
-    Model code is imported into a modules cache of this run only, so nothing another model left in the user's
-    cache is picked up. The full output goes to a log; when the step fails, the log is kept and the error names
+    The full output goes to a log; when the step fails, the log is kept and the error names
     where the failure happened instead of printing the traceback.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-           "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
-    env.pop("PYTHONPATH", None)
-    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=workdir, env=model_code_env(workdir), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     lines: list[str] = []
@@ -166,6 +163,16 @@ def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str
             f.write(" ".join(command) + "\n\n" + "\n".join(lines) + "\n")
         raise VerificationError(f"{what}: {describe_crash(lines, returncode)}; it ran with {command[0]}, and its "
                                 f"full output is in {log}")
+
+
+def model_code_env(workdir: str) -> dict[str, str]:
+    """The environment of a process that runs model code for modelpack: offline, unable to import modelpack's
+    sources, writing no bytecode, with a modules cache of its own in workdir (nothing another model left in the
+    user's cache is picked up)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
+    env.pop("PYTHONPATH", None)
+    return env
 
 
 def _die_with_parent() -> None:
