@@ -45,6 +45,12 @@ class TokenizerFiles:
 def read_tokenizer_files(plan: BuildPlan) -> TokenizerFiles:
     """The chat template and special tokens of the tokenizer files the bundle ships (and the spec's template)."""
     by_name = {c.dest: c.source for c in plan.copies if c.role == "tokenizer"}
+    return tokenizer_declarations(by_name, template_file=plan.spec.chat.template)
+
+
+def tokenizer_declarations(by_name: dict[str, Path], *, template_file: Path | None = None) -> TokenizerFiles:
+    """The chat template and special tokens declared by tokenizer files (name -> path), each read once; a
+    template_file replaces the files' own template."""
     config = read_json(by_name["tokenizer_config.json"]) if "tokenizer_config.json" in by_name else None
     special: dict[str, int] = {}
     if "tokenizer.json" in by_name:
@@ -59,8 +65,8 @@ def read_tokenizer_files(plan: BuildPlan) -> TokenizerFiles:
         if isinstance(value, str):
             template_tokens[key] = value
     template: str | None
-    if plan.spec.chat.template is not None:
-        template = plan.spec.chat.template.read_text(encoding="utf-8")
+    if template_file is not None:
+        template = template_file.read_text(encoding="utf-8")
     elif "chat_template.jinja" in by_name:
         template = by_name["chat_template.jinja"].read_text(encoding="utf-8")
     else:
@@ -112,6 +118,35 @@ def end_of_turn_token(template: str, special_tokens: dict[str, int], template_va
     after = rendered.split(_SENTINEL, 1)[-1] if _SENTINEL in rendered else ""
     matches = [token for token in special_tokens if token and after.startswith(token)]
     return max(matches, key=len) if matches else None
+
+
+def default_system_prompt(template: str, template_vars: dict[str, str]) -> str | None:
+    """The system message the chat template adds when a conversation has none (Qwen2: "You are a helpful assistant.").
+
+    Found by rendering a conversation with a marked system message and one without: the text the template puts
+    where the marked message was is its default. A template that cannot render both ways has none worth stating.
+    """
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    marker = "MODELPACK_SYSTEM_PROMPT"
+    user = {"role": "user", "content": _SENTINEL}
+    try:
+        compiled = _compile_jinja_template(template)
+        with_system = compiled.render(messages=[{"role": "system", "content": marker}, user],
+                                      add_generation_prompt=False, **template_vars)
+        without = compiled.render(messages=[user], add_generation_prompt=False, **template_vars)
+    except Exception:  # a template the build would reject says so there, with the build's message
+        return None
+    if marker not in with_system:
+        return None
+    before, after = with_system.split(marker, 1)
+    after = after.split(_SENTINEL, 1)[0]  # what follows the system message, up to the user's text
+    if not before or not without.startswith(before):
+        return None
+    rest = without[len(before):]
+    end = rest.find(after) if after else -1
+    default = rest[:end] if end > 0 else ""
+    return default if default and _SENTINEL not in default else None
 
 
 # Runs in the verifying interpreter: the model's tokenizer code is executed there, never in the builder.

@@ -57,6 +57,30 @@ def user_errors_exit(command):
 
 @app.command()
 @user_errors_exit
+def init(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="a peft checkpoint folder (adapter_config.json), or a Trainer output folder with checkpoint-N folders")],
+    base: Annotated[Path | None, typer.Option(
+        help="the base model folder (default: the one adapter_config.json records, if it is on this machine)")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="the spec file to write (default: specs/NAME.yaml)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing spec file")] = False,
+) -> None:
+    """Draft a commented spec from a training run's checkpoint and its base model.
+
+    Example: modelpack init output/checkpoint-1560 --base models/Qwen2-7B -o specs/med.yaml
+    """
+    from builder.scaffold import draft_spec, write_draft
+
+    draft = draft_spec(checkpoint, base=base, spec_file=output)
+    write_draft(draft, force=force)
+    _say(f"checkpoint: {draft.checkpoint.path} ({draft.checkpoint.reason})")
+    _say(f"base: {draft.base} ({draft.base_reason})")
+    typer.echo(f"wrote {draft.spec_file}; check it, then: modelpack build {draft.spec_file}")
+
+
+@app.command()
+@user_errors_exit
 def validate(spec: Annotated[Path, typer.Argument(help="the spec YAML file")]) -> None:
     """Check a spec and its sources without writing anything."""
     from builder.build import plan_from_spec

@@ -28,6 +28,8 @@ from pydantic import ByteSize as PydanticByteSize
 from builder.errors import SpecError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# A Hugging Face Hub model id as the card's `base_model` needs it: org/name.
+HUB_MODEL_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 _VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -196,11 +198,23 @@ class CardSpec(_Section):
     """Model card text and metadata."""
 
     description: str | None = None
+    base_model: str | None = Field(
+        default=None, description="The base's Hugging Face Hub id (org/name) for the card's front matter; "
+        "default: the adapter's recorded base when that is a Hub id, else none (a folder name is not a model id).",
+    )
     license: str | None = None
     language: StringList = []
     tags: StringList = []
     intended_use: str | None = None
     limitations: str | None = None
+
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_is_a_hub_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(HUB_MODEL_ID, value):
+            raise ValueError(f"{value!r} is not a Hub model id; write it as org/name (e.g. Qwen/Qwen-7B-Chat)")
+        return value
 
 
 class Expectation(_Section):
