@@ -10,8 +10,9 @@ from pathlib import Path
 
 import builder
 from builder import configs
-from builder.chat import read_chat_facts
+from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
+from builder.gguf_export import export_gguf, gguf_path
 from builder.manifest import find_machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
 from builder.render import (
@@ -58,7 +59,8 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
                  progress: Progress = lambda line: None) -> BuildResult:
     """The build's phases, in a staging folder beside the destination (see staging.staged_output): write the
-    weights, write the other files, verify, finalise (card, requirements, report, manifest, digest), publish."""
+    weights, write the other files, export GGUF (with export.gguf), verify, finalise (card, requirements, report,
+    manifest, digest), publish."""
     spec = plan.spec
     dest = spec.output.dir
     check_output_location(
@@ -69,8 +71,12 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     with staged_output(dest, force=force, needed=plan.disk_needed, progress=progress) as staging:
         progress(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
         weights = write_weights(plan, staging)
-        context = _write_files(plan, staging)
+        context, chat = _write_files(plan, staging)
         timings["write"] = time.perf_counter() - started
+        if spec.export.gguf is not None:
+            export_started = time.perf_counter()
+            _export_gguf(plan, staging, chat, progress=progress)
+            timings["export"] = time.perf_counter() - export_started
         provenance = _provenance(plan, _source_fingerprints(plan, weights.sources))
         manifest = write_manifest(staging, provenance, known_sha256=weights.written)
 
@@ -87,7 +93,7 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     return BuildResult(bundle=dest, plan=plan, verification=verification, digest=digest, timings=timings)
 
 
-def _write_files(plan: BuildPlan, staging: Path) -> RenderContext:
+def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFacts]:
     """Everything but the weights and what reports on verification: copies, configs, chat template, loader."""
     copy_side_files(plan, staging)
     chat = read_chat_facts(plan, staging, python=verifying_python(plan.spec.verify.python))
@@ -107,7 +113,17 @@ def _write_files(plan: BuildPlan, staging: Path) -> RenderContext:
     context = build_context(plan, generation=generation, chat=chat)
     for name, content in render_runtime(context).items():
         (staging / name).write_bytes(content)
-    return context
+    if context.modelfile is not None:
+        _write(staging / "gguf" / "Modelfile", context.modelfile)
+    return context, chat
+
+
+def _export_gguf(plan: BuildPlan, staging: Path, chat: ChatFacts, *, progress: Progress) -> None:
+    """The GGUF files, from the merged weights and tokenizer files already staged (export.gguf)."""
+    assert plan.spec.export.gguf is not None
+    names = {t: gguf_path(plan.spec.name, t) for t in plan.spec.export.gguf.types}
+    progress(f"exporting GGUF: {', '.join(names.values())}")
+    export_gguf(plan, staging, chat, {t: staging / name for t, name in names.items()})
 
 
 def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None,

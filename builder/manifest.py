@@ -13,7 +13,7 @@ MANIFEST = "manifest.json"
 # The marker that says modelpack wrote a folder: `--force` replaces only such a folder (or an empty one).
 GENERATOR = "modelpack"
 # Text files are scanned for paths of the build machine; weights are binary and skipped.
-BINARY_SUFFIXES = (".safetensors", ".bin", ".tiktoken", ".model")
+BINARY_SUFFIXES = (".safetensors", ".bin", ".tiktoken", ".model", ".gguf")
 
 
 def sha256_file(path: Path) -> str:

@@ -19,6 +19,7 @@ from builder.adapter_match import (
     tied_embedding_name,
 )
 from builder.errors import OutputError, SourceError
+from builder.gguf_export import estimated_gguf_bytes, gguf_path, refuse_unexportable
 from builder.safetensors_io import TensorEntry, TensorLocation
 from builder.sources import AdapterCheckpoint, BaseModelFolder
 from builder.spec import Spec
@@ -84,6 +85,9 @@ class BuildPlan:
     untie_embeddings: bool = False
     vocab_size: int | None = None
     warnings: tuple[str, ...] = field(default=())
+    gguf_bytes: int = 0  # a bound for the GGUF export's files (export.gguf)
+    # As asked (output.merge_device, or build's --merge-device); weights.merge_device_for resolves it on this machine.
+    merge_device: Literal["cpu", "cuda", "auto"] = "cpu"
 
     @property
     def mode(self) -> str:
@@ -102,9 +106,10 @@ class BuildPlan:
     def disk_needed(self) -> int:
         """Every file the bundle will hold: weights, copies, and a bound for the files rendered later (load.py,
         card, configs, manifest, index, report, shard headers), plus a block of rounding per file."""
-        files = len(self.shards) + len(self.copies) + RENDERED_FILES
+        gguf = self.spec.export.gguf
+        files = len(self.shards) + len(self.copies) + RENDERED_FILES + (len(gguf.types) if gguf else 0)
         copies = sum(c.source.stat().st_size for c in self.copies)
-        return self.weight_bytes + copies + RENDERED_BYTES + files * FILESYSTEM_BLOCK
+        return self.weight_bytes + copies + self.gguf_bytes + RENDERED_BYTES + files * FILESYSTEM_BLOCK
 
     @property
     def merged_tensors(self) -> list[TensorPlan]:
@@ -213,6 +218,9 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *,
         tied = tied_embedding_name(base)
         assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
         tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype))
+    copies = _file_copies(spec, base, adapter)
+    refuse_unexportable(spec, base, tensor_names=[t.name for t in tensors], spec_file=spec_file,
+                        tokenizer_files={c.dest: c.source for c in copies if c.role == "tokenizer"})
     return BuildPlan(
         spec=spec,
         spec_file=spec_file,
@@ -220,10 +228,13 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *,
         adapter=adapter,
         out_dtype=out_dtype,
         shards=split_into_shards(tensors, max_shard_size=spec.output.max_shard_size),
-        copies=_file_copies(spec, base, adapter),
+        copies=copies,
         untie_embeddings=untie,
         vocab_size=_resized_vocabulary(base, tensors),
         warnings=_warnings(base, adapter, untie=untie),
+        gguf_bytes=sum(estimated_gguf_bytes([t.source.shape for t in tensors], gguf_type)
+                       for gguf_type in (spec.export.gguf.types if spec.export.gguf else [])),
+        merge_device=spec.output.merge_device,
     )
 
 
@@ -338,6 +349,8 @@ def describe_plan(plan: BuildPlan) -> str:
         f"mode: {plan.mode}   dtype: {str(plan.out_dtype).removeprefix('torch.')}   "
         f"base: {plan.base.path}   adapter: {plan.adapter.path}",
     ]
+    if plan.mode == "merge":
+        lines.append(f"merge device: {plan.merge_device}")
     counts = {"copy": 0, "cast": 0, "merge": 0}
     for shard in plan.shards:
         lines.append(f"{shard.filename}  {len(shard.tensors)} tensors  {_human(shard.nbytes)}")
@@ -351,6 +364,10 @@ def describe_plan(plan: BuildPlan) -> str:
     lines.append(f"tensors: {counts['merge']} merged, {counts['cast']} cast, {counts['copy']} copied as bytes")
     for copy in plan.copies:
         lines.append(f"copy {copy.role}: {copy.dest}  ({_human(copy.source.stat().st_size)})")
+    shapes = [t.source.shape for s in plan.shards for t in s.tensors]
+    for gguf_type in plan.spec.export.gguf.types if plan.spec.export.gguf else []:
+        lines.append(f"export {gguf_path(plan.spec.name, gguf_type)}  "
+                     f"(at most {_human(estimated_gguf_bytes(shapes, gguf_type))})")
     for ignored in plan.adapter.ignored_files:
         lines.append(f"skip training leftover: {ignored.name}")
     for warning in plan.warnings:

@@ -1,0 +1,570 @@
+"""GGUF export for llama.cpp and Ollama: the bundle's merged weights and whole tokenizer, streamed tensor by tensor.
+
+llama.cpp's own `gguf` library writes the format, names the tensors and quantizes; the metadata and tokenizer fields
+follow llama.cpp's convert_hf_to_gguf.py (conversion/base.py TextModel, llama.py, qwen.py). Where that converter
+and llama.cpp's loader disagree (Qwen v1's norm epsilon), the loader decides, and a comment says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, LlamaFileType, TokenType
+
+from builder.errors import SourceError, SpecError
+from builder.safetensors_io import TensorLocation, read_safetensors_header, read_tensor, read_tensor_rows
+
+if TYPE_CHECKING:
+    from builder.chat import ChatFacts
+    from builder.plan import BuildPlan
+    from builder.sources import BaseModelFolder
+    from builder.spec import Spec
+
+# config.json `architectures[0]` -> llama.cpp architecture (convert_hf_to_gguf.py's registrations).
+ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "QWenLMHeadModel": gguf.MODEL_ARCH.QWEN,  # Qwen-7B-Chat (v1, remote code)
+}
+# Spec type -> (the tensor type of 2-D weights, the file type recorded in general.file_type).
+GGUF_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+# tokenizer.json Split patterns -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre). llama.cpp implements each
+# with its own copy of the regex; src/llama-vocab.cpp quotes the tokenizer.json original beside it.
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLIT_PRE_TOKENIZERS = {
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _REST: "qwen2",
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _REST: "llama-bpe",
+}
+# Qwen v1's tiktoken pattern is Qwen2's: convert_hf_to_gguf.py hashes its tokenization of a test text to the same
+# value as Qwen1.5's tokenizer (e636dc30...), i.e. "qwen2".
+QWEN_V1_PRE_TOKENIZER = "qwen2"
+# Qwen v1's special tokens, defined in its tokenization_qwen.py (not in any data file), numbered after the ranks.
+QWEN_V1_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
+# Rotary scaling kinds the converter writes as metadata alone, and Llama 3's, which needs a rope_freqs tensor.
+ROPE_SCALING_TYPES = {"linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
+# Tensors are converted in row blocks whose float32 working copy stays under this size.
+BLOCK_BYTES = 64 << 20
+# The converter's keys for the context length, first found wins (conversion/base.py TextModel).
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
+                       "model_max_length")
+
+
+def gguf_path(name: str, gguf_type: str) -> str:
+    """Where a GGUF export lies in the bundle (gguf/Modelfile serves the first type from the same folder)."""
+    return f"gguf/{name}-{gguf_type}.gguf"
+
+
+def gguf_architecture(config: dict, config_file: Path) -> gguf.MODEL_ARCH:
+    """The llama.cpp architecture of a Hugging Face config, or a user error naming it and the supported ones."""
+    architectures = config.get("architectures") or [None]
+    name = architectures[0]
+    if name not in ARCHITECTURES:
+        raise SourceError(
+            f"{config_file}: architecture {name!r} has no GGUF export in modelpack (it exports "
+            f"{', '.join(ARCHITECTURES)}); remove `export.gguf` from the spec"
+        )
+    return ARCHITECTURES[name]
+
+
+def refuse_unexportable(spec: Spec, base: BaseModelFolder, *, tensor_names: list[str],
+                        tokenizer_files: dict[str, Path], spec_file: Path) -> None:
+    """Everything that would stop the GGUF export, checked at plan time before any work (no-op without export.gguf)."""
+    if spec.export.gguf is None:
+        return
+    if spec.output.mode != "merge":
+        raise SpecError(f"{spec_file}: export.gguf converts merged weights; set `output.mode: merge` to export GGUF "
+                        "(or remove export.gguf)")
+    config_file = base.path / "config.json"
+    arch = gguf_architecture(base.config, config_file)
+    rope_scaling(base.config, arch, config_file)
+    if arch == gguf.MODEL_ARCH.QWEN:
+        if "qwen.tiktoken" not in tokenizer_files:
+            raise SourceError(f"base.path {base.path}: Qwen v1's vocabulary is qwen.tiktoken, which is missing; "
+                              "copy it from the original model")
+    elif "tokenizer.json" not in tokenizer_files:
+        raise SourceError(f"base.path {base.path}: the GGUF export reads the vocabulary from tokenizer.json, which the "
+                          "model's tokenizer files lack; save the tokenizer with a fast tokenizer (tokenizer.json)")
+    else:
+        tokenizer_file = tokenizer_files["tokenizer.json"]
+        pre_tokenizer(json.loads(tokenizer_file.read_text(encoding="utf-8")), tokenizer_file)
+    names = tensor_map(arch, base.config)
+    unknown = [n for n in tensor_names if gguf_tensor_name(names, n) is None and not _skipped(n)]
+    if unknown:
+        raise SourceError(f"{config_file}: tensor {unknown[0]!r} has no {gguf.MODEL_ARCH_NAMES[arch]} GGUF name "
+                          f"({len(unknown)} such tensors); remove `export.gguf` from the spec")
+
+
+def pre_tokenizer(tokenizer: dict, tokenizer_file: Path) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, recognised from its structure in
+    tokenizer.json: GPT-2's ByteLevel regex, or a Split regex llama.cpp implements followed by ByteLevel."""
+    model = tokenizer.get("model") or {}
+    step = tokenizer.get("pre_tokenizer") or {}
+    if model.get("type") == "BPE":
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space"):
+            return "gpt-2"
+        steps = step.get("pretokenizers") if step.get("type") == "Sequence" else None
+        if (isinstance(steps, list) and len(steps) == 2 and steps[0].get("type") == "Split"
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+                and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex") is False
+                and not steps[1].get("add_prefix_space")):
+            name = SPLIT_PRE_TOKENIZERS.get(str((steps[0].get("pattern") or {}).get("Regex")))
+            if name is not None:
+                return name
+    found = f"model {model.get('type')!r}, pre_tokenizer {json.dumps(step, ensure_ascii=False)[:300]}"
+    raise SourceError(
+        f"{tokenizer_file}: the GGUF export knows byte-level BPE tokenizers split like GPT-2, Qwen2 or Llama 3, and "
+        f"this one has {found}; llama.cpp would tokenize it differently, so remove `export.gguf` from the spec"
+    )
+
+
+def rope_scaling(config: dict, arch: gguf.MODEL_ARCH, config_file: Path) -> dict:
+    """The config's rotary scaling parameters ({} when none); kinds llama.cpp has no reading for are refused."""
+    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = parameters.get("rope_type", parameters.get("type"))
+    if kind in (None, "default"):
+        return {}
+    if kind in ROPE_SCALING_TYPES and parameters.get("factor") is not None:
+        return parameters
+    if kind == "llama3" and arch == gguf.MODEL_ARCH.LLAMA:
+        return parameters
+    raise SourceError(f"{config_file}: rope scaling {kind!r} has no GGUF export in modelpack (it exports linear, yarn "
+                      "and Llama 3's); remove `export.gguf` from the spec")
+
+
+def tensor_map(arch: gguf.MODEL_ARCH, config: dict) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+
+
+def gguf_tensor_name(names: gguf.TensorNameMap, name: str) -> str | None:
+    return names.get_name(name, try_suffixes=(".weight", ".bias"))
+
+
+def _skipped(name: str) -> bool:
+    """Buffers some checkpoints store that are not weights (the converter drops them too)."""
+    return name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq"))
+
+
+# --- the tensors -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor of the GGUF file: its name there, where its merged values lie (or its computed values), its type,
+    and for Llama's q/k projections the head count whose rotary halves llama.cpp wants interleaved."""
+
+    name: str
+    shape: tuple[int, ...]  # Hugging Face (row-major) order; the writer reverses it into GGML's
+    qtype: GGMLQuantizationType
+    source: TensorLocation | None = None
+    values: np.ndarray | None = None  # a tensor the converter computes (Llama 3's rope_freqs)
+    interleave_heads: int | None = None
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the array the writer is given: elements for F32/F16, bytes for BF16 and quantized types."""
+        if self.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return self.shape
+        return gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
+
+    @property
+    def stored_dtype(self) -> type:
+        return {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(self.qtype, np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.stored_shape) * np.dtype(self.stored_dtype).itemsize
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The converter's rule: 1-D tensors and norms stay F32 (llama.cpp's kernels expect it); a row length that is
+    no multiple of the quantization block falls back to F16."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return GGMLQuantizationType.F32
+    if qtype == GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return GGMLQuantizationType.F16
+    return qtype
+
+
+def plan_gguf_tensors(arch: gguf.MODEL_ARCH, config: dict, locations: list[TensorLocation],
+                      qtype: GGMLQuantizationType) -> list[GgufTensor]:
+    """Every tensor of the GGUF file, in the bundle's order, from the merged weights' locations; pure."""
+    names = tensor_map(arch, config)
+    tied = bool(config.get("tie_word_embeddings"))
+    tensors = []
+    for location in locations:
+        name = gguf_tensor_name(names, location.name)
+        if _skipped(location.name) or (tied and name == "output.weight"):
+            continue  # llama.cpp reads a missing output.weight as tied to token_embd.weight
+        if name is None:
+            raise SourceError(f"tensor {location.name!r} has no {gguf.MODEL_ARCH_NAMES[arch]} GGUF name")
+        heads = None
+        if arch == gguf.MODEL_ARCH.LLAMA and name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k"):
+            # Hugging Face's Llama checkpoints keep each head's rotary halves apart (q_proj/k_proj were permuted for
+            # its rotate_half); llama.cpp rotates interleaved pairs, so the converter permutes them back.
+            heads = config["num_attention_heads"]
+            if name.split(".")[2] == "attn_k":
+                heads = config.get("num_key_value_heads") or heads
+        tensors.append(GgufTensor(name, location.shape, tensor_type(name, location.shape, qtype), source=location,
+                                  interleave_heads=heads))
+    if arch == gguf.MODEL_ARCH.LLAMA and rope_scaling(config, arch, Path("config.json")).get("rope_type") == "llama3":
+        factors = llama3_rope_factors(config)
+        tensors.insert(0, GgufTensor("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, values=factors))
+    return tensors
+
+
+def interleave_rotary_halves(rows: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute: within each head, rows (first half, second half) -> interleaved."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """Llama 3.1's per-frequency rotary scaling, as the converter computes it (LlamaModel.generate_extra_tensors)."""
+    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    base = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = parameters.get("factor", 8.0)
+    low, high = parameters.get("low_freq_factor", 1.0), parameters.get("high_freq_factor", 4.0)
+    old_context = parameters.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs:
+        wavelength = 2 * math.pi / freq
+        if wavelength < old_context / high:
+            factors.append(1.0)
+        elif wavelength > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def converted_blocks(tensor: GgufTensor) -> Iterator[np.ndarray]:
+    """The tensor's bytes in the GGUF file, in row blocks: read from the bundle, widened to float32 as the converter
+    does, and converted by gguf.quants (Q8_0 blocks run along rows, so row blocks quantize exactly as a whole)."""
+    if tensor.values is not None:
+        yield gguf.quants.quantize(tensor.values, tensor.qtype)
+        return
+    assert tensor.source is not None
+    source = tensor.source
+    if len(source.shape) < 2 or tensor.interleave_heads:  # small: 1-D, or a q/k projection permuted as a whole
+        values = read_tensor(source).float().numpy()
+        if tensor.interleave_heads:
+            values = interleave_rotary_halves(values, tensor.interleave_heads)
+        yield gguf.quants.quantize(values, tensor.qtype)
+        return
+    row_bytes = 4 * math.prod(source.shape[1:])
+    rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, source.shape[0], rows):
+        block = read_tensor_rows(source, start, min(source.shape[0], start + rows))
+        yield gguf.quants.quantize(block.to(torch.float32).numpy(), tensor.qtype)
+
+
+class StreamedTensor:
+    """What GGUFWriter.write_tensor_data needs of an array (its byte count, tofile), written block by block, so
+    memory stays at one row block instead of the tensor (gguf-py's own LazyChunkedTensor does the same)."""
+
+    def __init__(self, tensor: GgufTensor):
+        self.tensor = tensor
+        self.nbytes = tensor.nbytes
+
+    def tofile(self, file) -> None:
+        written = 0
+        for block in converted_blocks(self.tensor):
+            block.tofile(file)
+            written += block.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"GGUF tensor {self.tensor.name}: wrote {written} bytes, planned {self.nbytes}")
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GgufVocabulary:
+    """tokenizer.ggml.*: one token per embedding row (rows past the tokenizer are [PADi], unused), merges, pre."""
+
+    tokens: list[str]
+    token_types: list[TokenType]
+    merges: list[str]
+    pre: str
+
+
+def looks_special(token: str) -> bool:
+    """Added tokens the converter marks as control tokens even when their config says otherwise (its
+    does_token_look_special, the patterns of the supported families)."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def vocabulary_from_tokenizer_json(tokenizer: dict, rows: int, pre: str, tokenizer_file: Path) -> GgufVocabulary:
+    """The converter's get_vocab_base over tokenizer.json: model vocabulary plus added tokens, typed, padded to the
+    embedding's rows; merges as llama.cpp reads them (SpecialVocab's encoding of pairs that contain spaces)."""
+    by_id = {token_id: token for token, token_id in tokenizer["model"]["vocab"].items()}
+    added = {t["id"]: t for t in tokenizer.get("added_tokens", [])}
+    by_id.update({token_id: t["content"] for token_id, t in added.items()})
+    if by_id and max(by_id) >= rows:
+        raise SourceError(f"{tokenizer_file}: token id {max(by_id)} is past the model's {rows} embedding rows")
+    tokens, types = [], []
+    for i in range(rows):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        elif i in added:
+            special = added[i].get("special") or looks_special(by_id[i])
+            tokens.append(by_id[i] if special else by_id[i].replace("\u2581", " "))
+            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL)
+    merges = [
+        m if isinstance(m, str) else " ".join("".join(chr(ord(c) + 256) if c == " " else c for c in p) for p in m)
+        for m in tokenizer["model"].get("merges", [])
+    ]
+    return GgufVocabulary(tokens, types, merges, pre)
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken BPE file: one `base64(token) rank` per line."""
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise SourceError(f"{path}:{number}: not a tiktoken line (base64 token, space, rank)") from None
+    return ranks
+
+
+def tiktoken_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
+    """The pair whose merge makes `token` in byte-level BPE: run BPE over its bytes with only lower-ranked merges,
+    which stops at two parts (the converter's QwenModel.bpe with max_rank)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, best_rank = -1, rank
+        for i in range(len(parts) - 1):
+            pair_rank = ranks.get(parts[i] + parts[i + 1], rank)
+            if pair_rank < best_rank:
+                best, best_rank = i, pair_rank
+        if best < 0:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise SourceError(f"tiktoken token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+def vocabulary_from_tiktoken(ranks: dict[bytes, int], rows: int) -> GgufVocabulary:
+    """Qwen v1's vocabulary (the converter's _set_vocab_qwen): ranks as byte-level strings, its specials after them,
+    and BPE merges rebuilt from the ranks, in rank order."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(byte_chars[b] for b in token)
+
+    by_id = {rank: text(token) for token, rank in ranks.items()}
+    specials = {len(ranks) + i: token for i, token in enumerate(QWEN_V1_SPECIAL_TOKENS)}
+    tokens, types = [], []
+    for i in range(rows):
+        if i in specials:
+            tokens.append(specials[i])
+            types.append(TokenType.CONTROL)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            left, right = tiktoken_merge(ranks, token, rank)
+            merges.append(f"{text(left)} {text(right)}")
+    return GgufVocabulary(tokens, types, merges, QWEN_V1_PRE_TOKENIZER)
+
+
+# Qwen v1 has no Jinja chat template: its remote code builds ChatML in make_context (qwen_generation_utils.py), always
+# with a system message, "You are a helpful assistant." unless the caller gives one. This template writes that prompt.
+QWEN_V1_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def embedded_chat_template(chat: ChatFacts, generation_config: dict | None) -> str | None:
+    """tokenizer.chat_template: the bundle's chat template; for a model that names its prompt format instead (Qwen v1:
+    `chat_format: chatml`), the Jinja template of the prompt its own code builds."""
+    if chat.template is not None:
+        return chat.template
+    if (generation_config or {}).get("chat_format") == "chatml":
+        # Imported here: serving imports chat, which imports plan, which imports this module.
+        from builder.serving import QWEN_V1_DEFAULT_SYSTEM
+
+        return QWEN_V1_CHAT_TEMPLATE.replace("default_system", json.dumps(QWEN_V1_DEFAULT_SYSTEM))
+    return None
+
+
+# --- the file --------------------------------------------------------------------------------------------------
+
+
+def add_model_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, config: dict,
+                         file_type: LlamaFileType) -> None:
+    """The hyperparameters convert_hf_to_gguf.py writes for the architecture (TextModel.set_gguf_parameters and
+    the architecture's own additions)."""
+    writer.add_block_count(config["num_hidden_layers"])
+    context = next((config[k] for k in CONTEXT_LENGTH_KEYS if config.get(k) is not None), None)
+    if context is not None:
+        writer.add_context_length(context)
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])  # Qwen v1: both MLP branches; llama.cpp halves it
+    writer.add_head_count(config["num_attention_heads"])
+    if config.get("num_key_value_heads") is not None:
+        writer.add_head_count_kv(config["num_key_value_heads"])
+    scaling = rope_scaling(config, arch, Path("config.json"))
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ROPE_SCALING_TYPES:
+        writer.add_rope_scaling_type(ROPE_SCALING_TYPES[kind])
+        writer.add_rope_scaling_factor(scaling["factor"])
+        if kind == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    parameters = config.get("rope_parameters") or {}
+    theta = parameters.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base")))
+    if theta is not None:
+        writer.add_rope_freq_base(theta)
+    if arch == gguf.MODEL_ARCH.QWEN:
+        # Qwen v1's norms are RMS norms under the name layer_norm_epsilon. llama.cpp's qwen loader requires
+        # attention.layer_norm_rms_epsilon (today's converter writes attention.layer_norm_epsilon, which it does not
+        # read; its earlier QwenModel wrote the RMS key, as here).
+        writer.add_layer_norm_rms_eps(config["layer_norm_epsilon"])
+        writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    elif config.get("rms_norm_eps") is not None:
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("head_dim") is not None:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    writer.add_file_type(file_type)
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        writer.add_vocab_size(config["vocab_size"])
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        writer.add_rope_dimension_count(head_dim)
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, vocabulary: GgufVocabulary, special: gguf.SpecialVocab,
+                  *, chat_template: str | None, end_of_turn_id: int | None) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocabulary.pre)
+    writer.add_token_list(vocabulary.tokens)
+    writer.add_token_types(vocabulary.token_types)
+    special.merges = vocabulary.merges
+    special.chat_template = None  # the bundle's template, from the chat facts, below
+    special.add_to_gguf(writer, quiet=True)
+    if end_of_turn_id is not None:
+        writer.add_eot_token_id(end_of_turn_id)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+
+def bundle_tensor_locations(plan: BuildPlan, bundle: Path) -> list[TensorLocation]:
+    """Where every merged tensor lies in the bundle's own weight files, in writing order."""
+    locations = []
+    for shard in plan.shards:
+        header = read_safetensors_header(bundle / shard.filename)
+        locations += [header[t.name] for t in shard.tensors]
+    return locations
+
+
+def special_vocabulary(bundle: Path, arch: gguf.MODEL_ARCH, vocabulary: GgufVocabulary) -> gguf.SpecialVocab:
+    """bos/eos/unk/pad ids and add_bos/add_eos from the bundle's tokenizer and model configs (gguf's SpecialVocab,
+    as the converter uses it). Qwen v1 declares none: the converter then names <|endoftext|> for bos and eos, and
+    always for unk."""
+    special = gguf.SpecialVocab(bundle, load_merges=False, n_vocab=len(vocabulary.tokens))
+    if arch == gguf.MODEL_ARCH.QWEN:
+        endoftext = vocabulary.tokens.index("<|endoftext|>")
+        if not special.special_token_ids:
+            special.special_token_ids.update(bos=endoftext, eos=endoftext)
+        special.special_token_ids["unk"] = endoftext
+    return special
+
+
+def read_vocabulary(bundle: Path, arch: gguf.MODEL_ARCH, rows: int) -> GgufVocabulary:
+    """The bundle's tokenizer as GGUF vocabulary: tokenizer.json, or Qwen v1's qwen.tiktoken."""
+    if arch == gguf.MODEL_ARCH.QWEN:
+        return vocabulary_from_tiktoken(read_tiktoken_ranks(bundle / "qwen.tiktoken"), rows)
+    tokenizer_file = bundle / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    return vocabulary_from_tokenizer_json(tokenizer, rows, pre_tokenizer(tokenizer, tokenizer_file), tokenizer_file)
+
+
+def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[str, Path]) -> None:
+    """Write one GGUF file per type (outputs: spec type -> path) from the weights and tokenizer already in `bundle`.
+
+    Every tensor's name, shape and type is declared first, so the header, metadata and tensor index are written
+    before any data; then each tensor streams from the bundle's safetensors in row blocks.
+    """
+    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))  # as shipped: untied, resized
+    arch = gguf_architecture(config, bundle / "config.json")
+    locations = bundle_tensor_locations(plan, bundle)
+    vocabulary = read_vocabulary(bundle, arch, config["vocab_size"])
+    special = special_vocabulary(bundle, arch, vocabulary)
+    template = embedded_chat_template(chat, plan.base.generation_config)
+    for gguf_type, out in outputs.items():
+        qtype, file_type = GGUF_TYPES[gguf_type]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
+        try:
+            writer.add_type(gguf.GGUFType.MODEL)
+            writer.add_name(plan.spec.name)
+            add_model_parameters(writer, arch, config, file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            add_tokenizer(writer, vocabulary, special, chat_template=template, end_of_turn_id=chat.end_of_turn_id)
+            tensors = plan_gguf_tensors(arch, config, locations, qtype)
+            for tensor in tensors:
+                writer.add_tensor_info(tensor.name, tensor.stored_shape, np.dtype(tensor.stored_dtype), tensor.nbytes,
+                                       raw_dtype=tensor.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for tensor in tensors:
+                # StreamedTensor has the two members write_tensor_data uses (nbytes, tofile); the file's byte order
+                # is the machine's (little-endian), so nothing is swapped.
+                writer.write_tensor_data(StreamedTensor(tensor),  # type: ignore[arg-type]
+                                         tensor_endianess=gguf.GGUFEndian.LITTLE)
+        finally:
+            writer.close()
+
+
+def estimated_gguf_bytes(shapes: list[tuple[int, ...]], gguf_type: str) -> int:
+    """A bound for one GGUF file's size: its tensors (2-D in the type, the rest F32) plus 8 MB for the header,
+    metadata and vocabulary (a 152k-token vocabulary with merges takes about 5 MB)."""
+    qtype, _ = GGUF_TYPES[gguf_type]
+    total = 8 << 20
+    for shape in shapes:
+        elements = math.prod(shape)
+        if len(shape) <= 1:
+            total += 4 * elements
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            total += -(-elements // block) * size + 32
+    return total
