@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -99,12 +100,16 @@ def build(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and write nothing")] = False,
     device: Annotated[str | None, typer.Option(
         help="verification device: auto | cpu | cuda (default: verify.device)")] = None,
+    merge_device: Annotated[Literal["cpu", "cuda", "auto"] | None, typer.Option(
+        help="where the LoRA deltas are computed: cpu | cuda | auto (default: output.merge_device)")] = None,
 ) -> None:
     """Build the bundle a spec describes."""
     from builder.build import build_bundle, plan_from_spec
     from builder.plan import describe_plan
 
     plan = plan_from_spec(spec, output_dir=output)
+    if merge_device is not None:
+        plan = dataclasses.replace(plan, merge_device=merge_device)
     if dry_run:
         typer.echo(describe_plan(plan))
         return

@@ -7,7 +7,6 @@ import json
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +246,15 @@ def read_tensor_rows(location: TensorLocation, row_start: int, row_end: int) -> 
     return read_tensor(sub)
 
 
+def read_into(fd: int, offset: int, view: memoryview, *, file: Path, name: str) -> None:
+    """Fill view with the file's bytes from offset (straight into the buffer: no intermediate copy)."""
+    while view.nbytes:
+        n = os.preadv(fd, [view], offset)
+        if not n:
+            raise SourceError(f"{file}: unexpected end of file reading tensor {name!r}")
+        view, offset = view[n:], offset + n
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor a shard will hold: its name, output dtype and shape, known before any bytes move."""
@@ -285,15 +293,16 @@ class ShardWriter:
 
     Memory stays at one chunk (a row block or a slice of a copied tensor), never one shard, because nothing is
     buffered here. The file's sha256 is computed from the bytes as they are written, so the manifest needs no
-    second pass over the weights.
+    second pass over the weights; `digest` may be any object with hashlib's update/hexdigest (one that hashes
+    in another thread, say).
     """
 
-    def __init__(self, path: Path, entries: list[TensorEntry], *, metadata: dict[str, str]):
+    def __init__(self, path: Path, entries: list[TensorEntry], *, metadata: dict[str, str], digest=None):
         self.path = path
         self._entries = entries
         self._next = 0
         self._remaining = 0
-        self._sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256() if digest is None else digest
         self._file = open(path, "wb")
         self._write(encode_header(entries, metadata))
         self._advance()
@@ -336,15 +345,3 @@ class ShardWriter:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's raw little-endian bytes, without a copy when it is contiguous."""
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data  # ndarray.data: memoryview(array)
-
-
-def read_byte_chunks(location: TensorLocation, chunk_bytes: int) -> Iterator[bytes]:
-    """A tensor's stored bytes in chunks, for copying it without materialising it as a tensor."""
-    with open(location.file, "rb", buffering=0) as f:
-        offset = location.start
-        while offset < location.end:
-            chunk = os.pread(f.fileno(), min(chunk_bytes, location.end - offset), offset)
-            if not chunk:
-                raise SourceError(f"{location.file}: unexpected end of file reading tensor {location.name!r}")
-            offset += len(chunk)
-            yield chunk

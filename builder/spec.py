@@ -146,6 +146,13 @@ class OutputSpec(_Section):
         default="auto", description="Weight dtype of the bundle; auto keeps the base's dtype."
     )
     max_shard_size: ByteSize = Field(default=5 * 10**9)
+    merge_device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu",
+        description="Where the LoRA deltas are computed: cpu (the reference), cuda (the first GPU; base tensors "
+        "stream through it, so GPU memory stays at a few tensors whatever the model size) or auto (cuda when a GPU "
+        "is visible, else cpu). The GPU result equals the CPU result within one unit in the last place of the "
+        "output dtype.",
+    )
 
 
 class GenerationSpec(_Section):

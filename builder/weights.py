@@ -1,4 +1,5 @@
-"""Writing a plan's weights: stream each base tensor, merge its LoRA deltas, write shards; copy side files."""
+"""Writing a plan's weights: stream each base tensor, merge its LoRA deltas on the CPU or a GPU, write shards;
+copy side files."""
 
 from __future__ import annotations
 
@@ -15,41 +16,20 @@ from pathlib import Path
 
 import torch
 
-from builder.adapter_match import LoraDelta
 from builder.errors import SourceError
-from builder.merge import (
-    embedding_lora_delta,
-    linear_lora_delta,
-    merge_bias_delta,
-    merge_dora_delta,
-    merge_dora_embedding_delta,
-    merge_embedding_lora_delta,
-    merge_lora_delta,
-)
+from builder.merge_device import BLOCK_ROW_MULTIPLE, MergedBlock, MergeDevice, merge_device_for
 from builder.plan import BuildPlan, ShardPlan, TensorPlan
-from builder.safetensors_io import (
-    ShardWriter,
-    TensorLocation,
-    read_byte_chunks,
-    read_tensor,
-    read_tensor_rows,
-    tensor_bytes,
-)
+from builder.safetensors_io import ShardWriter, TensorLocation, read_into, tensor_bytes
 
-# A merged tensor is processed in row blocks whose float32 working copy stays under this size,
-# so peak memory is bounded by a few blocks, not by the largest tensor (a 7B embedding is 2 GB in fp32).
+# A merged tensor moves through the pipeline in row blocks whose float32 working copy stays under this size, so
+# memory is bounded by a few blocks, not by the largest tensor (a 7B embedding is 2 GB in fp32).
 BLOCK_BYTES = 64 << 20
-# Blocks are whole multiples of this many rows: matmuls over a single row take another BLAS path (gemv)
-# whose rounding differs, and the merge must be bit-identical to peft's full-matrix product.
-BLOCK_ROW_MULTIPLE = 64
 # Unchanged tensors are copied in slices of this size.
 COPY_CHUNK_BYTES = 16 << 20
-# Chunks in flight between the reading/merging thread and the writing thread.
+# Pieces in flight between two stages of the pipeline.
 QUEUE_DEPTH = 4
-FLOAT16_MAX = torch.finfo(torch.float16).max
 
 Progress = Callable[[int], None]
-_DONE = object()
 # mallopt(3) parameter numbers from glibc's malloc.h.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
@@ -62,35 +42,252 @@ class WrittenWeights:
     sources: dict[Path, str]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What moves through the pipeline: a row block of a tensor to merge or cast, or a slice of one to copy."""
+
+    tensor: TensorPlan
+    offset: int  # of its source bytes in the base weight file
+    nbytes: int
+    rows: tuple[int, int] | None  # None: bytes copied unchanged
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """Bytes of a base weight file the merge read, so the file's hash needs no second pass over it."""
+
+    file: Path
+    offset: int
+    data: torch.Tensor
+
+
 def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda n: None) -> WrittenWeights:
     """Write every planned shard (and the index when there are several), hashing what is written and read.
 
-    Two threads overlap the work on two cores: one reads and merges (torch and file reads release the GIL),
-    the other hashes and writes. Memory stays at QUEUE_DEPTH chunks plus one block's working copies. The base's
-    weight files are hashed from the bytes the merge reads anyway, so no file is read twice.
+    Five threads overlap the work: one reads the base's bytes, one hashes them, one merges (on the CPU, or
+    on a GPU through pinned buffers), and one writes while another hashes what is written. File I/O, hashing and
+    torch release the GIL, so on a 2-core machine the CPU work spreads over both cores, and on a GPU machine the
+    build runs at the speed of its slowest stage (the disk or a hash). Memory stays at a few pieces per queue;
+    no file is read twice.
     """
+    device = merge_device_for(plan.merge_device)
     keep_freed_memory()
     digests = {path: SourceDigest(path) for path in plan.base.weight_files}
-    chunks: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-    stop = threading.Event()
-    producer = threading.Thread(target=_produce_chunks, args=(plan, chunks, stop), daemon=True)
-    producer.start()
+    pipeline = Pipeline()
+    merge_inbox, digest_inbox, written = pipeline.pipe(), pipeline.pipe(), pipeline.pipe()
+    pipeline.start("read", read_pieces, plan, device, merge_inbox, digest_inbox)
+    pipeline.start("hash-source", hash_sources, digests, digest_inbox)
+    pipeline.start("merge", merge_pieces, device, merge_inbox, written)
     hashes: dict[str, str] = {}
     try:
         for shard in plan.shards:
-            hashes[shard.filename] = _write_shard(shard, staging / shard.filename, chunks, digests, on_bytes)
-        if chunks.get() is not _DONE:
-            raise AssertionError("the merge produced more tensors than planned")
+            hashes[shard.filename] = _write_shard(shard, staging / shard.filename, written, pipeline, on_bytes)
+        sources = {path: digest.hexdigest(pipeline) for path, digest in digests.items()}
+    except Stopped:
+        pipeline.raise_failure()
+        raise
     finally:
-        stop.set()
-        producer.join()
+        pipeline.close()
+        device.close()
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": plan.weight_bytes},
             "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
         }
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return WrittenWeights(written=hashes, sources={path: digest.hexdigest() for path, digest in digests.items()})
+    return WrittenWeights(written=hashes, sources=sources)
+
+
+class Stopped(Exception):
+    """A stage gave up because another one failed (or the build was interrupted)."""
+
+
+class Pipe:
+    """A bounded queue between two stages that gives up as soon as the pipeline stops."""
+
+    def __init__(self, stop: threading.Event, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = stop
+
+    def put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise Stopped
+
+    def get(self):
+        while not self._stop.is_set():
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise Stopped
+
+    def __iter__(self) -> Iterator:
+        """Items until the sender's end mark."""
+        while (item := self.get()) is not _END:
+            yield item
+
+
+_END = object()
+
+
+class Pipeline:
+    """Threads joined by pipes; the first failure in any stage stops them all and is raised in the caller."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def pipe(self, depth: int = QUEUE_DEPTH) -> Pipe:
+        return Pipe(self.stop, depth)
+
+    def start(self, name: str, stage: Callable, *args) -> None:
+        def run() -> None:
+            try:
+                stage(*args)
+            except Stopped:
+                pass
+            except BaseException as error:  # raised in the caller by raise_failure
+                self._errors.append(error)
+                self.stop.set()
+
+        thread = threading.Thread(target=run, name=f"modelpack-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def raise_failure(self) -> None:
+        if self._errors:
+            raise self._errors[0]
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def plan_pieces(plan: BuildPlan) -> Iterator[Piece]:
+    """Every output tensor's source bytes in plan order, in row blocks (merge, cast) or slices (copy)."""
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            source = tensor.source
+            if tensor.entry.nbytes == 0:
+                continue
+            if tensor.action == "copy":
+                for offset in range(source.start, source.end, COPY_CHUNK_BYTES):
+                    yield Piece(tensor, offset, min(COPY_CHUNK_BYTES, source.end - offset), None)
+            elif not source.shape:
+                yield Piece(tensor, source.start, source.nbytes, (0, 1))
+            else:
+                rows = source.shape[0]
+                block = rows if any(d.needs_whole_tensor for d in tensor.deltas) else rows_per_block(source)
+                row_bytes = source.nbytes // rows
+                for start in range(0, rows, block):
+                    end = min(rows, start + block)
+                    yield Piece(tensor, source.start + start * row_bytes, (end - start) * row_bytes, (start, end))
+
+
+def rows_per_block(source: TensorLocation) -> int:
+    row_fp32_bytes = 4 * (source.nbytes // source.dtype.itemsize // source.shape[0])
+    return max(1, BLOCK_BYTES // max(row_fp32_bytes, 1) // BLOCK_ROW_MULTIPLE) * BLOCK_ROW_MULTIPLE
+
+
+def read_pieces(plan: BuildPlan, device: MergeDevice, merge_inbox: Pipe, digest_inbox: Pipe) -> None:
+    """Stage 1: read every piece's source bytes into a host buffer the device can copy from (pinned for a GPU)."""
+    files: dict[Path, int] = {}
+    try:
+        for piece in plan_pieces(plan):
+            file = piece.tensor.source.file
+            if file not in files:
+                files[file] = os.open(file, os.O_RDONLY)
+                # Reads go front to back through each file: a larger read-ahead keeps the disk busy.
+                os.posix_fadvise(files[file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            buffer = device.host_buffer(piece.nbytes)
+            read_into(files[file], piece.offset, tensor_bytes(buffer), file=file, name=piece.tensor.name)
+            merge_inbox.put((piece, buffer))
+            digest_inbox.put(SourceRead(file, piece.offset, buffer))
+        merge_inbox.put(_END)
+        digest_inbox.put(_END)
+    finally:
+        for fd in files.values():
+            os.close(fd)
+
+
+def hash_sources(digests: dict[Path, SourceDigest], inbox: Pipe) -> None:
+    """Stage 2: sha256 of the base's weight files from the bytes stage 1 read (for the manifest's provenance)."""
+    for read in inbox:
+        if read.file in digests:
+            digests[read.file].feed(read.offset, tensor_bytes(read.data))
+    for digest in digests.values():
+        digest.done.set()
+
+
+def merge_pieces(device: MergeDevice, inbox: Pipe, outbox: Pipe) -> None:
+    """Stage 3: merge or cast row blocks on the device; copied slices pass through unchanged, in order."""
+    factors, current = None, None
+    for piece, buffer in inbox:
+        if piece.rows is None:
+            outbox.put(buffer)
+            continue
+        tensor = piece.tensor
+        if tensor is not current:
+            factors, current = device.factors(tensor), tensor
+        assert factors is not None
+        start, end = piece.rows
+        shape = (end - start, *tensor.source.shape[1:]) if tensor.source.shape else ()
+        source = buffer.view(tensor.source.dtype).reshape(shape)
+        outbox.put(device.merge(tensor, factors, source, start, end))
+    outbox.put(_END)
+
+
+def _write_shard(shard: ShardPlan, path: Path, written: Pipe, pipeline: Pipeline, on_bytes: Progress) -> str:
+    """Stage 4 (the caller's thread): write one shard's tensors in order while stage 5 hashes the same bytes."""
+    digest = BackgroundSha256(pipeline)
+    writer = ShardWriter(path, [t.entry for t in shard.tensors], metadata={"format": "pt"}, digest=digest)
+    try:
+        for tensor in shard.tensors:
+            remaining = tensor.entry.nbytes
+            while remaining:
+                item = written.get()
+                data = item.result() if isinstance(item, MergedBlock) else item
+                view = tensor_bytes(data)
+                writer.write_bytes(tensor.name, view)
+                remaining -= view.nbytes
+                on_bytes(view.nbytes)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()
+
+
+class BackgroundSha256:
+    """sha256 computed in its own thread from the chunks handed to it, so hashing overlaps writing."""
+
+    def __init__(self, pipeline: Pipeline):
+        self._sha256 = hashlib.sha256()
+        self._inbox = pipeline.pipe()
+        self._done = threading.Event()
+        self._pipeline = pipeline
+        pipeline.start("hash-output", self._run)
+
+    def _run(self) -> None:
+        for chunk in self._inbox:
+            self._sha256.update(chunk)
+        self._done.set()
+
+    def update(self, chunk) -> None:
+        self._inbox.put(chunk)
+
+    def hexdigest(self) -> str:
+        self._inbox.put(_END)
+        while not self._done.wait(0.1):
+            if self._pipeline.stop.is_set():
+                raise Stopped
+        return self._sha256.hexdigest()
 
 
 class SourceDigest:
@@ -104,6 +301,7 @@ class SourceDigest:
         self.path = path
         self._sha256 = hashlib.sha256()
         self._position = 0
+        self.done = threading.Event()  # set by the hashing stage once every read was fed
 
     def feed(self, offset: int, data: memoryview) -> None:
         if offset > self._position:
@@ -113,7 +311,10 @@ class SourceDigest:
             self._sha256.update(data[already:])
             self._position += data.nbytes - already
 
-    def hexdigest(self) -> str:
+    def hexdigest(self, pipeline: Pipeline) -> str:
+        while not self.done.wait(0.1):
+            if pipeline.stop.is_set():
+                raise Stopped
         self._read_up_to(self.path.stat().st_size)
         return self._sha256.hexdigest()
 
@@ -130,9 +331,9 @@ class SourceDigest:
 def keep_freed_memory() -> None:
     """Have glibc reuse freed blocks instead of returning them to the OS.
 
-    Every row block allocates tens of MB of float32 work buffers; by default glibc maps each from the OS and
-    unmaps it when freed, so the kernel zero-fills every page again (at 7B, half the merge time was page
-    faults). With a higher mmap/trim threshold the same memory is reused; peak RSS stays a few blocks.
+    Every row block allocates tens of MB of buffers; by default glibc maps each from the OS and unmaps it when
+    freed, so the kernel zero-fills every page again (at 7B, half the merge time was page faults). With a higher
+    mmap/trim threshold the same memory is reused; peak RSS stays a few blocks.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -140,169 +341,6 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(M_TRIM_THRESHOLD, 4 << 30)
-
-
-def _write_shard(shard: ShardPlan, path: Path, chunks: queue.Queue, digests: dict[Path, SourceDigest],
-                 on_bytes: Progress) -> str:
-    writer = ShardWriter(path, [t.entry for t in shard.tensors], metadata={"format": "pt"})
-    try:
-        for tensor in shard.tensors:
-            remaining = tensor.entry.nbytes
-            while remaining:
-                item = chunks.get()
-                if isinstance(item, BaseException):
-                    raise item
-                data = item.data
-                view = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
-                writer.write_bytes(item.tensor, view)
-                if item.source.file in digests:
-                    digests[item.source.file].feed(item.source.offset, item.source.data)
-                remaining -= view.nbytes
-                on_bytes(view.nbytes)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish()
-
-
-def _produce_chunks(plan: BuildPlan, chunks: queue.Queue, stop: threading.Event) -> None:
-    """Read, merge and cast every output tensor in plan order, handing chunks to the writer."""
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                chunks.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        for shard in plan.shards:
-            for tensor in shard.tensors:
-                if tensor.entry.nbytes == 0:
-                    continue
-                parts = copied_chunks(tensor.source) if tensor.action == "copy" else output_blocks(tensor)
-                for part, source_read in parts:
-                    if not put(Chunk(tensor.name, part, source_read)):
-                        return
-        put(_DONE)
-    except BaseException as error:  # handed to the writing thread, which raises it in the caller
-        put(error)
-
-
-@dataclass(frozen=True)
-class SourceRead:
-    """Bytes of a base weight file the merge read, so the file's hash needs no second pass over it."""
-
-    file: Path
-    offset: int
-    data: memoryview
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """The next bytes of an output tensor, handed from the merging thread to the writing thread."""
-
-    tensor: str
-    data: torch.Tensor | bytes
-    source: SourceRead
-
-
-def copied_chunks(location: TensorLocation) -> Iterator[tuple[bytes, SourceRead]]:
-    """An unchanged tensor's stored bytes, slice by slice, without materialising it as a tensor."""
-    offset = location.start
-    for chunk in read_byte_chunks(location, COPY_CHUNK_BYTES):
-        yield chunk, SourceRead(location.file, offset, memoryview(chunk))
-        offset += len(chunk)
-
-
-def output_blocks(tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, SourceRead]]:
-    """The output tensor in row blocks: cast, or merged with its updates and checked for NaN/Inf/overflow."""
-    shape = tensor.source.shape
-    if not shape:
-        source = read_tensor(tensor.source)
-        yield source.to(tensor.out_dtype), SourceRead(tensor.source.file, tensor.source.start, tensor_bytes(source))
-        return
-    block_rows = shape[0] if any(d.needs_whole_tensor for d in tensor.deltas) else rows_per_block(tensor.source)
-    factors = [
-        (d, read_tensor(d.a) if d.a else None, read_tensor(d.b), read_tensor(d.magnitude) if d.magnitude else None)
-        for d in tensor.deltas
-    ]
-    token_rows = read_tensor(tensor.token_rows.values) if tensor.token_rows else None
-    for start in range(0, shape[0], block_rows):
-        end = min(shape[0], start + block_rows)
-        source = read_tensor_rows(tensor.source, start, end)
-        source_read = SourceRead(tensor.source.file, tensor.source.start + start * tensor.source.nbytes // shape[0],
-                                 tensor_bytes(source))
-        block = merged_block(source, tensor, factors, token_rows, start, end, out_dtype=tensor.out_dtype)
-        if not (factors or tensor.out_dtype == torch.float16) or all_finite(block):
-            yield block, source_read
-            continue
-        exact = merged_block(source, tensor, factors, token_rows, start, end, out_dtype=torch.float32)
-        if tensor.out_dtype == torch.float16 and torch.isfinite(exact).all():
-            raise SourceError(
-                f"merged tensor {tensor.name!r} overflows float16: its largest magnitude is "
-                f"{exact.abs().max().item():.4g}, beyond float16's {FLOAT16_MAX:g}. Set `output.dtype: bfloat16` "
-                "(float32's range) or float32"
-            )
-        raise SourceError(
-            f"merged tensor {tensor.name!r} contains NaN or Inf: the adapter's weights for it are broken "
-            f"(check {', '.join(d.module for d in tensor.deltas) or 'its replacement'} in the adapter)"
-        )
-
-
-def all_finite(block: torch.Tensor) -> bool:
-    """No NaN or Inf: aminmax propagates NaN and exposes +/-inf, in one pass and without a boolean buffer."""
-    low, high = torch.aminmax(block)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
-
-
-def merged_block(source, tensor: TensorPlan, factors, token_rows, start: int, end: int, *, out_dtype) -> torch.Tensor:
-    block = source.to(out_dtype)
-    if token_rows is not None and tensor.token_rows is not None:  # the values read for tensor.token_rows
-        block = replace_token_rows(block, tensor.token_rows.indices, token_rows, start, end)
-    # Updates apply one after another, each rounded into the output dtype, as peft merges layer by layer.
-    for delta, a, b, magnitude in factors:
-        block = merge_delta_rows(block, delta, a, b, magnitude, start, end, out_dtype=out_dtype)
-    return block
-
-
-def rows_per_block(source) -> int:
-    row_fp32_bytes = 4 * (source.nbytes // source.dtype.itemsize // source.shape[0])
-    return max(1, BLOCK_BYTES // max(row_fp32_bytes, 1) // BLOCK_ROW_MULTIPLE) * BLOCK_ROW_MULTIPLE
-
-
-def replace_token_rows(block: torch.Tensor, indices, values: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """trainable_token_indices: the trained rows replace the base's (they are not added)."""
-    block = block.clone()
-    for position, index in enumerate(indices):
-        if start <= index < end:
-            block[index - start] = values[position].to(block.dtype)
-    return block
-
-
-def merge_delta_rows(
-    weight: torch.Tensor, delta: LoraDelta, a, b: torch.Tensor, magnitude, start: int, end: int, *,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Merge one adapter update into rows [start, end) of its target tensor."""
-    if delta.kind == "bias":
-        return merge_bias_delta(weight, b[start:end], scaling=delta.scaling, out_dtype=out_dtype)
-    if delta.kind == "embedding":
-        # Rows of (B @ A).T are columns of A: one per vocabulary entry.
-        rows = embedding_lora_delta(a[:, start:end], b, scaling=delta.scaling)
-        if magnitude is not None:
-            return merge_dora_embedding_delta(weight, rows, magnitude, out_dtype=out_dtype)
-        return merge_embedding_lora_delta(weight, rows, out_dtype=out_dtype)
-    if delta.fan_in_fan_out:
-        rows = linear_lora_delta(a[:, start:end], b, scaling=delta.scaling, fan_in_fan_out=True)
-    else:
-        rows = linear_lora_delta(a, b[start:end], scaling=delta.scaling, fan_in_fan_out=False)
-    if magnitude is not None:
-        mag = magnitude if delta.fan_in_fan_out else magnitude[start:end]
-        return merge_dora_delta(weight, rows, mag, out_dtype=out_dtype, fan_in_fan_out=delta.fan_in_fan_out)
-    return merge_lora_delta(weight, rows, out_dtype=out_dtype)
 
 
 def copy_side_files(plan: BuildPlan, staging: Path) -> list[str]:
