@@ -174,6 +174,22 @@ def sign(
 
 @app.command()
 @user_errors_exit
+def inspect(
+    path: Annotated[Path, typer.Argument(help="a base model folder, adapter checkpoint, Trainer output or bundle")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of lines")] = False,
+) -> None:
+    """Say what a folder is and what it holds, from its configs and headers; nothing in it runs.
+
+    Example: modelpack inspect output/checkpoint-1560
+    """
+    from builder.inspection import describe_inspection, inspect_folder
+
+    found = inspect_folder(path)
+    typer.echo(json.dumps(found.as_json(), indent=2, ensure_ascii=False) if as_json else describe_inspection(found))
+
+
+@app.command()
+@user_errors_exit
 def schema() -> None:
     """Print the spec's JSON Schema (for editor completion)."""
     from builder.spec import spec_json_schema

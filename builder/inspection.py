@@ -62,7 +62,7 @@ class BundleFacts:
     mode: str
     modelpack_version: str
     files: int
-    integrity: str  # "ok", or the problems found
+    integrity_problems: list[str]  # files that differ from the manifest; empty when every file matches
     digest: str
     signed: bool
     verification: str  # what verification.json records ("passed", "failed", "not run")
@@ -126,7 +126,7 @@ def choose_checkpoint(folder: Path) -> ChosenCheckpoint:
         raise SourceError(f"checkpoint {folder}: no adapter_config.json and no checkpoint-N folder with one; give the "
                           "folder peft's save_pretrained (or the Trainer) wrote the adapter into")
     last = steps[max(steps)]
-    count = f"{len(steps)} checkpoint{'s' if len(steps) > 1 else ''}"
+    count = f"{len(steps)} checkpoints"
     for state_file in (last / "trainer_state.json", folder / "trainer_state.json"):
         state = read_json(state_file) if state_file.is_file() else {}
         best = state.get("best_model_checkpoint")
@@ -137,6 +137,8 @@ def choose_checkpoint(folder: Path) -> ChosenCheckpoint:
             measured = f", best_metric {metric:g}" if isinstance(metric, int | float) else ""
             return ChosenCheckpoint(best_folder, f"the best of {count} by {state_file.relative_to(folder)} "
                                                  f"(best_model_checkpoint{measured})")
+    if len(steps) == 1:
+        return ChosenCheckpoint(last, "the only checkpoint")
     return ChosenCheckpoint(last, f"the last of {count} (highest step); trainer_state.json names no best checkpoint")
 
 
@@ -181,11 +183,12 @@ def adapter_facts(adapter: AdapterCheckpoint) -> AdapterFacts:
     config = adapter.config
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    targets = config.get("target_modules") or []
     return AdapterFacts(
         rank=rank,
         alpha=alpha,
         scaling=round(scaling, 6),
-        target_modules=config.get("target_modules") or [],
+        target_modules=sorted(targets) if isinstance(targets, list) else targets,
         forms=lora_forms(adapter),
         tensors=len(adapter.tensors),
         weights_file=adapter.weights_file.name,
@@ -219,8 +222,12 @@ def lora_forms(adapter: AdapterCheckpoint) -> list[str]:
         forms.append("modules_to_save: " + ", ".join(config["modules_to_save"]))
     if config.get("trainable_token_indices"):
         forms.append("trainable_token_indices")
-    saved = sorted({n.rsplit(".", 2)[-2] for n in names if "lora_" not in n and "modules_to_save" not in n
-                    and n.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight"))})
+    # Full embedding matrices saved beside the LoRA factors (peft's save_embedding_layers, for a resized
+    # vocabulary); a module in modules_to_save is saved whole under the same name, and is named above.
+    kept_whole = set(config.get("modules_to_save") or [])
+    saved = sorted({module for n in names if "lora_" not in n
+                    and n.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight"))
+                    and (module := n.rsplit(".", 2)[-2]) not in kept_whole})
     if saved:
         forms.append("saved embedding layers: " + ", ".join(saved))
     return forms
@@ -234,13 +241,16 @@ def _inspect_bundle(path: Path) -> Inspection:
     model = None
     if (path / "config.json").is_file():
         # Headers and configs only; the model's code is listed from the manifest, never imported.
-        model = model_facts(read_base_model(path), skip_code=True)
+        try:
+            model = model_facts(read_base_model(path), skip_code=True)
+        except SourceError:  # a damaged bundle: its integrity problems above say which files
+            model = None
     facts = BundleFacts(
         name=str(manifest.get("name", path.name)),
         mode=str(manifest.get("mode", "?")),
         modelpack_version=str(manifest.get("modelpack_version", "?")),
         files=integrity.files,
-        integrity="ok" if integrity.ok else "; ".join(integrity.problems),
+        integrity_problems=integrity.problems,
         digest=bundle_digest(path),
         signed=(path / SIGNATURE).is_file(),
         verification=verification,
@@ -289,7 +299,8 @@ def describe_inspection(found: Inspection) -> str:
     if found.bundle:
         b = found.bundle
         rows += [("name", b.name), ("mode", b.mode), ("built by", f"modelpack {b.modelpack_version}"),
-                 ("integrity", f"{b.integrity} ({b.files} files checked against {MANIFEST}; nothing was run)"),
+                 ("integrity", f"{'; '.join(b.integrity_problems) or 'ok'} ({b.files} files checked against "
+                               f"{MANIFEST}; nothing was run)"),
                  ("digest", b.digest), ("signed", "yes (model.sig)" if b.signed else "no"),
                  ("verification", b.verification), ("model code", ", ".join(b.model_code) or "none")]
     if found.checkpoints:
