@@ -16,9 +16,19 @@ from packaging.utils import canonicalize_name
 import builder
 from builder.chat import ChatFacts
 from builder.configs import DTYPE_NAMES
+from builder.gguf_export import embedded_chat_template
 from builder.plan import BuildPlan
 from builder.remote_code import distribution_name, third_party_imports
 from builder.report import VerificationReport
+from builder.serving import (
+    OllamaTemplate,
+    ServedBundle,
+    ServingCommand,
+    gguf_file_name,
+    ollama_template,
+    render_modelfile,
+    serving_commands,
+)
 from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER
 
 # Packages a bundle needs at load time; peft only when the adapter stays separate.
@@ -68,6 +78,9 @@ class RenderContext:
     weight_size: str
     modelpack_version: str
     build_date: str
+    serving: list[ServingCommand]
+    ollama: OllamaTemplate | None  # with a GGUF export: the Modelfile's TEMPLATE, or why it has none
+    modelfile: str | None  # gguf/Modelfile, with a GGUF export
 
 
 def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> RenderContext:
@@ -77,11 +90,25 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
     alphas = sorted({adapter_config.get("lora_alpha", 8), *(adapter_config.get("alpha_pattern") or {}).values()})
     scalings = sorted({round(d.scaling, 6) for d in deltas})
     targets = adapter_config.get("target_modules") or []
+    trust_remote_code = spec.base.trust_remote_code and bool(plan.code_files)
+    # GGUF files are exported from merged weights only.
+    gguf_types = spec.export.gguf.types if spec.export.gguf is not None and spec.output.mode == "merge" else []
+    ollama = ollama_template(chat, generation) if gguf_types else None
+    modelfile = render_modelfile(
+        name=spec.name, gguf_type=gguf_types[0], template=ollama, chat=chat, generation=generation,
+        system_prompt=spec.chat.system_prompt, modelpack_version=builder.__version__,
+    ) if ollama is not None else None
+    served = ServedBundle(
+        name=spec.name, folder=spec.output.dir.name, mode=spec.output.mode, trust_remote_code=trust_remote_code,
+        has_chat_template=chat.template is not None, max_lora_rank=max(ranks),
+        gguf_files=[gguf_file_name(spec.name, t) for t in gguf_types], has_modelfile=modelfile is not None,
+        gguf_has_chat_template=bool(gguf_types) and embedded_chat_template(chat, generation) is not None,
+    )
     return RenderContext(
         name=spec.name,
         mode=spec.output.mode,
         dtype=DTYPE_NAMES[plan.out_dtype],
-        trust_remote_code=spec.base.trust_remote_code and bool(plan.code_files),
+        trust_remote_code=trust_remote_code,
         remote_code_files=[p.name for p in plan.code_files],
         remote_code_imports=third_party_imports(c.source for c in plan.copies if c.dest.endswith(".py")),
         has_chat_template=chat.template is not None,
@@ -108,6 +135,9 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
                      else f"{plan.weight_bytes / 1e6:.1f} MB"),
         modelpack_version=builder.__version__,
         build_date=datetime.date.today().isoformat(),
+        serving=serving_commands(served),
+        ollama=ollama,
+        modelfile=modelfile,
     )
 
 

