@@ -284,6 +284,29 @@ class VerifySpec(_Section):
     )
 
 
+class GgufExportSpec(_Section):
+    """GGUF files for llama.cpp and Ollama, written into the bundle's gguf/ folder from the merged weights."""
+
+    types: Annotated[list[Literal["f16", "bf16", "q8_0"]], Field(min_length=1)] = Field(
+        description="One gguf/NAME-<type>.gguf per type; the first is the one gguf/Modelfile serves. "
+        "q8_0 is quantized by llama.cpp's own gguf library."
+    )
+
+    @field_validator("types")
+    @classmethod
+    def _types_once_each(cls, value: list[str]) -> list[str]:
+        repeated = sorted({t for t in value if value.count(t) > 1})
+        if repeated:
+            raise ValueError(f"each GGUF type once: {', '.join(repeated)} is listed more than once")
+        return value
+
+
+class ExportSpec(_Section):
+    """Formats written beside the Hugging Face weights, each checked by verification in its own runtime."""
+
+    gguf: GgufExportSpec | None = None
+
+
 class Spec(_Section):
     """A modelpack build: base model + LoRA adapter -> a verified bundle."""
 
@@ -295,6 +318,7 @@ class Spec(_Section):
     chat: ChatSpec = ChatSpec()
     card: CardSpec = CardSpec()
     verify: VerifySpec = VerifySpec()
+    export: ExportSpec = ExportSpec()
 
     @field_validator("name")
     @classmethod

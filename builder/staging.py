@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from builder.errors import OutputError
+from builder.interrupts import interrupts_recorded, raise_if_interrupted
 from builder.manifest import MANIFEST, written_by_modelpack
 from builder.trust import SIGNATURE
 
@@ -193,15 +194,19 @@ def staging_folder(dest: Path) -> Iterator[Path]:
     root.mkdir()  # a folder a killed build with our pid left behind was removed as stale
     bundle = root / dest.name
     try:
-        bundle.mkdir()
-        yield bundle
+        with interrupts_recorded():
+            bundle.mkdir()
+            yield bundle
     except BaseException:  # interrupted builds too: never leave half a bundle behind
         shutil.rmtree(root, ignore_errors=True)
         raise
 
 
 def publish(bundle: Path, dest: Path) -> None:
-    """Make the finished bundle dest, durably; a replaced dest never stops existing, then its old files go."""
+    """Make the finished bundle dest, durably; a replaced dest never stops existing, then its old files go.
+
+    Not if the user pressed Ctrl-C during the build, even where a library swallowed the KeyboardInterrupt."""
+    raise_if_interrupted()
     sync_tree(bundle)
     root = bundle.parent
     if not dest.exists():

@@ -529,6 +529,29 @@ def test_sigint_during_verification_removes_the_staging_and_keeps_the_destinatio
     assert leftovers(tmp_path) == []
 
 
+class _SwallowsCtrlC:
+    """Ctrl-C arriving where Python cannot raise it: in a __del__ (like an at-fork hook, as filelock's was when CI
+    sent SIGINT while the verification process was being forked), Python prints the KeyboardInterrupt and goes on."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_a_ctrl_c_that_a_library_swallows_still_publishes_nothing(tmp_path, sources, capfd):
+    spec, dest = _existing_bundle(tmp_path, sources)
+    before = [state(dest), *(state(p) for p in sources)]
+
+    def progress(line: str) -> None:
+        if line.startswith("writing"):
+            _SwallowsCtrlC()  # created and collected at once, inside the build
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(plan_from_spec(spec), force=True, verify=False, progress=progress)
+    assert "Traceback" not in capfd.readouterr().err  # recorded, not printed as "Exception ignored"
+    assert [state(dest), *(state(p) for p in sources)] == before
+    assert leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the build's handler is gone with it
+
+
 @pytest.mark.slow
 def test_a_second_build_to_the_same_destination_is_refused_naming_the_first(tmp_path, sources):
     spec = write_spec(tmp_path, *sources)
