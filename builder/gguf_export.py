@@ -369,12 +369,18 @@ def tiktoken_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[by
     return parts[0], parts[1]
 
 
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-level BPE alphabet: the character each byte is written as in vocabularies and merges (printable
+    Latin-1 bytes as themselves, the others as the code points from 256 up, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
 def vocabulary_from_tiktoken(ranks: dict[bytes, int], rows: int) -> GgufVocabulary:
     """Qwen v1's vocabulary (the converter's _set_vocab_qwen): ranks as byte-level strings, its specials after them,
     and BPE merges rebuilt from the ranks, in rank order."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_chars = bytes_to_unicode()
+    byte_chars = byte_level_alphabet()
 
     def text(token: bytes) -> str:
         return "".join(byte_chars[b] for b in token)

@@ -1,0 +1,367 @@
+"""GGUF export: built from real tiny bundles, read back by two independent readers (transformers' own GGUF loader
+and gguf's GGUFReader), tensors and tokenizer compared with the bundle; refusals before any work."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from builder import gguf_export
+from builder.build import build_bundle, plan_from_spec
+from builder.cli import app
+from builder.errors import VerificationError
+from builder.gguf_export import (
+    GgufTensor,
+    StreamedTensor,
+    converted_blocks,
+    interleave_rotary_halves,
+    pre_tokenizer,
+    tensor_type,
+    tiktoken_merge,
+)
+from builder.manifest import sha256_file
+from builder.safetensors_io import read_safetensors_header
+from builder.trust import bundle_digest, require_integrity
+from helpers import (
+    CHATML_TEMPLATE,
+    SEED_SAMPLES,
+    assert_user_error,
+    bundle_tensors,
+    import_file,
+    qwen_base,
+    random_checkpoint,
+    write_spec,
+)
+
+TYPES = ["bf16", "f16", "q8_0"]
+SAMPLES = ["Hello world, this is a tiny corpus.", "我家宝宝六个月，吃奶、睡觉常常满头冒汗。", "I've 333 ideas!\n\n  ok",
+           "<|im_start|>user\n什么是机器学习？<|im_end|>\n<|im_start|>assistant\n"]
+# tokenizer.json pre_tokenizer sections as Qwen2.5 and Llama 3 publish them.
+QWEN2_PRE = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": gguf_export._CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                                  + gguf_export._REST}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+LLAMA3_PRE = json.loads(json.dumps(QWEN2_PRE).replace(r"\\p{N}|", r"\\p{N}{1,3}|"))
+
+
+@functools.cache
+def reader(path: Path) -> gguf.GGUFReader:
+    """Each file parsed once: GGUFReader takes seconds over a 152k-token vocabulary."""
+    return gguf.GGUFReader(path)
+
+
+def reader_fields(path: Path) -> dict:
+    return {name: field.contents() for name, field in reader(path).fields.items()}
+
+
+def gguf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file as float32 in Hugging Face's (row-major) shape, dequantized by gguf itself."""
+    tensors = {}
+    for tensor in reader(path).tensors:
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        tensors[tensor.name] = torch.from_numpy(np.array(values, dtype=np.float32))
+    return tensors
+
+
+def exported(models, adapters, tmp_path_factory, arch: str, *, tied: bool) -> Path:
+    base = models(arch, tied=tied, dtype=torch.bfloat16)
+    folder = tmp_path_factory.mktemp(f"gguf-{arch}")
+    spec = write_spec(folder, base, adapters(base), export={"gguf": {"types": TYPES}})
+    return build_bundle(plan_from_spec(spec), verify=False).bundle
+
+
+@pytest.fixture(scope="module")
+def qwen2_bundle(models, adapters, tmp_path_factory):
+    return exported(models, adapters, tmp_path_factory, "qwen2", tied=True)
+
+
+@pytest.fixture(scope="module")
+def llama_bundle(models, adapters, tmp_path_factory):
+    return exported(models, adapters, tmp_path_factory, "llama", tied=False)
+
+
+@pytest.fixture(scope="module")
+def qwen_v1_bundle(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "qwen_v1"
+    base, checkpoint = qwen_base(root), random_checkpoint(root)
+    spec = write_spec(tmp_path_factory.mktemp("gguf-qwen-v1"), base, checkpoint, name="qwen-med",
+                      base={"trust_remote_code": True}, output={"dir": "dist/qwen-med", "dtype": "bfloat16"},
+                      export={"gguf": {"types": ["bf16"]}})
+    return build_bundle(plan_from_spec(spec), verify=False).bundle
+
+
+# --- transformers' own GGUF reader: the tensors and tokenizer are the bundle's ----------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_transformers_reads_the_bundles_tensors(arch, qwen2_bundle, llama_bundle):
+    """bf16 equals the bf16 bundle exactly, f16 equals its f16 rounding exactly, q8_0 stays within a quantization step;
+    for Llama transformers undoes the q/k permutation, so equality also proves the permutation."""
+    from transformers import AutoModelForCausalLM
+
+    bundle = qwen2_bundle if arch == "qwen2" else llama_bundle
+    expected = bundle_tensors(bundle)
+    for gguf_type in TYPES:
+        model = AutoModelForCausalLM.from_pretrained(bundle / "gguf", gguf_file=f"tiny-med-{gguf_type}.gguf",
+                                                     dtype=torch.float32)
+        loaded = model.state_dict()
+        assert set(expected) <= set(loaded)
+        worst = 0.0
+        for name, tensor in expected.items():
+            got = loaded[name]
+            if gguf_type == "bf16" or tensor.dim() == 1:  # 1-D tensors are F32 in every type
+                assert torch.equal(got, tensor.float()), name
+            elif gguf_type == "f16":
+                assert torch.equal(got, tensor.to(torch.float16).float()), name
+            else:  # Q8_0: blocks of 32 with an fp16 scale amax/127; the error is at most half a step plus the
+                # scale's rounding, so below one step of the tensor's largest block
+                error = (got - tensor.float()).abs().max().item()
+                assert error <= tensor.float().abs().max().item() / 127, (name, error)
+                worst = max(worst, error)
+        if gguf_type == "q8_0":
+            print(f"{arch} q8_0 max abs error {worst:.5f}")
+            assert 0 < worst
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_transformers_reads_the_bundles_tokenizer(arch, qwen2_bundle, llama_bundle):
+    from transformers import AutoTokenizer
+
+    bundle = qwen2_bundle if arch == "qwen2" else llama_bundle
+    shipped = AutoTokenizer.from_pretrained(bundle)
+    for gguf_type in TYPES:
+        tokenizer = AutoTokenizer.from_pretrained(bundle / "gguf", gguf_file=f"tiny-med-{gguf_type}.gguf")
+        for sample in SAMPLES:
+            assert tokenizer(sample).input_ids == shipped(sample).input_ids, sample
+        assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_metadata_and_tokenizer_fields(qwen2_bundle, llama_bundle):
+    for bundle, arch in ((qwen2_bundle, "qwen2"), (llama_bundle, "llama")):
+        config = json.loads((bundle / "config.json").read_text())
+        tokenizer = json.loads((bundle / "tokenizer.json").read_text())
+        for gguf_type, file_type in (("bf16", 32), ("f16", 1), ("q8_0", 7)):
+            fields = reader_fields(bundle / "gguf" / f"tiny-med-{gguf_type}.gguf")
+            assert fields["general.architecture"] == arch
+            assert fields["general.name"] == "tiny-med"
+            assert fields["general.file_type"] == file_type
+            assert fields[f"{arch}.block_count"] == config["num_hidden_layers"] == 2
+            assert fields[f"{arch}.context_length"] == 256
+            assert fields[f"{arch}.embedding_length"] == 64
+            assert fields[f"{arch}.feed_forward_length"] == 128
+            assert fields[f"{arch}.attention.head_count"] == 4
+            assert fields[f"{arch}.attention.head_count_kv"] == 2
+            assert fields[f"{arch}.rope.freq_base"] == 10000.0
+            assert fields[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+            assert fields["tokenizer.ggml.model"] == "gpt2"
+            assert fields["tokenizer.ggml.pre"] == "gpt-2"  # the fixtures' tokenizer: GPT-2's ByteLevel split
+            assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"] == 416
+            assert fields["tokenizer.ggml.tokens"][2] == "<|im_end|>"
+            assert fields["tokenizer.ggml.tokens"][-1] == "[PAD415]"  # rows past the tokenizer
+            assert fields["tokenizer.ggml.token_type"][2] == gguf.TokenType.CONTROL
+            assert len(fields["tokenizer.ggml.merges"]) == len(tokenizer["model"]["merges"])
+            assert fields["tokenizer.ggml.eos_token_id"] == fields["tokenizer.ggml.eot_token_id"] == 2
+            assert fields["tokenizer.ggml.padding_token_id"] == 0
+            assert fields["tokenizer.chat_template"] == CHATML_TEMPLATE
+        assert (f"{arch}.vocab_size" in fields) == (arch == "llama")  # as the converter writes them
+        assert fields.get(f"{arch}.rope.dimension_count") == (16 if arch == "llama" else None)
+
+
+def test_tied_head_is_not_written_untied_head_is(qwen2_bundle, llama_bundle):
+    """llama.cpp reads a missing output.weight as tied to token_embd.weight, so a tied model writes none."""
+    tied = {t.name for t in gguf.GGUFReader(qwen2_bundle / "gguf" / "tiny-med-bf16.gguf").tensors}
+    untied = {t.name: t for t in gguf.GGUFReader(llama_bundle / "gguf" / "tiny-med-q8_0.gguf").tensors}
+    assert "output.weight" not in tied and "token_embd.weight" in tied
+    assert untied["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert untied["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # norms stay F32
+    assert untied["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_exports_are_in_the_manifest_and_its_integrity_check(qwen2_bundle, tmp_path):
+    manifest = json.loads((qwen2_bundle / "manifest.json").read_text())
+    for gguf_type in TYPES:
+        name = f"gguf/tiny-med-{gguf_type}.gguf"
+        assert manifest["files"][name]["sha256"] == sha256_file(qwen2_bundle / name)
+    assert require_integrity(qwen2_bundle, expected_digest=bundle_digest(qwen2_bundle)).ok
+    changed = shutil.copytree(qwen2_bundle, tmp_path / "tiny-med")
+    with open(changed / "gguf" / "tiny-med-q8_0.gguf", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(VerificationError, match="gguf/tiny-med-q8_0.gguf"):
+        require_integrity(changed)
+
+
+# --- Qwen v1 (transformers cannot read its GGUF): GGUFReader against the merged weights and tiktoken -----------
+
+
+@pytest.mark.slow
+def test_qwen_v1_tensors_are_the_merged_weights(qwen_v1_bundle):
+    expected = bundle_tensors(qwen_v1_bundle)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN, 2)
+    tensors = gguf_tensors(qwen_v1_bundle / "gguf" / "qwen-med-bf16.gguf")
+    assert len(tensors) == len(expected)
+    for name, tensor in expected.items():
+        got = tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        assert torch.equal(got.reshape(tensor.shape), tensor.float()), name
+    fields = reader_fields(qwen_v1_bundle / "gguf" / "qwen-med-bf16.gguf")
+    assert fields["general.architecture"] == "qwen"
+    assert fields["qwen.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)  # what llama.cpp's qwen loader reads
+    assert fields["qwen.context_length"] == 2048
+    assert fields["qwen.feed_forward_length"] == 256
+    assert fields["qwen.rope.freq_base"] == 10000.0
+    assert fields["qwen.rope.dimension_count"] == 16
+
+
+@pytest.mark.slow
+def test_qwen_v1_vocabulary_is_the_tiktoken_ranks_and_specials(qwen_v1_bundle):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_v1_bundle, trust_remote_code=True)
+    fields = reader_fields(qwen_v1_bundle / "gguf" / "qwen-med-bf16.gguf")
+    tokens = fields["tokenizer.ggml.tokens"]
+    alphabet = gguf_export.byte_level_alphabet()
+    assert len(tokens) == 151936
+    for token, rank in tokenizer.mergeable_ranks.items():
+        assert tokens[rank] == "".join(alphabet[b] for b in token)
+    for token, token_id in tokenizer.special_tokens.items():
+        assert tokens[token_id] == token and fields["tokenizer.ggml.token_type"][token_id] == gguf.TokenType.CONTROL
+    assert tokens[151851] == "[PAD151851]"
+    assert len(fields["tokenizer.ggml.merges"]) == 151643 - 256
+    assert fields["tokenizer.ggml.pre"] == "qwen2"
+    assert fields["tokenizer.ggml.bos_token_id"] == fields["tokenizer.ggml.eos_token_id"] == 151643
+    assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.im_end_id == 151645
+
+    # The merges, applied as llama.cpp applies them (BPE by merge rank over Qwen's split), tokenize like Qwen.
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                               [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRE["pretokenizers"][0]["pattern"]["Regex"]), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    for text in [*SAMPLES[:3], *(q + a for q, a in SEED_SAMPLES)]:
+        assert bpe.encode(text).ids == tokenizer.encode(text), text
+
+    # The embedded template writes the prompt Qwen's own make_context builds.
+    from jinja2 import Template
+
+    utils = import_file(qwen_v1_bundle / "qwen_generation_utils.py")
+    question = SEED_SAMPLES[0][0]
+    prompt, _ = utils.make_context(tokenizer, question, [], "You are a helpful assistant.", 1024)
+    rendered = Template(fields["tokenizer.chat_template"]).render(
+        messages=[{"role": "user", "content": question}], add_generation_prompt=True)
+    assert rendered == prompt
+
+
+# --- refusals, before any work ------------------------------------------------------------------------------------
+
+
+def test_unknown_architecture_is_refused_at_validate(models, adapters, tmp_path):
+    base = models("gpt2", tied=True)
+    spec = write_spec(tmp_path, base, adapters(base, "gpt2", target_modules=["c_attn"]),
+                      export={"gguf": {"types": ["bf16"]}})
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert_user_error(result, 2, "'GPT2LMHeadModel'", "Qwen2ForCausalLM, LlamaForCausalLM, QWenLMHeadModel",
+                      "export.gguf")
+
+
+def test_separate_mode_is_refused_at_validate(models, adapters, tmp_path):
+    base = models("qwen2", tied=True)
+    spec = write_spec(tmp_path, base, adapters(base), output={"mode": "separate"}, export={"gguf": {"types": ["q8_0"]}})
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert_user_error(result, 2, str(spec), "output.mode: merge")
+
+
+def test_unmapped_pre_tokenizer_is_refused_at_validate(models, adapters, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(models("qwen2", tied=True), base)
+    tokenizer = json.loads((base / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer))
+    spec = write_spec(tmp_path, base, adapters(models("qwen2", tied=True)), export={"gguf": {"types": ["bf16"]}})
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert_user_error(result, 2, str(base / "tokenizer.json"), "Metaspace")
+
+
+# --- the pure layers ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, "gpt-2"),
+    (QWEN2_PRE, "qwen2"),
+    (LLAMA3_PRE, "llama-bpe"),
+])
+def test_pre_tokenizer_names(section, expected):
+    assert pre_tokenizer({"model": {"type": "BPE"}, "pre_tokenizer": section}, Path("tokenizer.json")) == expected
+
+
+@pytest.mark.parametrize("section", [
+    {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True},  # another split than GPT-2's
+    json.loads(json.dumps(QWEN2_PRE).replace(r"\\p{N}|", r"\\p{N}{1,2}|")),  # a regex llama.cpp has no copy of
+    {"type": "Whitespace"},
+])
+def test_pre_tokenizers_without_a_llama_cpp_name_are_refused(section):
+    with pytest.raises(gguf_export.SourceError, match="tokenizer.json: the GGUF export knows"):
+        pre_tokenizer({"model": {"type": "BPE"}, "pre_tokenizer": section}, Path("tokenizer.json"))
+
+
+def test_interleave_rotary_halves_is_the_converters_permute():
+    """convert_hf_to_gguf.py's LlamaModel.permute, written over torch as there; heads given as the kv heads for k."""
+    def permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+        return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+                .swapaxes(1, 2).reshape(weights.shape))
+
+    weights = torch.arange(8 * 16 * 3, dtype=torch.float32).reshape(8 * 16, 3)
+    for heads in (8, 2):
+        expected = permute(weights, heads).numpy()
+        assert np.array_equal(interleave_rotary_halves(weights.numpy(), heads), expected)
+    assert interleave_rotary_halves(np.arange(8.0), 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_tiktoken_merge_finds_the_pair_bpe_made():
+    ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"bc": 257, b"abc": 258, b"cd": 259, b"abcd": 260}
+    assert tiktoken_merge(ranks, b"abc", 258) == (b"ab", b"c")  # ab (256) merges before bc (257)
+    assert tiktoken_merge(ranks, b"abcd", 260) == (b"abc", b"d")
+    with pytest.raises(gguf_export.SourceError, match="not the merge of two lower-ranked tokens"):
+        tiktoken_merge(ranks | {b"xyz": 261}, b"xyz", 261)
+
+
+@pytest.mark.parametrize(("name", "shape", "qtype", "expected"), [
+    ("blk.0.attn_norm.weight", (64,), "Q8_0", "F32"),
+    ("output_norm.weight", (64,), "BF16", "F32"),
+    ("blk.0.attn_q.bias", (64,), "Q8_0", "F32"),
+    ("blk.0.attn_q.weight", (64, 64), "Q8_0", "Q8_0"),
+    ("token_embd.weight", (416, 64), "BF16", "BF16"),
+    ("blk.0.ffn_down.weight", (64, 48), "Q8_0", "F16"),  # rows not a multiple of Q8_0's 32-value blocks
+])
+def test_tensor_types_follow_the_converter(name, shape, qtype, expected):
+    qtypes = gguf.GGMLQuantizationType
+    assert tensor_type(name, shape, qtypes[qtype]) == qtypes[expected]
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0"])
+def test_row_blocks_convert_exactly_as_the_whole_tensor(qtype, tmp_path, monkeypatch):
+    """A tensor streamed in many row blocks gives the bytes of gguf converting it in one piece."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 96).to(torch.bfloat16)
+    save_file({"w": weight}, str(tmp_path / "w.safetensors"))
+    location = read_safetensors_header(tmp_path / "w.safetensors")["w"]
+    monkeypatch.setattr(gguf_export, "BLOCK_BYTES", 96 * 4 * 7)  # 7 rows a block: 43 blocks
+    tensor = GgufTensor("blk.0.ffn_up.weight", location.shape, gguf.GGMLQuantizationType[qtype], source=location)
+    blocks = list(converted_blocks(tensor))
+    assert len(blocks) == 43
+    whole = gguf.quants.quantize(weight.float().numpy(), tensor.qtype)
+    assert b"".join(b.tobytes() for b in blocks) == whole.tobytes()
+    assert StreamedTensor(tensor).nbytes == whole.nbytes
