@@ -24,6 +24,7 @@ from builder.safetensors_io import TensorEntry, TensorLocation
 from builder.sources import AdapterCheckpoint, BaseModelFolder
 from builder.spec import Spec
 from builder.trust import BUNDLE_RUNTIME
+from builder.verify import VerificationCost, verification_cost
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The disk-space bound for what is written after the plan: fourteen small files (configs, chat template, card,
@@ -373,7 +374,18 @@ def describe_plan(plan: BuildPlan) -> str:
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
     lines.append(f"disk needed: {_human(plan.disk_needed)}")
+    lines.append(verification_cost_of_plan(plan).describe() + " (skipped with --no-verify)")
     return "\n".join(lines)
+
+
+def verification_cost_of_plan(plan: BuildPlan) -> VerificationCost:
+    """What the build's verification will load and generate; the build always has the sources, so it compares."""
+    verify = plan.spec.verify
+    return verification_cost(
+        mode=plan.mode, answers=len(verify.prompts) + len(verify.probes), max_new_tokens=verify.max_new_tokens,
+        compare_base=verify.compare_base, equivalence=True,
+        vocab_rows=plan.vocab_size or plan.base.config.get("vocab_size"), logits_itemsize=plan.out_dtype.itemsize,
+    )
 
 
 def _describe_delta(delta: LoraDelta) -> str:

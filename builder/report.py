@@ -61,6 +61,7 @@ class Runtime(TypedDict):
     load_seconds: float
     tokens_per_second: float
     placement: Placement
+    peak_rss_gb: NotRequired[float | None]  # the verifying process's peak resident memory (None: not on this OS)
 
 
 @with_config(_STRICT)
@@ -85,6 +86,8 @@ class Equivalence(TypedDict):
     prompts: list[EquivalencePrompt]
     reference: str
     base_answers: NotRequired[dict[str, str]]  # moved onto each PromptResult when modelpack reads it
+    seconds: NotRequired[float]  # the equivalence process, start to report
+    peak_rss_gb: NotRequired[float | None]  # its peak resident memory: the reference alone, never with the bundle
 
 
 @with_config(_STRICT)

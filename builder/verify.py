@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from builder.report import VerificationReport, read_equivalence, read_runtime_re
 
 # The runtime's marker before its own progress lines (bundle_check.progress, which equivalence.py uses too).
 from builder.templates.runtime.bundle_check import PROGRESS_MARKER
+from builder.templates.runtime.load import FACTS_FILE
 from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
 
 # Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
@@ -33,6 +35,82 @@ class ReferenceSources:
 
     base: Path
     adapter: Path
+
+
+# Tokens the runtime generates to measure decoding speed (bundle_check.throughput).
+THROUGHPUT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class VerificationCost:
+    """What verification will run, counted from the spec (or the bundle's facts) before anything loads.
+
+    Each model load is a process of its own, run one after the other, so one model is in memory at a time: the
+    bundle (answers, serving checks, speed, and its logits over its answers when the equivalence check follows),
+    then the reference the equivalence check compares those logits with.
+    """
+
+    loads: tuple[str, ...]
+    answers: int  # prompts + probes
+    max_new_tokens: int
+    compare_base: bool  # the base answers too (in the equivalence step)
+    kept_logits_bytes: int | None  # the bundle's logits over its answers, on disk between the two steps
+
+    @property
+    def generated_tokens(self) -> int:
+        """An upper bound: an answer ends early at the end-of-turn token."""
+        return self.answers * self.max_new_tokens * (1 + self.compare_base) + THROUGHPUT_TOKENS
+
+    def describe(self) -> str:
+        loads = len(self.loads)
+        parts = [f"{self.answers} answers x {self.max_new_tokens} by the bundle"]
+        if self.compare_base:
+            parts.append(f"{self.answers} x {self.max_new_tokens} by the base alone")
+        parts.append(f"{THROUGHPUT_TOKENS} to measure speed")
+        text = (f"verification: {loads} model load{'s' * (loads > 1)}, one model in memory at a time "
+                f"({'; '.join(self.loads)}); up to {self.generated_tokens} generated tokens ({', '.join(parts)})")
+        if loads > 1:
+            kept = f", up to {_size(self.kept_logits_bytes)} of logits kept on disk between them" \
+                if self.kept_logits_bytes is not None else ""
+            text += f"; {self.answers} answers scored by both models{kept}"
+        return text
+
+
+def verification_cost(*, mode: str, answers: int, max_new_tokens: int, compare_base: bool, equivalence: bool,
+                      vocab_rows: int | None, logits_itemsize: int) -> VerificationCost:
+    """The loads and tokens of verify_bundle, from what the spec asks.
+
+    The kept logits are one row per position that predicts an answer token (the prompt's last token and up to
+    max_new_tokens answer tokens), over the whole vocabulary, in the model's dtype.
+    """
+    loads = ["the bundle (its own load.py --verify)"]
+    if equivalence:
+        base = ", the base answers" if compare_base else ""
+        loads.append(f"base + adapter through peft (the unmerged reference{base})" if mode == "merge"
+                     else f"the bundle again, merged in memory after scoring (the reference{base})")
+    kept = answers * (max_new_tokens + 1) * vocab_rows * logits_itemsize if equivalence and vocab_rows else None
+    return VerificationCost(loads=tuple(loads), answers=answers, max_new_tokens=max_new_tokens,
+                            compare_base=compare_base and equivalence, kept_logits_bytes=kept)
+
+
+def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool) -> VerificationCost:
+    """verification_cost from what the bundle records: its facts (prompts, mode, dtype) and config.json."""
+    import torch
+
+    facts = json.loads((bundle / FACTS_FILE).read_text(encoding="utf-8"))
+    rows = json.loads((bundle / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    return verification_cost(
+        mode=facts["mode"], answers=len(facts["prompts"]) + len(facts["probes"]),
+        max_new_tokens=facts["verify_max_new_tokens"], compare_base=compare_base, equivalence=equivalence,
+        vocab_rows=rows if isinstance(rows, int) else None, logits_itemsize=getattr(torch, facts["dtype"]).itemsize,
+    )
+
+
+def _size(nbytes: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
@@ -56,10 +134,19 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
         report_path = Path(workdir) / "report.json"
         spread = ["--max-memory", max_memory] if max_memory else []
-        # The files were checked above, by code the receiver trusts; load.py need not hash them a second time.
+        answer_logits = Path(workdir) / "answer-logits"
+        scoring = ["--answer-logits", str(answer_logits)] if sources is not None else []
+        cost = verification_cost_of(bundle, equivalence=sources is not None, compare_base=compare_base)
+        progress(cost.describe())
+        # One model per process, one after the other: the bundle answers (and, for the equivalence check, keeps
+        # its logits over those answers), then the reference is compared with them. The files were checked above,
+        # by code the receiver trusts; load.py need not hash them a second time.
+        progress(f"verification step 1 of {len(cost.loads)}: {cost.loads[0]}")
+        started = time.perf_counter()
         _run([python, str(bundle / "load.py"), "--verify", "--files-checked", "--report", str(report_path),
-              "--device", device, *spread],
+              "--device", device, *spread, *scoring],
              workdir, report_path, progress, what=f"verification could not load the bundle {bundle}")
+        progress(f"verification step 1 done in {time.perf_counter() - started:.1f}s")
         runtime_report = read_runtime_report(json.loads(report_path.read_text(encoding="utf-8")), python=python)
         report: VerificationReport = {
             **runtime_report,
@@ -74,17 +161,17 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
                 {"check": "equivalence", "reason": "the source base and adapter are not available"}
             )
             return report
-        answers = Path(workdir) / "answers.json"
-        entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in report["prompts"] + report["probes"]]
-        answers.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
         equivalence_path = Path(workdir) / "equivalence.json"
         adapter = _reference_adapter(sources.adapter, Path(workdir) / "reference-adapter")
         base = _reference_base(sources.base, Path(workdir) / "reference")
+        progress(f"verification step 2 of {len(cost.loads)}: {cost.loads[1]}")
         command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(base),
-                   "--adapter", str(adapter), "--answers", str(answers), "--report", str(equivalence_path),
-                   "--device", device, *spread]
+                   "--adapter", str(adapter), "--answer-logits", str(answer_logits), "--report",
+                   str(equivalence_path), "--device", device, *spread]
+        started = time.perf_counter()
         _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, progress,
              what="the equivalence check could not load the bundle and its sources")
+        progress(f"verification step 2 done in {time.perf_counter() - started:.1f}s")
         equivalence = read_equivalence(json.loads(equivalence_path.read_text(encoding="utf-8")), python=python)
     base_answers = equivalence.pop("base_answers", None)
     if base_answers is not None:

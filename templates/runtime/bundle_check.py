@@ -204,6 +204,53 @@ def answer_all(loader: ModuleType, model, tokenizer, entries: list[dict], max_ne
     return results
 
 
+def formatted_prompt(tokenizer, model, prompt: str, system: str | None) -> str:
+    """The text the model sees before its answer: the chat template's, or ChatML for remote chat code."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if getattr(model.generation_config, "chat_format", None) == "chatml":
+        system_text = system or "You are a helpful assistant."
+        return (f"<|im_start|>system\n{system_text}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    return prompt
+
+
+def save_answer_logits(model, tokenizer, results: list[dict], system: str | None, folder: Path) -> None:
+    """For modelpack's equivalence check, which loads the reference in the next process: each prompt followed by
+    this bundle's answer, as token ids, and the bundle's next-token logits at the positions that predict the answer
+    (the prompt's last token and every answer token).
+
+    One safetensors file per answer, the logits in their own dtype (lossless: the comparison sees exactly what a
+    model in memory would give it), so only one answer's rows are ever in memory: positions x vocabulary x 2 bytes
+    in bfloat16, e.g. 1.5 MB for 5 positions of a 152k vocabulary.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    device = model.get_input_embeddings().weight.device
+    for i, result in enumerate(results):
+        text = formatted_prompt(tokenizer, model, result["prompt"], system)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(result["answer"], add_special_tokens=False)["input_ids"] if result["answer"] else []
+        ids = torch.tensor(prompt_ids + answer_ids)
+        with torch.no_grad():
+            logits = model(ids[None].to(device)).logits[0, len(prompt_ids) - 1:].cpu().contiguous()
+        save_file({"ids": ids, "logits": logits}, str(folder / f"answer-{i:04d}.safetensors"),
+                  metadata={"prompt": result["prompt"], "start": str(len(prompt_ids) - 1)})
+
+
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far, in GB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)
+
+
 def versions(remote_code_imports: list[str]) -> dict:
     """The versions this interpreter runs, and which distribution provides each import of the model's code."""
     import platform
@@ -229,11 +276,11 @@ def versions(remote_code_imports: list[str]) -> dict:
 
 
 def verify(loader: ModuleType, *, device: str = "cpu", max_memory: dict | None = None,
-           files_checked: bool = False) -> dict:
+           files_checked: bool = False, answer_logits: Path | None = None) -> dict:
     """Integrity, expected answers (greedy, seeded) and serving contract of the bundle loader belongs to.
 
     loader: the bundle's load.py module. files_checked: the caller (modelpack verify) already checked every file
-    against manifest.json.
+    against manifest.json. answer_logits: a folder for the logits of the answers (see save_answer_logits).
     """
     bundle, facts = loader.BUNDLE_DIR, loader.bundle_facts()
     integrity: dict
@@ -250,11 +297,15 @@ def verify(loader: ModuleType, *, device: str = "cpu", max_memory: dict | None =
     progress("answering the verification prompts")
     prompts = answer_all(loader, model, tokenizer, facts.prompts, facts.verify_max_new_tokens)
     probes = answer_all(loader, model, tokenizer, facts.probes, facts.verify_max_new_tokens) if facts.probes else []
+    if answer_logits is not None:
+        progress("scoring the answers for the equivalence check")
+        save_answer_logits(model, tokenizer, prompts + probes, facts.system_prompt, answer_logits)
     ok = integrity["ok"] and serving["ok"] and all(r["ok"] for r in prompts + probes)
+    tokens_per_second = throughput(model, tokenizer)
     return {"bundle": facts.name, "ok": ok, "integrity": integrity, "serving": serving,
             "prompts": prompts, "probes": probes, "environment": versions(facts.remote_code_imports),
-            "runtime": {"load_seconds": round(load_seconds, 2), "tokens_per_second": throughput(model, tokenizer),
-                        "placement": placement(model)}}
+            "runtime": {"load_seconds": round(load_seconds, 2), "tokens_per_second": tokens_per_second,
+                        "placement": placement(model), "peak_rss_gb": peak_rss_gb()}}
 
 
 def throughput(model, tokenizer, new_tokens: int = 32) -> float:
@@ -306,9 +357,10 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def run_verify(loader: ModuleType, *, device: str, max_memory: str | None, files_checked: bool,
-               report_path: Path | None) -> int:
+               report_path: Path | None, answer_logits: Path | None = None) -> int:
     """`python load.py --verify`: check, print the summary, write the report; exit status 0 or 3."""
-    report = verify(loader, device=device, max_memory=loader.parse_max_memory(max_memory), files_checked=files_checked)
+    report = verify(loader, device=device, max_memory=loader.parse_max_memory(max_memory), files_checked=files_checked,
+                    answer_logits=answer_logits)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print("\n".join(summary_lines(report)))

@@ -1,15 +1,18 @@
 """Equivalence check, run as a script in the verifying interpreter: the bundle answers like base + adapter in peft.
 
-It is not shipped in bundles: modelpack runs its own installed copy. It imports only torch, transformers, peft and
-the bundle's own runtime (load.py and bundle_check.py, by path; never modelpack), so it runs in a deployment team's
-environment (`verify.python`) as well as in this one.
+It is not shipped in bundles: modelpack runs its own installed copy. It imports only torch, transformers, peft,
+safetensors and the bundle's own runtime (load.py and bundle_check.py, by path; never modelpack), so it runs in a
+deployment team's environment (`verify.python`) as well as in this one.
 
-    python equivalence.py --bundle B --base SRC --adapter SRC --answers answers.json --report out.json
+    python equivalence.py --bundle B --base SRC --adapter SRC --answer-logits DIR --report out.json
 
-Merge mode: the bundle is compared with the unmerged reference (the base loaded from the sources, the adapter
-applied by peft). Separate mode: the bundle (base + adapter through peft) is compared with a merge of itself
-in memory. For each verification prompt, the chat-formatted prompt followed by the bundle's greedy answer is
-run through both models and every position's next-token logits are compared.
+One model in memory at a time. The bundle's own `load.py --verify --answer-logits DIR` ran before, in its own
+process: it answered every verification prompt and kept, for each prompt followed by its answer, the token ids and
+the bundle's next-token logits at every position that predicts the answer (bundle_check.save_answer_logits). This
+process loads only the reference, runs the same ids through it and compares position by position, one answer at a
+time. Merge mode: the reference is the unmerged model (the base loaded from the sources, the adapter applied by
+peft). Separate mode: the bundle (base + adapter through peft, as the stored logits were computed) merged in memory,
+in place. With --compare-base the same prompts are also answered with the adapter disabled, before any merge.
 
 Tolerance rule: |delta logit| <= atol + rtol * max|reference logit|, with (atol, rtol) = (1e-3, 1e-4) in
 float32, (0.05, 2e-2) in float16 and (0.1, 0.1) in bfloat16: merged weights are rounded once into the dtype
@@ -22,10 +25,10 @@ tolerance (otherwise it was a near tie).
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,52 +51,55 @@ def load_bundle_module(bundle: Path) -> ModuleType:
     return module
 
 
-def formatted_prompt(tokenizer, model, prompt: str, system: str | None) -> str:
-    """The text the model sees before its answer: the chat template's, or ChatML for remote chat code."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if getattr(model.generation_config, "chat_format", None) == "chatml":
-        system_text = system or "You are a helpful assistant."
-        return (f"<|im_start|>system\n{system_text}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
-                "<|im_start|>assistant\n")
-    return prompt
-
-
-def load_reference(loader: ModuleType, base: Path, adapter: Path, *, mode: str, dtype: str, device: str,
+def load_reference(loader: ModuleType, base: Path, adapter: Path, *, mode: str, rows: int | None, device: str,
                    max_memory: dict | None):
-    """The model the bundle must equal: base + adapter unmerged (merge mode) or merged in memory (separate)."""
-    import torch
-    import transformers
+    """The model the bundle must equal, with the adapter still separate: the source base + adapter through peft
+    (merge mode) or the bundle itself, base + adapter through peft (separate mode; merged later, in place).
+
+    rows: the bundle's vocabulary (the width of its stored logits), when the adapter saved resized embeddings.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = loader.load(device=device, dtype=dtype, max_memory=max_memory)
     if mode == "separate":
-        reference = copy.deepcopy(model).merge_and_unload().eval()
-        return model, tokenizer, reference, None
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    kwargs = {dtype_key: getattr(torch, dtype), "trust_remote_code": loader.bundle_facts().trust_remote_code}
-    if model.device.type != "cpu":  # spread the reference the way the bundle was spread
-        kwargs["device_map"] = "auto"
-        if max_memory:
-            kwargs["max_memory"] = max_memory
-    base_model: Any = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if base_model.get_input_embeddings().weight.shape[0] != rows:  # the adapter saved resized embeddings
+        return loader.load(device=device, max_memory=max_memory)[0]
+    base_model: Any = AutoModelForCausalLM.from_pretrained(base, **loader.model_kwargs(device, None, max_memory))
+    if rows is not None and base_model.get_input_embeddings().weight.shape[0] != rows:
         base_model.resize_token_embeddings(rows)
-    reference = PeftModel.from_pretrained(base_model, adapter).eval()
-    return model, tokenizer, reference, reference
+    return PeftModel.from_pretrained(base_model, adapter).eval()
 
 
-def compare(model, reference, tokenizer, entries: list[dict], *, system, dtype: str) -> dict:
-    """Every prompt followed by the bundle's answer, run through both models; logits compared position by position."""
+def stored_answers(folder: Path) -> list[Path]:
+    """The files bundle_check.save_answer_logits wrote, in the order of the prompts and probes."""
+    return sorted(folder.glob("answer-*.safetensors"))
+
+
+def vocabulary_rows(stored: list[Path]) -> int | None:
+    """The bundle's vocabulary: the width of its stored logits (read from the header)."""
+    from safetensors import safe_open
+
+    if not stored:
+        return None
+    with safe_open(str(stored[0]), framework="pt") as f:
+        return f.get_slice("logits").get_shape()[-1]
+
+
+def compare(reference, stored: list[Path], *, dtype: str) -> dict:
+    """Every stored answer's ids run through the reference; its logits compared with the bundle's, position by
+    position, one answer in memory at a time."""
+    import torch
+    from safetensors import safe_open
+
     atol, rtol = TOLERANCES[dtype]
-    results = [
-        {"prompt": entry["prompt"], **compare_logits(*answer_logits(model, reference, tokenizer, entry, system),
-                                                     atol=atol, rtol=rtol)}
-        for entry in entries
-    ]
+    results = []
+    for path in stored:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+            ids, got = f.get_tensor("ids"), f.get_tensor("logits").float()
+        with torch.no_grad():
+            logits = reference(ids[None].to(reference.get_input_embeddings().weight.device)).logits
+        want = logits[0, int(metadata["start"]):].float().cpu()
+        results.append({"prompt": metadata["prompt"], **compare_logits(got, want, atol=atol, rtol=rtol)})
     significant = sum(r.pop("significant") for r in results)  # reported once, for all prompts together
     positions = sum(r["positions"] for r in results)
     disagreements = sum(r["greedy_disagreements"] for r in results)
@@ -107,22 +113,6 @@ def compare(model, reference, tokenizer, entries: list[dict], *, system, dtype: 
         "significant_disagreements": significant,
         "prompts": results,
     }
-
-
-def answer_logits(model, reference, tokenizer, entry: dict, system):
-    """Both models' next-token logits (float32) at the positions that predict the answer: the prompt's last token
-    (the first answer token's prediction) and every answer token."""
-    import torch
-
-    text = formatted_prompt(tokenizer, model, entry["prompt"], system)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(entry["answer"], add_special_tokens=False)["input_ids"] if entry["answer"] else []
-    ids = torch.tensor([prompt_ids + answer_ids], device=model.get_input_embeddings().weight.device)
-    with torch.no_grad():
-        got = model(ids).logits[0].float()
-        want = reference(ids.to(reference.get_input_embeddings().weight.device)).logits[0].float().to(got.device)
-    start = len(prompt_ids) - 1
-    return got[start:], want[start:]
 
 
 def compare_logits(got, want, *, atol: float, rtol: float) -> dict:
@@ -144,18 +134,15 @@ def compare_logits(got, want, *, atol: float, rtol: float) -> dict:
     }
 
 
-def base_answers(loader: ModuleType, peft_reference, tokenizer, entries: list[dict],
-                 max_new_tokens: int) -> dict[str, str]:
+def base_answers(loader: ModuleType, peft_model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, str]:
     """The same prompts answered by the base model alone (the adapter disabled), greedy."""
     import torch
 
     answers = {}
-    with peft_reference.disable_adapter():
-        for entry in entries:
+    with peft_model.disable_adapter():
+        for prompt in prompts:
             torch.manual_seed(0)
-            answers[entry["prompt"]] = loader.chat(
-                peft_reference, tokenizer, entry["prompt"], greedy=True, max_new_tokens=max_new_tokens
-            )[0]
+            answers[prompt] = loader.chat(peft_model, tokenizer, prompt, greedy=True, max_new_tokens=max_new_tokens)[0]
     return answers
 
 
@@ -164,31 +151,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
-    parser.add_argument("--answers", type=Path, required=True, help="JSON list of {prompt, answer} from the bundle")
+    parser.add_argument("--answer-logits", type=Path, required=True,
+                        help="the folder `load.py --verify --answer-logits` wrote")
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-memory", help='per-device limits for device_map="auto", e.g. "0=20GiB,cpu=64GiB"')
     parser.add_argument("--compare-base", action="store_true", help="also answer every prompt with the base alone")
     args = parser.parse_args(argv)
 
+    started = time.perf_counter()
     loader = load_bundle_module(args.bundle)
     check = loader.import_sibling("bundle_check")
     facts = loader.bundle_facts()
-    entries = json.loads(args.answers.read_text(encoding="utf-8"))
-    check.progress("equivalence: loading the bundle and the reference")
-    model, tokenizer, reference, peft_reference = load_reference(
-        loader, args.base, args.adapter, mode=facts.mode, dtype=facts.dtype, device=args.device,
-        max_memory=loader.parse_max_memory(args.max_memory),
-    )
-    check.progress("equivalence: comparing next-token logits")
-    report = compare(model, reference, tokenizer, entries, system=facts.system_prompt, dtype=facts.dtype)
+    stored = stored_answers(args.answer_logits)
+    prompts = [entry["prompt"] for entry in facts.prompts + facts.probes]
     merged = facts.mode == "merge"
+    report: dict[str, Any] = {}
+    reference = None
+    if stored or (args.compare_base and prompts):  # else there is nothing to run through a model
+        check.progress("equivalence: loading " + ("base + adapter through peft (the unmerged reference)" if merged
+                                                  else "the bundle, base + adapter through peft"))
+        reference = load_reference(loader, args.base, args.adapter, mode=facts.mode, rows=vocabulary_rows(stored),
+                                   device=args.device, max_memory=loader.parse_max_memory(args.max_memory))
+        if args.compare_base:
+            check.progress("equivalence: answering with the base model alone (the adapter disabled)")
+            report["base_answers"] = base_answers(loader, reference, loader.load_tokenizer(), prompts,
+                                                  facts.verify_max_new_tokens)
+        if not merged:  # the stored logits are the unmerged bundle's; the reference is the same model merged
+            check.progress("equivalence: merging the adapter in memory")
+            reference = reference.merge_and_unload().eval()
+        check.progress("equivalence: comparing next-token logits")
+    report = compare(reference, stored, dtype=facts.dtype) | report
     report["reference"] = "base + adapter through peft, unmerged" if merged else "bundle merged in memory"
-    if args.compare_base:
-        check.progress("equivalence: answering with the base model alone")
-        if peft_reference is None:  # separate mode: the bundle itself is base + adapter
-            peft_reference = model
-        report["base_answers"] = base_answers(loader, peft_reference, tokenizer, entries, facts.verify_max_new_tokens)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["peak_rss_gb"] = check.peak_rss_gb()
     args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
 

@@ -123,22 +123,17 @@ def remote_code_warning(facts: BundleFacts, folder: Path) -> str | None:
             f"{', '.join(facts.remote_code_files)} from {folder}")
 
 
-def load(device: str = "auto", dtype: str | None = None, max_memory: dict | None = None):
-    """Load the model and tokenizer from this folder; device is "auto", "cpu", "cuda" or "cuda:N"."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def model_kwargs(device: str = "auto", dtype: str | None = None, max_memory: dict | None = None) -> dict[str, Any]:
+    """from_pretrained's arguments for this bundle's dtype and the device; the equivalence check loads the source
+    base with the same ones."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     facts = bundle_facts()
-    if facts.trust_remote_code:
-        check_folder_name()
-        log.warning("%s", remote_code_warning(facts, BUNDLE_DIR))
-
-    torch_dtype = getattr(torch, dtype or facts.dtype)
     # transformers 5 renamed from_pretrained's torch_dtype argument to dtype.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    kwargs: dict[str, Any] = {dtype_key: torch_dtype, "trust_remote_code": facts.trust_remote_code}
+    kwargs: dict[str, Any] = {dtype_key: getattr(torch, dtype or facts.dtype),
+                              "trust_remote_code": facts.trust_remote_code}
     if device == "auto" and not torch.cuda.is_available():
         device = "cpu"
     if device in ("auto", "cuda"):
@@ -148,8 +143,31 @@ def load(device: str = "auto", dtype: str | None = None, max_memory: dict | None
             kwargs["max_memory"] = max_memory
     elif device != "cpu":
         kwargs["device_map"] = {"": device}
-    tokenizer = AutoTokenizer.from_pretrained(BUNDLE_DIR, trust_remote_code=facts.trust_remote_code)
-    model: Any = AutoModelForCausalLM.from_pretrained(BUNDLE_DIR, **kwargs)
+    return kwargs
+
+
+def load_tokenizer():
+    """This folder's tokenizer alone."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    facts = bundle_facts()
+    if facts.trust_remote_code:
+        check_folder_name()
+    return AutoTokenizer.from_pretrained(BUNDLE_DIR, trust_remote_code=facts.trust_remote_code)
+
+
+def load(device: str = "auto", dtype: str | None = None, max_memory: dict | None = None):
+    """Load the model and tokenizer from this folder; device is "auto", "cpu", "cuda" or "cuda:N"."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    facts = bundle_facts()
+    if facts.trust_remote_code:
+        check_folder_name()
+        log.warning("%s", remote_code_warning(facts, BUNDLE_DIR))
+    tokenizer = load_tokenizer()
+    model: Any = AutoModelForCausalLM.from_pretrained(BUNDLE_DIR, **model_kwargs(device, dtype, max_memory))
     if facts.mode == "separate":
         # Load the adapter onto the explicitly loaded base: AutoPeftModelForCausalLM would look for a
         # tokenizer in adapter/ and, in some peft versions, resize the embeddings.
@@ -232,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="re-run the bundle's checks; exit 3 on failure")
     parser.add_argument("--report", type=Path, help="with --verify: write the JSON report here")
     parser.add_argument("--files-checked", action="store_true", help=argparse.SUPPRESS)
+    # modelpack's equivalence check: the bundle's logits over its own answers, kept for the next process.
+    parser.add_argument("--answer-logits", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--max-memory",
                         help='with --device auto/cuda: per-device limits, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')
@@ -240,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             check = import_sibling(CHECK_MODULE)
             return check.run_verify(sys.modules[__name__], device=args.device, max_memory=args.max_memory,
-                                    files_checked=args.files_checked, report_path=args.report)
+                                    files_checked=args.files_checked, report_path=args.report,
+                                    answer_logits=args.answer_logits)
         return run_chat(args.question, device=args.device, max_memory=parse_max_memory(args.max_memory))
     except BundleLoadError as error:
         print(f"error: {error}", file=sys.stderr)
