@@ -57,10 +57,11 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
 
 
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
-                 progress: Progress = lambda line: None) -> BuildResult:
+                 progress: Progress = lambda line: None,
+                 weights_progress: Callable[[int], None] = lambda nbytes: None) -> BuildResult:
     """The build's phases, in a staging folder beside the destination (see staging.staged_output): write the
     weights, write the other files, export GGUF (with export.gguf), verify, finalise (card, requirements, report,
-    manifest, digest), publish."""
+    manifest, digest), publish. weights_progress receives the bytes of each chunk of weights as it is written."""
     spec = plan.spec
     dest = spec.output.dir
     check_output_location(
@@ -70,7 +71,7 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     started = time.perf_counter()
     with staged_output(dest, force=force, needed=plan.disk_needed, progress=progress) as staging:
         progress(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
-        weights = write_weights(plan, staging)
+        weights = write_weights(plan, staging, on_bytes=weights_progress)
         context, chat = _write_files(plan, staging)
         timings["write"] = time.perf_counter() - started
         if spec.export.gguf is not None:

@@ -6,14 +6,11 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import typer
 
-from builder.errors import EXIT_INTERRUPTED, ModelpackError, VerificationError
-
-if TYPE_CHECKING:
-    from builder.report import VerificationReport
+from builder.errors import EXIT_INTERRUPTED, EXIT_VERIFICATION_FAILED, ModelpackError, VerificationError
 
 app = typer.Typer(
     add_completion=False,
@@ -24,20 +21,23 @@ app = typer.Typer(
 )
 
 
-def _say(line: str) -> None:
-    typer.echo(line, err=True)
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only (and the result)")]
+AsJson = Annotated[bool, typer.Option("--json", help="print one JSON result on stdout (errors too)")]
 
 
-def _print_table(report: VerificationReport) -> None:
-    from rich.console import Console
+def _console(quiet: bool = False):
+    from builder.console import Console
 
-    from builder.report import report_table
+    return Console(quiet=quiet)
 
-    Console(stderr=True, width=160).print(report_table(report))
+
+def _print_json(result: dict) -> None:
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 def user_errors_exit(command):
-    """The one error handler: a ModelpackError prints as one message and exits with its code.
+    """The one error handler: a ModelpackError prints as one message and exits with its code (with --json, also as
+    one JSON object on stdout, so a pipeline reading stdout sees every outcome).
 
     Anything else is our bug and keeps its traceback (exit 1).
     """
@@ -48,6 +48,8 @@ def user_errors_exit(command):
             return command(*args, **kwargs)
         except ModelpackError as error:
             typer.echo(f"error: {error.message}", err=True)
+            if kwargs.get("as_json"):
+                _print_json({"ok": False, "exit_code": error.exit_code, "error": error.message})
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:  # the staging folder is already gone; the destination is as it was
             typer.echo("interrupted: nothing was published", err=True)
@@ -66,6 +68,7 @@ def init(
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="the spec file to write (default: specs/NAME.yaml)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing spec file")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Draft a commented spec from a training run's checkpoint and its base model.
 
@@ -75,18 +78,26 @@ def init(
 
     draft = draft_spec(checkpoint, base=base, spec_file=output)
     write_draft(draft, force=force)
-    _say(f"checkpoint: {draft.checkpoint.path} ({draft.checkpoint.reason})")
-    _say(f"base: {draft.base} ({draft.base_reason})")
+    console = _console(quiet)
+    console.say(f"checkpoint: {draft.checkpoint.path} ({draft.checkpoint.reason})")
+    console.say(f"base: {draft.base} ({draft.base_reason})")
     typer.echo(f"wrote {draft.spec_file}; check it, then: modelpack build {draft.spec_file}")
 
 
 @app.command()
 @user_errors_exit
-def validate(spec: Annotated[Path, typer.Argument(help="the spec YAML file")]) -> None:
-    """Check a spec and its sources without writing anything."""
+def validate(spec: Annotated[Path, typer.Argument(help="the spec YAML file")], as_json: AsJson = False) -> None:
+    """Check a spec and its sources without writing anything.
+
+    Example: modelpack validate specs/med.yaml
+    """
     from builder.build import plan_from_spec
+    from builder.console import validation_json
 
     plan = plan_from_spec(spec)
+    if as_json:
+        _print_json(validation_json(spec, plan))
+        return
     typer.echo(f"{spec}: valid ({plan.mode}, {len(plan.merged_tensors)} tensors to merge)")
 
 
@@ -97,27 +108,43 @@ def build(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="bundle folder (overrides output.dir)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing bundle")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip reload-and-chat verification")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and write nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan as tables and write nothing")] = False,
     device: Annotated[str | None, typer.Option(
         help="verification device: auto | cpu | cuda (default: verify.device)")] = None,
     merge_device: Annotated[Literal["cpu", "cuda", "auto"] | None, typer.Option(
         help="where the LoRA deltas are computed: cpu | cuda | auto (default: output.merge_device)")] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
 ) -> None:
-    """Build the bundle a spec describes."""
+    """Build the bundle a spec describes.
+
+    Example: modelpack build specs/med.yaml --dry-run
+    """
     from builder.build import build_bundle, plan_from_spec
-    from builder.plan import describe_plan
+    from builder.console import build_json, plan_json, plan_tables
+    from builder.report import report_table
 
     plan = plan_from_spec(spec, output_dir=output)
     if merge_device is not None:
         plan = dataclasses.replace(plan, merge_device=merge_device)
+    console = _console(quiet)
     if dry_run:
-        typer.echo(describe_plan(plan))
+        if as_json:
+            _print_json(plan_json(plan, verification=not no_verify))
+            return
+        for table in plan_tables(plan, verification=not no_verify):
+            console.print_result(table)
         return
     for warning in plan.warnings:
-        _say(f"warning: {warning}")
-    result = build_bundle(plan, force=force, verify=not no_verify, device=device, progress=_say)
+        console.say(f"warning: {warning}")
+    with console.weights(plan) as weights_progress:
+        result = build_bundle(plan, force=force, verify=not no_verify, device=device, progress=console.say,
+                              weights_progress=weights_progress)
+    if as_json:
+        _print_json(build_json(result))
+        return
     if result.verification:
-        _print_table(result.verification)
+        console.show(report_table(result.verification))
     verdict = "verified" if result.verification else "not verified (--no-verify)"
     typer.echo(f"built {result.bundle} in {result.timings['total']:.1f}s, {verdict}; digest {result.digest}")
 
@@ -139,19 +166,31 @@ def verify(
     max_memory: Annotated[str | None, typer.Option(
         help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
     report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
 ) -> None:
     """Re-run a bundle's checks: every file against manifest.json (before any bundle code runs), the digest or
-    signature, expected answers, serving contract, and equivalence when the sources are on this machine."""
-    from builder.report import failure_message
+    signature, expected answers, serving contract, and equivalence when the sources are on this machine.
+
+    Example: modelpack verify dist/med --digest sha256:3f5c...
+    """
+    from builder.report import failure_message, report_table
     from builder.verify import reverify_bundle
 
     bundle = bundle.resolve()
+    console = _console(quiet)
     report = reverify_bundle(bundle, expected_digest=digest, public_key=public_key, trust_remote_code=trust_remote_code,
-                             python=python, device=device, max_memory=max_memory, progress=_say)
+                             python=python, device=device, max_memory=max_memory, progress=console.say)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _print_table(report)
     message = failure_message(report)
+    if as_json:
+        _print_json({"bundle": str(bundle), **report})
+        if message:
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(EXIT_VERIFICATION_FAILED)
+        return
+    console.show(report_table(report))
     if message:
         raise VerificationError(message)
     anchor = " (signature)" if public_key else " (digest)" if digest else ""
@@ -165,7 +204,10 @@ def sign(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
     key: Annotated[Path, typer.Option(help="elliptic-curve private key (PEM) to sign with")],
 ) -> None:
-    """Sign a bundle offline with OpenSSF model_signing: writes BUNDLE/model.sig over every file."""
+    """Sign a bundle offline with OpenSSF model_signing: writes BUNDLE/model.sig over every file.
+
+    Example: modelpack sign dist/med --key private.pem
+    """
     from builder.trust import bundle_digest, sign_bundle
 
     signature = sign_bundle(bundle.resolve(), key)
@@ -191,7 +233,10 @@ def inspect(
 @app.command()
 @user_errors_exit
 def schema() -> None:
-    """Print the spec's JSON Schema (for editor completion)."""
+    """Print the spec's JSON Schema (for editor completion).
+
+    Example: modelpack schema > specs/modelpack.schema.json
+    """
     from builder.spec import spec_json_schema
 
     typer.echo(json.dumps(spec_json_schema(), indent=2, ensure_ascii=False))

@@ -140,6 +140,6 @@ def _model_signing():
         import model_signing
     except ImportError as exc:
         raise BundleError(
-            "signing needs OpenSSF's model_signing package: pip install 'modelpack[signing]'"
+            "signing needs OpenSSF's model_signing package: pip install 'modelpack-lora[signing]'"
         ) from exc
     return model_signing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from builder.build import plan_from_spec
 from builder.cli import app
 from builder.spec import spec_json_schema
 from helpers import make_base_model, write_spec
@@ -35,14 +37,40 @@ def test_validate_accepts_a_good_spec(tmp_path, sources):
     assert result.output == f"{spec}: valid (merge, 6 tensors to merge)\n"
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, sources):
+def test_dry_run_prints_the_plan_as_tables_and_writes_nothing(tmp_path, sources):
     spec = write_spec(tmp_path, *sources)
     result = run("build", spec, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert ("merge model.layers.0.self_attn.q_proj.weight [64, 64] <- model.layers.0.self_attn.q_proj r=8 scale=2"
-            in result.output)
-    assert "tensors: 6 merged, 0 cast, 20 copied as bytes" in result.output
-    assert "skip training leftover: optimizer.pt" in result.output
+    assert result.stderr == ""
+    lines = [line.rstrip() for line in result.stdout.splitlines()]
+    assert lines[0] == f"bundle tiny-med -> {tmp_path / 'dist' / 'tiny-med'}"
+    assert lines[1:5] == [
+        "┏━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━━━┓",
+        "┃ file                                   ┃     size ┃ merged ┃ copied ┃ cast ┃ from                     ┃",
+        "┡━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━╇━━━━━━━━━━━━━━━━━━━━━━━━━━┩",
+        "│ model.safetensors                      │ 403.7 KB │      6 │     20 │    0 │ weights (merge, float32) │",
+    ]
+    assert ("│ model.layers.0.self_attn.q_proj.weight │ [64, 64]  │ model.layers.0.self_attn.q_proj r=8 scale=2 │"
+            in lines)
+    assert re.fullmatch(r"disk: [\d.]+ [KMG]?B needed, [\d.]+ [KMG]?B free", lines[-8]), lines[-8]
+    assert lines[-7:-1] == [
+        "skipped: training leftovers optimizer.pt, rng_state.pth, trainer_state.json",
+        "warning: adapter records base_model_name_or_path='/home/Work/train-machine/models/tiny-base', base.path is "
+        "'qwen2-tied-float32'; shapes match, so packaging goes on",
+        "verify: integrity: every file against manifest.json",
+        "verify: serving: eos ids, chat template, special ids, vocabulary",
+        "verify: equivalence: next-token logits of the bundle against base + adapter through peft",
+        "verify: answers: 1 prompts (their expectations must hold), 0 probes (answers recorded), up to 8 new tokens "
+        "each",
+    ]
+    assert lines[-1].startswith("verify: cost: 2 model loads, one model in memory at a time"), lines[-1]
+    assert not (tmp_path / "dist").exists()
+
+    plan = json.loads(run("build", spec, "--dry-run", "--json").stdout)
+    assert plan["tensors"] == {"merged": 6, "copied": 20, "cast": 0}
+    assert plan["files"]["model.safetensors"] == sum(s.nbytes for s in plan_from_spec(spec).shards)
+    assert plan["skipped_training_files"] == ["optimizer.pt", "rng_state.pth", "trainer_state.json"]
+    assert plan["disk"]["needed"] < plan["disk"]["free"]
     assert not (tmp_path / "dist").exists()
 
 
@@ -145,3 +173,112 @@ def test_build_prints_the_digest_that_the_card_and_report_carry_and_the_verify_c
     result = run("verify", tmp_path)
     assert result.exit_code == 2
     assert "is not a modelpack bundle" in result.output
+
+
+def test_build_shows_the_weights_progress_off_a_terminal_and_quiet_keeps_errors_only(tmp_path, sources):
+    spec = write_spec(tmp_path, *sources)
+    result = run("build", spec, "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^weights: 403\.7 KB of 403\.7 KB, 26/26 tensors, [\d.]+ [KMG]?B/s, [\d.]+s$", result.stderr,
+                     re.MULTILINE), result.stderr
+    quiet = run("build", spec, "--no-verify", "--force", "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == ""
+    assert quiet.stdout.startswith(f"built {tmp_path / 'dist' / 'tiny-med'} in ")
+
+
+def test_weights_progress_counts_tensors_and_time_left_from_bytes(tmp_path, sources):
+    from builder.console import WeightsProgress
+
+    plan = plan_from_spec(write_spec(tmp_path, *sources))
+    now = [100.0]
+    progress = WeightsProgress(plan, clock=lambda: now[0])
+    first = plan.shards[0].tensors[0].entry.nbytes
+    progress.advance(first)
+    now[0] += 2
+    assert progress.tensors_done == 1
+    left = (plan.weight_bytes - first) / (first / 2)
+    assert progress.describe() == (f"weights: {first / 1000:.1f} KB of 403.7 KB, 1/26 tensors, "
+                                   f"{first / 2000:.1f} KB/s, about {left:.0f}s left")
+    progress.advance(plan.weight_bytes - first)
+    now[0] += 10  # the other phases: the summary keeps the time the weights took
+    rate = plan.weight_bytes / 2000
+    assert progress.describe() == f"weights: 403.7 KB of 403.7 KB, 26/26 tensors, {rate:.1f} KB/s, 2.0s"
+
+
+def test_json_results_for_ci(tmp_path, sources):
+    spec = write_spec(tmp_path, *sources)
+    valid = run("validate", spec, "--json")
+    assert valid.exit_code == 0, valid.output
+    assert json.loads(valid.stdout) == {"ok": True, "spec": str(spec), "name": "tiny-med", "mode": "merge",
+                                        "merged_tensors": 6, "warnings": [
+                                            "adapter records base_model_name_or_path='/home/Work/train-machine/models/"
+                                            "tiny-base', base.path is 'qwen2-tied-float32'; shapes match, so packaging "
+                                            "goes on"]}
+    built = run("build", spec, "--json", "--no-verify")
+    assert built.exit_code == 0, built.output
+    result = json.loads(built.stdout)
+    bundle = tmp_path / "dist" / "tiny-med"
+    assert result["bundle"] == str(bundle) and not result["verified"] and result["verification"] is None
+    assert result["digest"] == "sha256:" + hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    assert set(result["timings"]) == {"write", "total"}
+    inspected = json.loads(run("inspect", bundle, "--json").stdout)
+    assert inspected["bundle"]["digest"] == result["digest"]
+    failed = run("build", spec, "--json")  # the bundle exists and --force was not given
+    assert failed.exit_code == 2
+    error = json.loads(failed.stdout)
+    assert error["ok"] is False and error["exit_code"] == 2 and "--force" in error["error"]
+    refused = run("verify", bundle, "--digest", "sha256:" + "1" * 64, "--json")  # refused before anything runs
+    assert refused.exit_code == 3
+    assert json.loads(refused.stdout)["exit_code"] == 3
+
+
+def test_no_color_turns_colour_off_on_a_terminal(monkeypatch):
+    import io
+
+    from builder.console import Console
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert not Console(stream=Terminal()).rich.no_color
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert Console(stream=Terminal()).rich.no_color
+
+
+def cli_commands() -> dict[str, list[list[str]]]:
+    """Every command of the CLI and its options, each as its spellings (README's table must show one of them)."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    context = group.make_context("modelpack", [], resilient_parsing=True)
+    commands = {}
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        assert command is not None
+        commands[name] = [p.opts for p in command.get_params(context)
+                          if p.param_type_name == "option" and p.opts != ["--help"]]
+    return commands
+
+
+def test_every_command_help_has_an_example():
+    for name in cli_commands():
+        result = run(name, "--help")
+        assert result.exit_code == 0, result.output
+        assert f"Example: modelpack {name}" in " ".join(result.output.split()), f"{name} --help has no example"
+
+
+def test_readme_command_table_matches_the_cli():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Commands\n", 1)[1].split("\n## ", 1)[0]
+    rows = {usage.split()[1]: usage for usage in re.findall(r"^\| `(modelpack [^`]*)` \|", section, re.MULTILINE)}
+    commands = cli_commands()
+    assert sorted(rows) == sorted(commands), "README's command table and the CLI name different commands"
+    for name, options in commands.items():
+        shown = re.findall(r"(?<![\w-])--?[a-z][\w-]*", rows[name])
+        for spellings in options:
+            assert set(spellings) & set(shown), f"README's row for `modelpack {name}` does not show {spellings[-1]}"
+        for written in shown:
+            assert any(written in spellings for spellings in options), \
+                f"README shows {written} for `modelpack {name}`, which has no such option"
