@@ -66,6 +66,7 @@ class RenderContext:
     remote_code_imports: list[str]
     has_chat_template: bool
     base_name: str
+    base_model_id: str | None  # the Hub id the card's front matter names, when one is known
     system_prompt: str | None
     verify_max_new_tokens: int
     prompts: list[dict]
@@ -113,6 +114,7 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
         remote_code_imports=third_party_imports(c.source for c in plan.copies if c.dest.endswith(".py")),
         has_chat_template=chat.template is not None,
         base_name=base_model_name(plan),
+        base_model_id=base_model_id(plan),
         system_prompt=spec.chat.system_prompt,
         verify_max_new_tokens=spec.verify.max_new_tokens,
         prompts=[p.model_dump() for p in spec.verify.prompts],
@@ -147,6 +149,15 @@ def recorded_base_name(recorded: object) -> str:
     text = str(recorded)
     is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     return text if is_hub_id or "/" not in text and "\\" not in text else PureWindowsPath(text).name
+
+
+def base_model_id(plan: BuildPlan) -> str | None:
+    """The base's Hub id for the card's `base_model`: the spec's `card.base_model`, else the adapter's recorded base
+    or the config's `_name_or_path` when that is an id. The Hub rejects a folder name, so there is none otherwise."""
+    from builder.inspection import hub_model_id
+
+    return (plan.spec.card.base_model or hub_model_id(plan.adapter.config.get("base_model_name_or_path"))
+            or hub_model_id(plan.base.config.get("_name_or_path")))
 
 
 def base_model_name(plan: BuildPlan) -> str:
@@ -196,7 +207,11 @@ def render_runtime(context: RenderContext) -> dict[str, bytes]:
 def render_card(context: RenderContext, *, verification: VerificationReport | None) -> str:
     # huggingface_hub's own card metadata type: the Hub's field names, and None fields left out.
     front_matter = ModelCardData(
-        base_model=context.base_name,
+        base_model=context.base_model_id,
+        # The Hub's relation names: a separate adapter is an "adapter"; weights with the LoRA merged in are a
+        # fine-tune of the base (the Hub's "merge" means merging several models).
+        base_model_relation=(("adapter" if context.mode == "separate" else "finetune")
+                             if context.base_model_id else None),
         library_name="peft" if context.mode == "separate" else "transformers",
         license=context.card["license"] or "other",
         language=context.card["language"] or None,

@@ -113,6 +113,18 @@ def test_model_card_parses_and_shows_adapter_facts_and_verification(merged_bundl
     assert "什么是机器学习" in text  # the probe and its answer are in the card
     # The adapter records its training machine's base folder: the card names it by its last component only.
     assert "| trained on base | `tiny-base` |" in text and "/home/Work" not in text
+    # No Hub id is known (the adapter records a folder): the Hub rejects a folder name, so no base_model at all.
+    assert card.data.base_model is None and card.data.base_model_relation is None
+
+
+@pytest.mark.parametrize("mode, relation", [("merge", "finetune"), ("separate", "adapter")])
+def test_card_names_the_bases_hub_id_and_how_the_bundle_relates_to_it(tmp_path, models, adapters, mode, relation):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), output={"mode": mode}, card={"base_model": "Qwen/Qwen2-0.5B"})
+    card = ModelCard.load(build_bundle(plan_from_spec(spec), verify=False).bundle / "README.md")
+    assert card.data.base_model == "Qwen/Qwen2-0.5B"
+    assert card.data.base_model_relation == relation
+    assert card.data.library_name == ("peft" if mode == "separate" else "transformers")
 
 
 def test_requirements_pin_the_versions_verification_used(merged_bundle):
