@@ -106,10 +106,11 @@ class Console:
                        TransferSpeedColumn(), TimeRemainingColumn())
             bar = Progress(*columns, console=self.rich, transient=True)
             task = bar.add_task("weights", total=counter.total, tensors="")
-            bar.start()
         last_line = [counter.started]
 
         def advance(nbytes: int) -> None:  # called from the writer thread
+            if bar is not None and not counter.done:  # shown from the first byte, after the build's first lines
+                bar.start()
             counter.advance(nbytes)
             if bar is not None:
                 bar.update(task, completed=counter.done,
