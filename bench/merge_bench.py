@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
                              "using >10%% of a core, 1-minute load average < 1)")
     parser.add_argument("--modelpack-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `modelpack build` (repeat for several), e.g. "
-                             "--modelpack-arg=--device --modelpack-arg=cuda")
+                             "--modelpack-arg=--merge-device --modelpack-arg=cuda")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
