@@ -91,6 +91,59 @@ class Equivalence(TypedDict):
 
 
 @with_config(_STRICT)
+class TokenDifference(TypedDict):
+    """Where two token sequences part: the position and each side's token there (None past its end)."""
+
+    position: int
+    bundle: str | None
+    gguf: str | None
+
+
+@with_config(_STRICT)
+class AnswerParting(TypedDict):
+    """Where llama.cpp, fed the bundle's answer, first prefers another token (gguf_check.parting)."""
+
+    position: int
+    bundle: str | None  # None with margin None: the parting could not be scored (gguf_check.feed_bundle_answer)
+    gguf: str | None
+    margin: float | None  # llama.cpp's logit for its own token minus its logit for the bundle's
+    tolerance: float | None  # the bundle dtype's: atol + rtol * max|logit| at that position
+    near_tie: bool
+
+
+@with_config(_STRICT)
+class GgufAnswer(TypedDict):
+    prompt: str
+    answer: str  # llama.cpp's greedy answer
+    equal: bool  # the same text as the bundle's answer in transformers
+    difference: AnswerParting | None  # where the two answers part, in the bundle tokenizer's tokens
+    prompt_tokens: int
+    prompt_difference: TokenDifference | None  # llama.cpp's ids of its rendered prompt against the bundle's
+    failures: list[str]  # the spec's expectations the answer misses
+    ok: bool
+
+
+@with_config(_STRICT)
+class GgufFile(TypedDict):
+    file: str  # relative to the bundle: gguf/NAME-<type>.gguf
+    type: str
+    exact: bool  # the file holds the bundle's own dtype: every answer must equal the bundle's but at a near tie
+    load_seconds: float
+    answers: list[GgufAnswer]  # the verification prompts, then the probes
+    ok: bool
+
+
+@with_config(_STRICT)
+class GgufCheck(TypedDict):
+    """templates/runtime/gguf_check.py's report: the bundle's GGUF files answering inside llama.cpp."""
+
+    ok: bool
+    runtime: str  # "llama-cpp-python X.Y.Z"
+    threads: int
+    files: list[GgufFile]
+
+
+@with_config(_STRICT)
 class Skipped(TypedDict):
     check: str
     reason: str
@@ -118,10 +171,12 @@ class VerificationReport(RuntimeReport):
     remote_code: dict[str, str]  # model code the bundle runs, name -> sha256
     skipped: list[Skipped]
     equivalence: NotRequired[Equivalence]
+    gguf: NotRequired[GgufCheck]  # when the bundle has GGUF files and llama-cpp-python is installed
 
 
 _RUNTIME = TypeAdapter(RuntimeReport)
 _EQUIVALENCE = TypeAdapter(Equivalence)
+_GGUF = TypeAdapter(GgufCheck)
 _REPORT = TypeAdapter(VerificationReport)
 
 
@@ -133,6 +188,10 @@ def read_runtime_report(data: object, *, python: str) -> RuntimeReport:
 
 def read_equivalence(data: object, *, python: str) -> Equivalence:
     return _validated(_EQUIVALENCE, data, f"the report of the equivalence check (run with {python})")
+
+
+def read_gguf_check(data: object, *, python: str) -> GgufCheck:
+    return _validated(_GGUF, data, f"the report of the GGUF check (run with {python})")
 
 
 def read_verification(data: object) -> VerificationReport:
@@ -169,7 +228,55 @@ def failure_message(report: VerificationReport) -> str | None:
                     f"{compared['max_abs_logit_diff']:.4g} vs tolerance {compared['tolerance']:.4g}, "
                     f"{compared['greedy_disagreements']} greedy tokens differ from {equivalence['reference']}"
                 )
+    gguf = report.get("gguf")
+    if gguf:
+        bundle_answers = {r["prompt"]: r["answer"] for r in report["prompts"] + report["probes"]}
+        for file in gguf["files"]:
+            for answer in file["answers"]:
+                lines += gguf_problems(file, answer, bundle_answers.get(answer["prompt"], ""))
     return "verification failed:\n  " + "\n  ".join(lines) if lines else None
+
+
+def gguf_problems(file: GgufFile, answer: GgufAnswer, bundle_answer: str) -> list[str]:
+    """One sentence per way a GGUF's answer failed: its prompt's tokens, an answer that must equal the bundle's,
+    the spec's expectations."""
+    problems = []
+    where = f"gguf: {file['file']}: prompt {answer['prompt']!r}"
+    tokens = answer["prompt_difference"]
+    if tokens is not None:
+        problems.append(f"{where}: llama.cpp's tokens of the rendered prompt differ from the bundle tokenizer's from "
+                        f"token {tokens['position']} ({tokens['gguf']!r} instead of {tokens['bundle']!r}): the file's "
+                        "vocabulary, pre-tokenizer or chat template is not the bundle's")
+    part = answer["difference"]
+    if file["exact"] and not answer["equal"] and part is not None and not part["near_tie"]:
+        problems.append(f"{where}: llama.cpp answered {answer['answer']!r} where the bundle answered "
+                        f"{bundle_answer!r}, preferring {part['gguf']!r} to the bundle's {part['bundle']!r} at token "
+                        f"{part['position']} by {part['margin']:.3g} (tolerance {part['tolerance']:.3g}); a "
+                        f"{file['type']} file holds the bundle's own weights and must answer the same")
+    if answer["failures"]:
+        problems.append(f"{where}: expected {', '.join(answer['failures'])}; llama.cpp answered {answer['answer']!r}")
+    return problems
+
+
+def gguf_summary(file: GgufFile) -> str:
+    """One line for a GGUF file: answers equal to the bundle's, what that means for its type, the prompt tokens."""
+    answers = file["answers"]
+    equal = sum(a["equal"] for a in answers)
+    rule = ("required but at near ties: the bundle's own dtype" if file["exact"]
+            else f"reported, not required: {file['type']} rounds the bundle's weights")
+    tokens = "equal" if all(a["prompt_difference"] is None for a in answers) else "DIFFERENT"
+    return (f"{equal} of {len(answers)} answers equal to the bundle's ({rule}); prompt tokens {tokens}; "
+            f"expectations {'met' if not any(a['failures'] for a in answers) else 'MISSED'}")
+
+
+def gguf_parting(part: AnswerParting) -> str:
+    """Where a GGUF's answer parts from the bundle's, in words."""
+    if part["margin"] is None:
+        return (f"from token {part['position']} (not scored: past a character the bundle's answer splits between "
+                "tokens, or where llama.cpp, fed the bundle's tokens, agrees with them)")
+    tie = "a near tie" if part["near_tie"] else "beyond the tolerance"
+    return (f"from token {part['position']}: {part['gguf']!r} instead of {part['bundle']!r}, by {part['margin']:.3g} "
+            f"({tie}: tolerance {part['tolerance']:.3g})")
 
 
 def report_table(report: VerificationReport) -> Table:
@@ -193,6 +300,18 @@ def report_table(report: VerificationReport) -> Table:
             f"max |delta logit| {equivalence['max_abs_logit_diff']:.3g} over {equivalence['positions']} positions, "
             f"greedy agreement {equivalence['greedy_agreement']:.1%} ({equivalence['dtype']}; {equivalence['rule']})",
         )
+    gguf = report.get("gguf")
+    for file in gguf["files"] if gguf else []:
+        table.add_row(f"gguf {file['type']}", _verdict(file["ok"]),
+                      f"{file['file']} in llama.cpp: {gguf_summary(file)}")
+        for answer in file["answers"]:
+            part = answer["difference"]
+            if part is not None:
+                table.add_row(f"gguf {file['type']}", "differs",
+                              f"{answer['prompt'][:40]} -> {answer['answer'][:60]}  ({gguf_parting(part)})")
+    if gguf:
+        table.add_row("gguf", "",
+                      f"{gguf['runtime']}, {gguf['threads']} threads, greedy, each file's own chat template")
     runtime = report["runtime"]
     spread = ", ".join(f"{device}: {count / 1e6:.1f}M" for device, count in runtime["placement"]["parameters"].items())
     table.add_row("runtime", "", f"loaded in {runtime['load_seconds']}s, {runtime['tokens_per_second']} tokens/s; "

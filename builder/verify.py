@@ -18,7 +18,7 @@ from pathlib import Path
 import builder
 from builder.errors import BundleError, VerificationError
 from builder.manifest import read_manifest, sha256_file
-from builder.report import VerificationReport, read_equivalence, read_runtime_report
+from builder.report import VerificationReport, read_equivalence, read_gguf_check, read_runtime_report
 
 # The runtime's marker before its own progress lines (bundle_check.progress, which equivalence.py uses too).
 from builder.templates.runtime.bundle_check import PROGRESS_MARKER
@@ -27,6 +27,7 @@ from builder.trust import bundle_digest, require_consent_to_code, require_integr
 
 # Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
 EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "equivalence.py"))
+GGUF_CHECK_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "gguf_check.py"))
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
             "remote_code": code,
             "skipped": [],
         }
+        _check_gguf(bundle, manifest, report, python, workdir, progress)
         if sources is None:
             report["skipped"].append(
                 {"check": "equivalence", "reason": "the source base and adapter are not available"}
@@ -195,8 +197,54 @@ def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_
     report = verify_bundle(bundle, python=python, device=device, sources=sources, max_memory=max_memory,
                            trust_remote_code=trust_remote_code, expected_digest=expected_digest, progress=progress)
     if unavailable:
-        report["skipped"] = [{"check": "equivalence", "reason": unavailable}]
+        report["skipped"] = [s for s in report["skipped"] if s["check"] != "equivalence"] + [
+            {"check": "equivalence", "reason": unavailable}
+        ]
     return report
+
+
+def _check_gguf(bundle: Path, manifest: dict, report: VerificationReport, python: str, workdir: str,
+                progress: Callable[[str], None]) -> None:
+    """The bundle's GGUF files answering the verification prompts inside llama.cpp (templates/runtime/gguf_check.py),
+    added to the report; reported as skipped, with the command that installs it, where the verifying interpreter has
+    no llama-cpp-python."""
+    files = gguf_files(manifest)
+    if not files:
+        return
+    if subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(not importlib.util.find_spec('llama_cpp'))"],
+                      env=model_code_env(workdir), capture_output=True).returncode != 0:
+        report["skipped"].append({"check": "gguf", "reason": (
+            f"llama-cpp-python is not installed in {python}, so {len(files)} GGUF file(s) were not run in llama.cpp; "
+            f"install it with `{python} -m pip install '{llama_cpp_requirement()}'` (pip builds llama.cpp from "
+            "source, several minutes) and verify again"
+        )})
+        return
+    progress("gguf: answering the verification prompts in llama.cpp")
+    answers = Path(workdir) / "gguf-answers.json"
+    entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in report["prompts"] + report["probes"]]
+    answers.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    output = Path(workdir) / "gguf.json"
+    _run([python, str(GGUF_CHECK_SCRIPT), "--bundle", str(bundle), "--answers", str(answers), "--report", str(output),
+          *files], workdir, output, progress, what="the GGUF check could not run the bundle's GGUF files in llama.cpp")
+    gguf = read_gguf_check(json.loads(output.read_text(encoding="utf-8")), python=python)
+    report["gguf"] = gguf
+    report["ok"] = report["ok"] and gguf["ok"]
+
+
+def gguf_files(manifest: dict) -> list[str]:
+    """The bundle's GGUF files, as manifest.json lists them."""
+    return sorted(name for name in manifest.get("files", {}) if name.endswith(".gguf"))
+
+
+def llama_cpp_requirement() -> str:
+    """The llama-cpp-python that modelpack's `gguf` extra pins (pyproject.toml is its one home)."""
+    from importlib import metadata
+
+    distribution = (metadata.packages_distributions().get("builder") or ["modelpack-lora"])[0]
+    for requirement in metadata.requires(distribution) or []:
+        if requirement.startswith("llama-cpp-python") and "extra == \"gguf\"" in requirement:
+            return requirement.split(";")[0].strip()
+    return "llama-cpp-python"
 
 
 def _reference_base(base: Path, parent: Path) -> Path:

@@ -164,9 +164,10 @@ def test_the_runtime_is_copied_byte_for_byte_with_the_facts_beside_it(tmp_path):
     context = render.RenderContext(**FACTS, base_name="base", generation={}, card={}, adapter=adapter,
                                    weight_files=["model.safetensors"], weight_size="1 MB", build_date="2025-01-01")
     files = render.render_runtime(context)
-    # Only the bundle's own runtime ships (equivalence.py runs from modelpack), and trust exempts exactly it.
+    # Only the bundle's own runtime ships (equivalence.py and gguf_check.py run from modelpack), and trust exempts
+    # exactly it.
     assert set(files) == {*BUNDLE_RUNTIME, load.FACTS_FILE}
-    assert {p.name for p in RUNTIME.glob("*.py")} - {"equivalence.py"} == set(BUNDLE_RUNTIME)
+    assert {p.name for p in RUNTIME.glob("*.py")} - {"equivalence.py", "gguf_check.py"} == set(BUNDLE_RUNTIME)
     for name in BUNDLE_RUNTIME:
         assert files[name] == (RUNTIME / name).read_bytes()
     (tmp_path / load.FACTS_FILE).write_bytes(files[load.FACTS_FILE])

@@ -1,0 +1,254 @@
+"""GGUF check, run as a script in the verifying interpreter: the bundle's GGUF files answer like the bundle inside
+llama.cpp itself (through llama-cpp-python).
+
+It is not shipped in bundles: modelpack runs its own installed copy, after the bundle's files matched manifest.json.
+It imports llama_cpp, transformers (for the bundle's tokenizer) and the bundle's own load.py and bundle_check.py
+(by path; never modelpack), so it runs in a deployment team's environment (`verify.python`) as well as in this one.
+
+    python gguf_check.py --bundle B --answers answers.json --report out.json gguf/NAME-bf16.gguf ...
+
+For every GGUF file and every verification prompt and probe (with the bundle's system prompt):
+- The prompt is rendered from the GGUF's own `tokenizer.chat_template` by llama-cpp-python's Jinja2ChatFormatter,
+  built from the file's bos and eos tokens exactly as `Llama.create_chat_completion` builds it for a GGUF that carries
+  a template (llama-cpp-python 0.3.36, llama.py: chat format "chat_template.default"), and tokenized by llama.cpp with
+  special tokens parsed and no BOS added (the template writes its own, as create_chat_completion does). Those ids
+  must equal the bundle tokenizer's ids for the bundle's own rendering: a wrong vocabulary, pre-tokenizer, special
+  token or template shows here, before any answer.
+- llama.cpp answers greedily (temperature 0, top_k 1, no repetition penalty) up to verify.max_new_tokens, stopping
+  at llama.cpp's end-of-generation tokens as create_completion does. Its tokens are decoded by the bundle's tokenizer,
+  as load.py decodes the bundle's own answer.
+- The answer is compared with the bundle's (what load.py --verify answered in transformers). When the file holds the
+  bundle's own dtype (bf16 from a bfloat16 bundle, f16 from float16) the weights are the same numbers, but llama.cpp
+  does its arithmetic its own way (e.g. float32 activations where torch keeps bfloat16), so the rule is
+  equivalence.py's: the answers must be equal, except where they part at a near tie. Where they part, llama.cpp is fed
+  the bundle's answer token by token and the first position where it prefers another token is reported, with its
+  margin (llama.cpp's logit for its own token minus that for the bundle's); within the dtype's tolerance it is a near
+  tie, beyond it a failure. For other types (q8_0, or one that rounds the bundle's weights) the same is reported and
+  never failed.
+- The spec's expectations are checked on the GGUF's answer, as on the bundle's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+# This script's own folder (modelpack's copy of the runtime) is first on sys.path: the bundle's load.py is imported
+# as the equivalence check imports it.
+from equivalence import TOLERANCES, load_bundle_module  # type: ignore[import-not-found]  # (mypy: not a package)
+
+# What a tokenizer decodes the bytes of a character split between tokens into.
+SPLIT_CHARACTER = "\ufffd"
+# Export type -> the bundle dtype whose weights it holds unchanged (the answers must then be the same).
+LOSSLESS_FROM = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+class Prompt(NamedTuple):
+    """One verification prompt as both runtimes see it: the bundle's ids, its answer and what the answer must meet."""
+
+    text: str
+    bundle_ids: list[int]
+    bundle_answer: str
+    expect: dict
+
+
+def export_type(file: str) -> str:
+    """The type of an exported file from its name, `NAME-<type>.gguf` (the exporter's naming)."""
+    return Path(file).stem.rsplit("-", 1)[-1].lower()
+
+
+def must_be_equal(gguf_type: str, bundle_dtype: str) -> bool:
+    """Whether a file of this type holds the bundle's weights unchanged, so its answers must equal the bundle's."""
+    return LOSSLESS_FROM.get(gguf_type) == bundle_dtype
+
+
+def first_difference(expected: list, got: list) -> int | None:
+    """The first position where two sequences differ (one ending earlier counts), None when they are equal."""
+    for position, (a, b) in enumerate(zip(expected, got, strict=False)):
+        if a != b:
+            return position
+    return None if len(expected) == len(got) else min(len(expected), len(got))
+
+
+def token_difference(expected: list[int], got: list[int], piece) -> dict | None:
+    """Where two token sequences part, with the token each has there (None past its end); None when equal."""
+    position = first_difference(expected, got)
+    if position is None:
+        return None
+    return {"position": position,
+            "bundle": piece(expected[position]) if position < len(expected) else None,
+            "gguf": piece(got[position]) if position < len(got) else None}
+
+
+def judge(prompt: Prompt, *, answer: str, prompt_difference: dict | None, answer_difference: dict | None,
+          exact: bool, failures: list[str]) -> dict:
+    """One prompt's result: the prompt's ids must match; when exact, the answer must equal the bundle's unless the
+    two part at a near tie (see parting); the expectations must hold."""
+    equal = answer == prompt.bundle_answer
+    near_tie = answer_difference is not None and answer_difference["near_tie"]
+    return {"prompt": prompt.text, "answer": answer, "equal": equal, "difference": answer_difference,
+            "prompt_tokens": len(prompt.bundle_ids), "prompt_difference": prompt_difference, "failures": failures,
+            "ok": prompt_difference is None and (equal or not exact or near_tie) and not failures}
+
+
+def parting(scores, expected: list[int], end: int | None, *, dtype: str, piece) -> dict | None:
+    """Where llama.cpp, fed the bundle's answer token by token, first prefers another token, and by how much.
+
+    scores[j]: llama.cpp's next-token logits after the prompt and expected[:j]; with an end token, one more row: where
+    the bundle ended its answer. The margin is llama.cpp's logit for its own token
+    minus its logit for the bundle's; within the tolerance of the bundle's dtype (equivalence.py's rule,
+    atol + rtol * max|logit|) it is a near tie, where two runtimes that round differently may part without either
+    being wrong. None when llama.cpp agrees at every position.
+    """
+    atol, rtol = TOLERANCES.get(dtype, TOLERANCES["float32"])
+    for position, row in enumerate(scores):
+        wanted = expected[position] if position < len(expected) else end
+        best = int(row.argmax())
+        assert wanted is not None, "a row past the fed tokens needs the end token"
+        if best != wanted:
+            margin = float(row[best] - row[wanted])
+            tolerance = atol + rtol * float(abs(row).max())
+            return {"position": position, "bundle": piece(wanted), "gguf": piece(best), "margin": margin,
+                    "tolerance": tolerance, "near_tie": margin <= tolerance}
+    return None
+
+
+def feed_bundle_answer(llm, prompt_ids: list[int], bundle_answer: str, tokenizer, *, end: int, dtype: str,
+                       piece) -> dict:
+    """llama.cpp fed the prompt and the bundle's answer: where it first prefers another token (see parting).
+
+    The bundle's text carries its tokens only up to a character split between tokens (which decoding turned into
+    U+FFFD, as small models often emit): only that prefix is fed, less its last token (which may hold the split
+    character's first bytes). Where llama.cpp agrees with all of it, the answers part later, at a place that cannot
+    be scored: reported without a margin, as a near tie.
+    """
+    faithful = SPLIT_CHARACTER not in bundle_answer
+    fed = tokenizer(bundle_answer.split(SPLIT_CHARACTER)[0], add_special_tokens=False)["input_ids"]
+    if not faithful:
+        fed = fed[:-1]
+    llm.reset()
+    llm.eval(prompt_ids + fed)
+    rows = len(fed) + 1 if faithful else len(fed)  # faithful: one more row, where the bundle ended its answer
+    scores = llm.scores[len(prompt_ids) - 1:len(prompt_ids) - 1 + rows]
+    found = parting(scores, fed, end if faithful else None, dtype=dtype, piece=piece)
+    return found or {"position": len(fed), "bundle": None, "gguf": None, "margin": None, "tolerance": None,
+                     "near_tie": True}
+
+
+def token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def machine_threads() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: str, system: str | None,
+               max_new_tokens: int, tokenizer, check) -> dict:
+    """Load one GGUF in llama.cpp and answer every prompt greedily with its embedded chat template."""
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    path = bundle / name
+    gguf_type = export_type(name)
+    exact = must_be_equal(gguf_type, bundle_dtype)
+    threads = machine_threads()
+    # Room for every prompt and its answer, with slack for a tokenizer that splits a prompt finer than the bundle's
+    # (that prompt then fails the ids comparison, but it still runs).
+    n_ctx = 2 * max(len(p.bundle_ids) for p in prompts) + max_new_tokens
+    started = time.perf_counter()
+    # logits_all: every position's logits, to score the bundle's answer where the two part.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
+                          logits_all=True, verbose=False)
+    load_seconds = time.perf_counter() - started
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template is None:
+        raise SystemExit(f"error: {name} has no tokenizer.chat_template; llama.cpp would chat with a "
+                         "format of its own guessing, so its answers cannot be compared")
+    # As Llama.__init__ builds the handler for the file's template (its token texts, its eos as the stop).
+    eos_id, bos_id = llm.token_eos(), llm.token_bos()
+    formatter = Jinja2ChatFormatter(
+        template=template,
+        eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+        bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+        stop_token_ids=[eos_id],
+    )
+    results = []
+    for i, prompt in enumerate(prompts, 1):
+        check.progress(f"  gguf {gguf_type} [{i}/{len(prompts)}] {prompt.text[:40]}")
+        messages: list[Any] = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt.text}
+        ]
+        rendered = formatter(messages=messages)
+        ids = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        generated: list[int] = []
+        # create_completion's loop without its text handling: greedy, ending at llama.cpp's end-of-generation tokens.
+        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(generated) == max_new_tokens:
+                break
+            generated.append(token)
+        # Decoded by the bundle's tokenizer as load.chat decodes (special tokens skipped, stripped): the same tokens
+        # give the same text. (llama-cpp-python's own text drops the bytes of a split UTF-8 character, as small
+        # models emit often.)
+        answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        piece = functools.partial(token_text, tokenizer)
+        difference = None
+        if answer != prompt.bundle_answer:
+            difference = feed_bundle_answer(llm, ids, prompt.bundle_answer, tokenizer, end=eos_id,
+                                            dtype=bundle_dtype, piece=piece)
+        results.append(judge(
+            prompt, answer=answer, exact=exact, answer_difference=difference,
+            prompt_difference=token_difference(prompt.bundle_ids, ids, piece),
+            failures=check.check_expectations(answer, prompt.expect),
+        ))
+    return {"file": name, "type": gguf_type, "exact": exact, "load_seconds": round(load_seconds, 2),
+            "answers": results, "ok": all(r["ok"] for r in results)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--answers", type=Path, required=True,
+                        help="JSON list of {prompt, answer} from the bundle, prompts then probes")
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("files", nargs="+", help="the GGUF files, relative to the bundle")
+    args = parser.parse_args(argv)
+
+    from importlib import metadata
+
+    from transformers import GenerationConfig
+
+    loader = load_bundle_module(args.bundle)
+    check = loader.import_sibling("bundle_check")
+    facts = loader.bundle_facts()
+    tokenizer = loader.load_tokenizer()
+    # The bundle's prompt as its own chat() renders it; the remote chat format (Qwen-v1's chatml) is read from the
+    # model's generation config, which is all of the model this needs.
+    model = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(args.bundle))
+    answers = {entry["prompt"]: entry["answer"] for entry in json.loads(args.answers.read_text(encoding="utf-8"))}
+    prompts = []
+    for entry in facts.prompts + facts.probes:
+        text = check.formatted_prompt(tokenizer, model, entry["prompt"], facts.system_prompt)
+        prompts.append(Prompt(entry["prompt"], tokenizer(text, add_special_tokens=False)["input_ids"],
+                              answers[entry["prompt"]], entry.get("expect", {})))
+    files = []
+    for name in args.files:
+        check.progress(f"gguf: loading {name} in llama.cpp")
+        files.append(check_file(args.bundle, name, prompts, bundle_dtype=facts.dtype, system=facts.system_prompt,
+                                max_new_tokens=facts.verify_max_new_tokens, tokenizer=tokenizer, check=check))
+    report = {"ok": all(f["ok"] for f in files), "runtime": f"llama-cpp-python {metadata.version('llama_cpp_python')}",
+              "threads": machine_threads(), "files": files}
+    args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
