@@ -134,6 +134,20 @@ def test_the_q8_0_file_reports_its_agreement_and_the_card_shows_both(built):
     assert "gguf bf16" in table.columns[0]._cells and "gguf q8_0" in table.columns[0]._cells
 
 
+@pytest.mark.slow
+def test_a_llama_export_runs_in_llama_cpp_with_the_bundles_prompt_tokens(tmp_path, models, adapters):
+    """Llama's own architecture and rope layout in llama.cpp; a random model's answers may part only at near ties."""
+    base = models("llama", tied=False, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), output={"dtype": "bfloat16"},
+                      export={"gguf": {"types": ["bf16"]}},
+                      verify={"max_new_tokens": 8, "prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}]})
+    report = build_bundle(plan_from_spec(spec), verify=True, device="cpu").verification
+    (file,) = report["gguf"]["files"]
+    assert report["ok"] and file["ok"] and file["exact"]
+    assert all(a["prompt_difference"] is None for a in file["answers"])
+    assert all(a["equal"] or a["difference"]["near_tie"] for a in file["answers"])
+
+
 @pytest.fixture
 def bundle(built, tmp_path):
     copy = tmp_path / built.bundle.name
