@@ -102,10 +102,10 @@ def parting(scores, expected: list[int], end: int | None, *, dtype: str, piece) 
     """Where llama.cpp, fed the bundle's answer token by token, first prefers another token, and by how much.
 
     scores[j]: llama.cpp's next-token logits after the prompt and expected[:j]; with an end token, one more row: where
-    the bundle ended its answer. The margin is llama.cpp's logit for its own token
-    minus its logit for the bundle's; within the tolerance of the bundle's dtype (equivalence.py's rule,
-    atol + rtol * max|logit|) it is a near tie, where two runtimes that round differently may part without either
-    being wrong. None when llama.cpp agrees at every position.
+    the bundle ended its answer. The margin is llama.cpp's logit for its own token minus its logit for the bundle's;
+    within the tolerance of the bundle's dtype (equivalence.py's rule, atol + rtol * max|logit|) it is a near tie,
+    where two runtimes that round differently may part without either being wrong. None when llama.cpp agrees at
+    every position.
     """
     atol, rtol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     for position, row in enumerate(scores):
