@@ -17,6 +17,7 @@ from pathlib import Path
 
 import builder
 from builder.errors import BundleError, VerificationError
+from builder.interrupts import raise_if_interrupted
 from builder.manifest import read_manifest, sha256_file
 from builder.report import VerificationReport, read_equivalence, read_gguf_check, read_runtime_report
 
@@ -287,11 +288,18 @@ def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str
                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     lines: list[str] = []
     assert process.stdout is not None
-    for line in process.stdout:
-        lines.append(line.rstrip())
-        if line.startswith(PROGRESS_MARKER):  # the runtime's own lines; libraries' bars and warnings stay in the log
-            progress(line.rstrip().removeprefix(PROGRESS_MARKER))
-    returncode = process.wait()
+    try:
+        for line in process.stdout:
+            raise_if_interrupted()
+            lines.append(line.rstrip())
+            if line.startswith(PROGRESS_MARKER):  # the runtime's own lines; libraries' bars and warnings: the log
+                progress(line.rstrip().removeprefix(PROGRESS_MARKER))
+        returncode = process.wait()
+        raise_if_interrupted()
+    except BaseException:  # Ctrl-C (or our bug): the model's process stops with us, not after its last prompt
+        process.kill()
+        process.wait()
+        raise
     if not output.is_file():
         handle, log = tempfile.mkstemp(prefix="modelpack-verify-", suffix=".log")
         with os.fdopen(handle, "w", encoding="utf-8") as f:
