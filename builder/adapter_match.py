@@ -61,6 +61,9 @@ class LoraDelta:
     scaling: float
     fan_in_fan_out: bool = False
     magnitude: TensorLocation | None = None
+    # Which adapter of the spec it comes from, and the weight already folded into `scaling` (several adapters).
+    adapter: str = "adapter"
+    weight: float = 1.0
 
     @property
     def needs_whole_tensor(self) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import builder
 from builder import configs
+from builder.adapter_compose import WeightedAdapter, write_concatenated_adapter
 from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
 from builder.gguf_export import export_gguf, gguf_path
@@ -28,7 +29,7 @@ from builder.sources import read_adapter_checkpoint, read_base_model
 from builder.spec import load_spec
 from builder.staging import check_output_location, publish, staged_output
 from builder.trust import DIGEST_PLACEHOLDER, seal
-from builder.verify import ReferenceSources, verify_bundle, verifying_python
+from builder.verify import ReferenceAdapter, ReferenceSources, verify_bundle, verifying_python
 from builder.weights import copy_side_files, write_weights
 
 # Receives one line per step of the build, for the terminal.
@@ -52,8 +53,11 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
         output_dir = Path(os.path.abspath(output_dir))
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": output_dir})})
     base = read_base_model(spec.base.path)
-    adapter = read_adapter_checkpoint(spec.adapter.path, allow_pickle=spec.adapter.allow_pickle)
-    return plan_build(spec, base, adapter, spec_file=spec_path.resolve())
+    adapters = tuple(
+        WeightedAdapter(s.key, read_adapter_checkpoint(s.path, allow_pickle=s.allow_pickle), s.weight)
+        for s in spec.adapter_sources
+    )
+    return plan_build(spec, base, adapters, spec_file=spec_path.resolve())
 
 
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
@@ -65,7 +69,8 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     spec = plan.spec
     dest = spec.output.dir
     check_output_location(
-        dest, sources={"base.path": spec.base.path, "adapter.path": spec.adapter.path}, spec_file=plan.spec_file
+        dest, sources={"base.path": spec.base.path, **{f"{a.key}.path": a.path for a in spec.adapter_sources}},
+        spec_file=plan.spec_file,
     )
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -108,9 +113,13 @@ def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFac
             _write(staging / "tokenizer_config.json",
                    configs.dump_json(configs.tokenizer_config(chat.tokenizer_config, chat.template)))
         _write(staging / "chat_template.jinja", chat.template)
-    if plan.mode == "separate":
+    if plan.concatenation is not None:
+        write_concatenated_adapter(plan.concatenation, staging / "adapter")
         _write(staging / "adapter" / "adapter_config.json",
-               configs.dump_json(configs.adapter_config(plan.adapter.config)))
+               configs.dump_json(configs.adapter_config(plan.concatenation.config)))
+    elif plan.mode == "separate":
+        _write(staging / "adapter" / "adapter_config.json",
+               configs.dump_json(configs.adapter_config(plan.adapters[0].checkpoint.config)))
     context = build_context(plan, generation=generation, chat=chat)
     for name, content in render_runtime(context).items():
         (staging / name).write_bytes(content)
@@ -136,7 +145,8 @@ def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | Non
         staging,
         python=spec.verify.python,
         device=device or spec.verify.device,
-        sources=ReferenceSources(spec.base.path, spec.adapter.path),
+        sources=ReferenceSources(spec.base.path, tuple(ReferenceAdapter(a.path, a.weight)
+                                                       for a in spec.adapter_sources)),
         compare_base=spec.verify.compare_base,
         trust_remote_code=spec.base.trust_remote_code,
         # Hashed by this process as it wrote them; the check still covers listing, sizes and links.
@@ -164,7 +174,8 @@ def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance
     environment = verification["environment"] if verification else None
     _write(staging / "requirements.txt",
            render_requirements(context, environment=environment, extra_packages=_extra_packages(plan)))
-    offenders = find_machine_paths(staging, [spec.base.path, spec.adapter.path, plan.spec_file.parent])
+    offenders = find_machine_paths(staging, [spec.base.path, *(a.path for a in spec.adapter_sources),
+                                             plan.spec_file.parent])
     if offenders:
         raise SourceError("the bundle would name paths of this machine:\n  " + "\n  ".join(offenders))
     write_manifest(staging, provenance, known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()})
@@ -181,22 +192,26 @@ def _write(path: Path, text: str) -> None:
 
 
 def _source_fingerprints(plan: BuildPlan, known: dict[Path, str]) -> dict[str, str]:
-    """sha256 of every source file the build reads, named relative to the base or adapter folder.
+    """sha256 of every source file the build reads, named relative to the base or adapter folder (an adapter by
+    its key: adapter/..., or adapters[1]/... for several).
 
     known holds the base weight files' hashes, computed from the bytes the merge read.
     """
-    base, adapter = plan.base, plan.adapter
-    read = [base.path / "config.json", *base.weight_files, adapter.path / "adapter_config.json",
+    base = plan.base
+    read = [base.path / "config.json", *base.weight_files,
+            *(a.checkpoint.path / "adapter_config.json" for a in plan.adapters),
             *(c.source for c in plan.copies if c.role != "adapter weights")]
     for optional in (base.path / "model.safetensors.index.json", base.path / "generation_config.json"):
         if optional.is_file():
             read.append(optional)
-    # A legacy .bin adapter is read through a converted copy; the fingerprint is of the file the user has.
-    legacy = adapter.path / "adapter_model.bin"
-    read.append(adapter.weights_file if adapter.path in adapter.weights_file.parents else legacy)
+    for adapter in (a.checkpoint for a in plan.adapters):
+        # A legacy .bin adapter is read through a converted copy; the fingerprint is of the file the user has.
+        legacy = adapter.path / "adapter_model.bin"
+        read.append(adapter.weights_file if adapter.path in adapter.weights_file.parents else legacy)
     fingerprints = {}
     for path in dict.fromkeys(read):
-        root, label = (adapter.path, "adapter") if adapter.path in path.parents else (base.path, "base")
+        root, label = next(((a.checkpoint.path, a.key) for a in plan.adapters if a.checkpoint.path in path.parents),
+                           (base.path, "base"))
         fingerprints[f"{label}/{path.relative_to(root).as_posix()}"] = known.get(path) or sha256_file(path)
     return fingerprints
 
@@ -209,7 +224,15 @@ def _provenance(plan: BuildPlan, fingerprints: dict[str, str]) -> dict:
         "name": spec.name,
         "mode": plan.mode,
         "spec": {"file": plan.spec_file.name, "text": plan.spec_file.read_text(encoding="utf-8")},
-        "sources": {"base": str(spec.base.path), "adapter": str(spec.adapter.path), "sha256": fingerprints},
-        "ignored_training_files": [p.name for p in plan.adapter.ignored_files],
+        "sources": {"base": str(spec.base.path), **_recorded_adapters(plan), "sha256": fingerprints},
+        "ignored_training_files": [p.name for a in plan.adapters for p in a.checkpoint.ignored_files],
         "tools": installed_versions(),
     }
+
+
+def _recorded_adapters(plan: BuildPlan) -> dict:
+    """The adapters in manifest.json's sources: `adapter` (a path) for one, `adapters` (paths and weights) for
+    several; verify.recorded_sources reads both back."""
+    if len(plan.adapters) == 1 and plan.adapters[0].key == "adapter":
+        return {"adapter": str(plan.adapters[0].checkpoint.path)}
+    return {"adapters": [{"key": a.key, "path": str(a.checkpoint.path), "weight": a.weight} for a in plan.adapters]}

@@ -168,8 +168,9 @@ def plan_tables(plan: BuildPlan, *, verification: bool) -> list[RenderableType]:
     free = _free_space(plan.spec.output.dir)
     facts = [f"disk: {describe_bytes(plan.disk_needed)} needed, {describe_bytes(free)} free"
              + ("" if free >= plan.disk_needed else " (not enough: the build would stop before writing)")]
-    if plan.adapter.ignored_files:
-        facts.append("skipped: training leftovers " + ", ".join(p.name for p in plan.adapter.ignored_files))
+    leftovers = [p.name for a in plan.adapters for p in a.checkpoint.ignored_files]
+    if leftovers:
+        facts.append("skipped: training leftovers " + ", ".join(leftovers))
     facts += [f"warning: {warning}" for warning in plan.warnings]
     facts += [f"{name}: {detail}" for name, detail in verification_checks(plan, verification=verification)]
     return [files, *([merges] if plan.merged_tensors else []), "\n".join(facts)]
@@ -192,8 +193,9 @@ def verification_checks(plan: BuildPlan, *, verification: bool) -> list[tuple[st
 
 
 def _describe_merge(tensor: TensorPlan) -> str:
-    parts = [f"{d.module} lora_bias scale={d.scaling:g}" if d.kind == "bias" else
-             f"{d.module} r={d.rank} scale={d.scaling:g}{' DoRA' if d.magnitude is not None else ''}"
+    parts = [(f"{d.module} lora_bias scale={d.scaling:g}" if d.kind == "bias" else
+              f"{d.module} r={d.rank} scale={d.scaling:g}{' DoRA' if d.magnitude is not None else ''}")
+             + (f" ({d.adapter}, weight {d.weight:g})" if d.adapter != "adapter" else "")
              for d in tensor.deltas]
     if tensor.token_rows:
         parts.insert(0, f"{len(tensor.token_rows.indices)} trained token rows")
@@ -223,7 +225,7 @@ def plan_json(plan: BuildPlan, *, verification: bool) -> dict:
         "files": {**{s.filename: s.nbytes for s in plan.shards},
                   **{c.dest: c.source.stat().st_size for c in plan.copies}},
         "tensors": {"merged": actions.count("merge"), "copied": actions.count("copy"), "cast": actions.count("cast")},
-        "skipped_training_files": [p.name for p in plan.adapter.ignored_files],
+        "skipped_training_files": [p.name for a in plan.adapters for p in a.checkpoint.ignored_files],
         "disk": {"needed": plan.disk_needed, "free": _free_space(plan.spec.output.dir)},
         "verification": dict(verification_checks(plan, verification=verification)),
         "warnings": list(plan.warnings),

@@ -26,6 +26,18 @@ def merge_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: to
     return delta.add_(weight.to(out_dtype)).to(out_dtype)
 
 
+def merge_lora_delta_sum(weight: torch.Tensor, deltas: list[torch.Tensor], *, out_dtype: torch.dtype) -> torch.Tensor:
+    """Several adapters on one tensor: W' = W + sum_i dW_i, each dW_i in float32 with its weight already in its
+    scaling, summed in float32 in the spec's order and rounded once into out_dtype (the first delta is consumed).
+
+    Not peft's merge of several adapters, which adds them one by one and rounds into the dtype after each.
+    """
+    total = deltas[0]
+    for delta in deltas[1:]:
+        total.add_(delta)
+    return merge_lora_delta(weight, total, out_dtype=out_dtype)
+
+
 def merge_embedding_lora_delta(weight: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype) -> torch.Tensor:
     """Embedding merge as peft does it: the delta is rounded into out_dtype first, then added (two roundings)."""
     return (weight.to(out_dtype).float() + delta.to(out_dtype).float()).to(out_dtype)

@@ -21,6 +21,7 @@ from builder.merge import (
     merge_dora_embedding_delta,
     merge_embedding_lora_delta,
     merge_lora_delta,
+    merge_lora_delta_sum,
 )
 from builder.plan import TensorPlan
 from builder.safetensors_io import read_tensor, read_tensor_rows
@@ -225,10 +226,25 @@ def merged_block(source: torch.Tensor, tensor: TensorPlan, factors: Factors, sta
     block = source.to(out_dtype)
     if factors.token_rows is not None and tensor.token_rows is not None:
         block = replace_token_rows(block, tensor.token_rows.indices, factors.token_rows, start, end)
-    # Updates apply one after another, each rounded into the output dtype, as peft merges layer by layer.
+    if tensor.summed:
+        # Several adapters: one sum in float32, one rounding (adapter_compose refused DoRA on a shared tensor).
+        rows = [delta_rows(delta, a, b, start, end) for delta, a, b, _ in factors.deltas]
+        return merge_lora_delta_sum(block, rows, out_dtype=out_dtype)
+    # One adapter's updates apply one after another, each rounded into the output dtype, as peft merges layer by layer.
     for delta, a, b, magnitude in factors.deltas:
         block = merge_delta_rows(block, delta, a, b, magnitude, start, end, out_dtype=out_dtype)
     return block
+
+
+def delta_rows(delta: LoraDelta, a, b: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """One adapter's update to rows [start, end) of its target tensor, in float32, not yet added to it."""
+    if delta.kind == "bias":
+        return b[start:end].float() * delta.scaling
+    if delta.kind == "embedding":
+        return embedding_lora_delta(a[:, start:end], b, scaling=delta.scaling)
+    if delta.fan_in_fan_out:
+        return linear_lora_delta(a[:, start:end], b, scaling=delta.scaling, fan_in_fan_out=True)
+    return linear_lora_delta(a, b[start:end], scaling=delta.scaling, fan_in_fan_out=False)
 
 
 def replace_token_rows(block: torch.Tensor, indices, values: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -9,15 +9,8 @@ from typing import Literal
 
 import torch
 
-from builder.adapter_match import (
-    TIED_HEAD,
-    AdapterMatch,
-    LoraDelta,
-    TokenRows,
-    match_adapter,
-    refuse_unmergeable_config,
-    tied_embedding_name,
-)
+from builder.adapter_compose import Concatenation, WeightedAdapter, concatenation, match_adapters
+from builder.adapter_match import TIED_HEAD, AdapterMatch, LoraDelta, TokenRows, tied_embedding_name
 from builder.errors import OutputError, SourceError
 from builder.gguf_export import estimated_gguf_bytes, gguf_path, refuse_unexportable
 from builder.safetensors_io import TensorEntry, TensorLocation
@@ -41,6 +34,9 @@ class TensorPlan:
     out_dtype: torch.dtype
     deltas: tuple[LoraDelta, ...] = ()
     token_rows: TokenRows | None = None
+    # The spec composes several adapters: the LoRA updates are summed in float32 and rounded once (an embedding's
+    # too, which peft's merge of a single adapter rounds twice); DoRA keeps its own merge.
+    summed: bool = False
 
     @property
     def action(self) -> Literal["copy", "cast", "merge"]:
@@ -79,7 +75,7 @@ class BuildPlan:
     spec: Spec
     spec_file: Path
     base: BaseModelFolder
-    adapter: AdapterCheckpoint
+    adapters: tuple[WeightedAdapter, ...]
     out_dtype: torch.dtype
     shards: tuple[ShardPlan, ...]
     copies: tuple[FileCopy, ...]
@@ -89,6 +85,8 @@ class BuildPlan:
     gguf_bytes: int = 0  # a bound for the GGUF export's files (export.gguf)
     # As asked (output.merge_device, or build's --merge-device); weights.merge_device_for resolves it on this machine.
     merge_device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # Separate mode with several adapters: the one adapter the bundle ships, their concatenation.
+    concatenation: Concatenation | None = None
 
     @property
     def mode(self) -> str:
@@ -97,7 +95,12 @@ class BuildPlan:
     @property
     def code_files(self) -> tuple[Path, ...]:
         """Python files shipped in the bundle that loading runs (trust_remote_code)."""
-        return code_files(self.base, self.adapter)
+        return code_files(self.base, self.tokenizer_adapter)
+
+    @property
+    def tokenizer_adapter(self) -> AdapterCheckpoint | None:
+        """The adapter whose saved tokenizer the bundle ships (else the base's)."""
+        return tokenizer_adapter(self.adapters)
 
     @property
     def weight_bytes(self) -> int:
@@ -110,16 +113,17 @@ class BuildPlan:
         gguf = self.spec.export.gguf
         files = len(self.shards) + len(self.copies) + RENDERED_FILES + (len(gguf.types) if gguf else 0)
         copies = sum(c.source.stat().st_size for c in self.copies)
-        return self.weight_bytes + copies + self.gguf_bytes + RENDERED_BYTES + files * FILESYSTEM_BLOCK
+        adapter = self.concatenation.nbytes if self.concatenation else 0
+        return self.weight_bytes + copies + adapter + self.gguf_bytes + RENDERED_BYTES + files * FILESYSTEM_BLOCK
 
     @property
     def merged_tensors(self) -> list[TensorPlan]:
         return [t for s in self.shards for t in s.tensors if t.action == "merge"]
 
 
-def code_files(base: BaseModelFolder, adapter: AdapterCheckpoint) -> tuple[Path, ...]:
+def code_files(base: BaseModelFolder, adapter: AdapterCheckpoint | None) -> tuple[Path, ...]:
     """The model's own code: the base's auto_map modules, and tokenizer code a checkpoint brings along."""
-    carried = [p for p in adapter.tokenizer_files if p.suffix == ".py"]
+    carried = [p for p in adapter.tokenizer_files if p.suffix == ".py"] if adapter else []
     names = {p.name for p in carried}
     return tuple(sorted([*(p for p in base.remote_code_files if p.name not in names), *carried], key=lambda p: p.name))
 
@@ -201,16 +205,33 @@ def refuse_quantized_base(base: BaseModelFolder) -> None:
         )
 
 
-def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *, spec_file: Path) -> BuildPlan:
+def tokenizer_adapter(adapters: tuple[WeightedAdapter, ...]) -> AdapterCheckpoint | None:
+    """The first adapter that saved a tokenizer; another one that saved a different tokenizer is refused."""
+    carrying = [a for a in adapters if a.checkpoint.tokenizer_files]
+    for other in carrying[1:]:
+        if _file_contents(other.checkpoint.tokenizer_files) != _file_contents(carrying[0].checkpoint.tokenizer_files):
+            raise SourceError(f"{carrying[0].key} and {other.key} each saved a tokenizer, and they differ: adapters "
+                              "with different tokenizers cannot be composed; keep the tokenizer in one of them")
+    return carrying[0].checkpoint if carrying else None
+
+
+def _file_contents(files: tuple[Path, ...]) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in files}
+
+
+def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *,
+               spec_file: Path) -> BuildPlan:
     """Decide every tensor and file of the bundle; raises a ModelpackError for anything that cannot be packaged."""
-    refuse_unpackageable(spec, base, adapter, spec_file)
-    match = match_adapter(base, adapter)  # separate mode too: the adapter must fit the base it ships with
-    if spec.output.mode == "merge":
-        refuse_unmergeable_config(adapter, base)
-    else:
+    refuse_unpackageable(spec, base, adapters, spec_file)
+    # Separate mode too: the adapters must fit the base they ship with.
+    match = match_adapters(base, adapters, mode=spec.output.mode)
+    concat = concatenation(base, adapters, match) if spec.output.mode == "separate" and len(adapters) > 1 else None
+    if spec.output.mode == "separate":
         match = AdapterMatch(deltas={}, replacements={}, token_rows={})
     out_dtype = output_dtype(spec.output.dtype, base)
-    tensors = [_tensor_plan(name, location, match, out_dtype) for name, location in _in_file_order(base.tensors)]
+    summed = len(adapters) > 1
+    tensors = [_tensor_plan(name, location, match, out_dtype, summed=summed)
+               for name, location in _in_file_order(base.tensors)]
     untie = _needs_untying(base, match)
     if untie:
         # A delta on one side of a tied pair must not reach the other: peft's merge writes it into the shared
@@ -218,30 +239,33 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, *,
         # base + adapter). The bundle stores the head as its own tensor instead and unties it in config.json.
         tied = tied_embedding_name(base)
         assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
-        tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype))
-    copies = _file_copies(spec, base, adapter)
+        tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype, summed=summed))
+    copies = _file_copies(spec, base, adapters)
     refuse_unexportable(spec, base, tensor_names=[t.name for t in tensors], spec_file=spec_file,
                         tokenizer_files={c.dest: c.source for c in copies if c.role == "tokenizer"})
     return BuildPlan(
         spec=spec,
         spec_file=spec_file,
         base=base,
-        adapter=adapter,
+        adapters=adapters,
         out_dtype=out_dtype,
         shards=split_into_shards(tensors, max_shard_size=spec.output.max_shard_size),
         copies=copies,
         untie_embeddings=untie,
         vocab_size=_resized_vocabulary(base, tensors),
-        warnings=_warnings(base, adapter, untie=untie),
+        warnings=_warnings(base, adapters, untie=untie, concat=concat),
         gguf_bytes=sum(estimated_gguf_bytes([t.source.shape for t in tensors], gguf_type)
                        for gguf_type in (spec.export.gguf.types if spec.export.gguf else [])),
         merge_device=spec.output.merge_device,
+        concatenation=concat,
     )
 
 
-def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint, spec_file: Path) -> None:
+def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...],
+                         spec_file: Path) -> None:
     """What stops a build before any tensor is matched: the base's kind, its code, the output's name, lengths."""
     refuse_quantized_base(base)
+    adapter = tokenizer_adapter(adapters)
     code = code_files(base, adapter)
     clashing = sorted({p.name for p in code} & set(BUNDLE_RUNTIME))
     if clashing:  # the bundle's own runtime would overwrite the model's file of the same name
@@ -256,7 +280,7 @@ def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapter: AdapterChec
     if code:
         refuse_unimportable_folder_name(spec.output.dir)
     refuse_unusable_generation_length(spec, base, spec_file)
-    if not base.tokenizer_files and not adapter.tokenizer_files:
+    if not base.tokenizer_files and adapter is None:
         # The seed's pitfall: merge_and_unload + save_pretrained writes weights and config but no tokenizer.
         raise SourceError(
             f"base.path {base.path} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab files) and "
@@ -265,42 +289,54 @@ def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapter: AdapterChec
         )
 
 
-def _file_copies(spec: Spec, base: BaseModelFolder, adapter: AdapterCheckpoint) -> tuple[FileCopy, ...]:
+def _file_copies(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...]) -> tuple[FileCopy, ...]:
     """The side files copied byte for byte: model code, licenses, the tokenizer (the checkpoint's when it saved one),
-    and in separate mode the adapter's weights."""
+    and in separate mode the adapter's weights (several adapters: their concatenation is written instead)."""
     copies = [FileCopy(p, p.name, "remote code") for p in base.remote_code_files]
     copies += [FileCopy(p, p.name, "license") for p in base.license_files]
-    tokenizer_source = adapter if adapter.tokenizer_files else base
+    tokenizer_source = tokenizer_adapter(adapters) or base
     copies += [FileCopy(p, p.name, "tokenizer") for p in tokenizer_source.tokenizer_files]
-    if spec.output.mode == "separate":
-        copies.append(FileCopy(adapter.weights_file, "adapter/adapter_model.safetensors", "adapter weights"))
+    if spec.output.mode == "separate" and len(adapters) == 1:
+        copies.append(FileCopy(adapters[0].checkpoint.weights_file, "adapter/adapter_model.safetensors",
+                               "adapter weights"))
     return tuple(_dedupe(copies))
 
 
-def _warnings(base: BaseModelFolder, adapter: AdapterCheckpoint, *, untie: bool) -> tuple[str, ...]:
+def _warnings(base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *, untie: bool,
+              concat: Concatenation | None) -> tuple[str, ...]:
+    from builder.serving import vllm_max_lora_rank  # serving imports chat, which imports this module
+
     warnings = []
-    recorded = adapter.config.get("base_model_name_or_path")
-    if recorded and Path(recorded).name != base.path.name:
-        warnings.append(
-            f"adapter records base_model_name_or_path={recorded!r}, base.path is {base.path.name!r}; "
-            "shapes match, so packaging goes on"
-        )
-    if adapter.tokenizer_files:
+    for weighted in adapters:
+        recorded = weighted.checkpoint.config.get("base_model_name_or_path")
+        if recorded and Path(recorded).name != base.path.name:
+            warnings.append(
+                f"{weighted.key} records base_model_name_or_path={recorded!r}, base.path is {base.path.name!r}; "
+                "shapes match, so packaging goes on"
+            )
+    adapter = tokenizer_adapter(adapters)
+    if adapter is not None:
         warnings.append(f"using the tokenizer saved in the adapter checkpoint ({adapter.path.name}), not the base's")
+    if concat is not None and vllm_max_lora_rank(concat.rank) is None:
+        warnings.append(f"the concatenated adapter has rank {concat.rank}, above the largest --max-lora-rank vLLM "
+                        "accepts: peft loads it, vLLM cannot serve it as a LoRA (merge mode can)")
     if untie:
         warnings.append("the adapter changes one side of the tied embedding/lm_head pair: the bundle unties them")
     return tuple(warnings)
 
 
-def _tensor_plan(name: str, location: TensorLocation, match: AdapterMatch, out_dtype: torch.dtype) -> TensorPlan:
+def _tensor_plan(name: str, location: TensorLocation, match: AdapterMatch, out_dtype: torch.dtype, *,
+                 summed: bool) -> TensorPlan:
     replacement = match.replacements.get(name)
     source = replacement.location if replacement else location
+    deltas = tuple(match.deltas.get(name, ()))
     return TensorPlan(
         name=name,
         source=source,
         out_dtype=out_dtype if location.dtype.is_floating_point else location.dtype,
-        deltas=tuple(match.deltas.get(name, ())),
+        deltas=deltas,
         token_rows=match.token_rows.get(name),
+        summed=summed and bool(deltas) and all(d.magnitude is None for d in deltas),
     )
 
 
@@ -348,7 +384,9 @@ def describe_plan(plan: BuildPlan) -> str:
     lines = [
         f"bundle {plan.spec.name} -> {plan.spec.output.dir}",
         f"mode: {plan.mode}   dtype: {str(plan.out_dtype).removeprefix('torch.')}   "
-        f"base: {plan.base.path}   adapter: {plan.adapter.path}",
+        f"base: {plan.base.path}   "
+        + "   ".join(f"{a.key}: {a.checkpoint.path}" + (f" (weight {a.weight:g})" if len(plan.adapters) > 1 else "")
+                     for a in plan.adapters),
     ]
     if plan.mode == "merge":
         lines.append(f"merge device: {plan.merge_device}")
@@ -369,7 +407,11 @@ def describe_plan(plan: BuildPlan) -> str:
     for gguf_type in plan.spec.export.gguf.types if plan.spec.export.gguf else []:
         lines.append(f"export {gguf_path(plan.spec.name, gguf_type)}  "
                      f"(at most {_human(estimated_gguf_bytes(shapes, gguf_type))})")
-    for ignored in plan.adapter.ignored_files:
+    if plan.concatenation is not None:
+        lines.append(f"write adapter/: the {len(plan.adapters)} adapters concatenated, rank "
+                     f"{plan.concatenation.rank}, {len(plan.concatenation.modules)} modules "
+                     f"({_human(plan.concatenation.nbytes)})")
+    for ignored in (p for a in plan.adapters for p in a.checkpoint.ignored_files):
         lines.append(f"skip training leftover: {ignored.name}")
     for warning in plan.warnings:
         lines.append(f"warning: {warning}")
@@ -389,10 +431,11 @@ def verification_cost_of_plan(plan: BuildPlan) -> VerificationCost:
 
 
 def _describe_delta(delta: LoraDelta) -> str:
+    weight = f" ({delta.adapter}, weight {delta.weight:g})" if delta.adapter != "adapter" else ""
     if delta.kind == "bias":
-        return f"lora_bias scale={delta.scaling:g}"
+        return f"lora_bias scale={delta.scaling:g}{weight}"
     variant = " DoRA" if delta.magnitude is not None else ""
-    return f"r={delta.rank} scale={delta.scaling:g}{variant}"
+    return f"r={delta.rank} scale={delta.scaling:g}{variant}{weight}"
 
 
 def _human(nbytes: float) -> str:

@@ -14,6 +14,7 @@ from jinja2 import Environment, FunctionLoader, StrictUndefined
 from packaging.utils import canonicalize_name
 
 import builder
+from builder.adapter_compose import WeightedAdapter
 from builder.chat import ChatFacts
 from builder.configs import DTYPE_NAMES
 from builder.gguf_export import embedded_chat_template
@@ -52,6 +53,8 @@ class AdapterFacts:
     modules: int
     recorded_base: str
     checkpoint: str
+    key: str = "adapter"  # adapters[i] for one of several
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class RenderContext:
     generation: dict
     card: dict
     adapter: AdapterFacts
+    adapters: list[AdapterFacts]  # one per adapter when the spec composes several, else empty
+    composed_rank: int | None  # separate mode with several adapters: the concatenated adapter's rank
     weight_files: list[str]
     weight_size: str
     modelpack_version: str
@@ -84,13 +89,33 @@ class RenderContext:
     modelfile: str | None  # gguf/Modelfile, with a GGUF export
 
 
+def adapter_facts(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterFacts:
+    """The card's facts of one adapter: its config, and the updates the plan merges from it (scaling without its
+    weight, which is shown on its own)."""
+    config = weighted.checkpoint.config
+    deltas = [d for t in plan.merged_tensors for d in t.deltas if d.adapter == weighted.key]
+    ranks = sorted({config.get("r", 8), *(config.get("rank_pattern") or {}).values()})
+    alphas = sorted({config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()})
+    scalings = sorted({round(d.scaling / d.weight, 6) for d in deltas})
+    targets = config.get("target_modules") or []
+    return AdapterFacts(
+        rank=", ".join(map(str, ranks)),
+        alpha=", ".join(map(str, alphas)),
+        scaling=", ".join(f"{s:g}" for s in scalings) or "n/a (kept separate)",
+        max_rank=max(ranks),
+        target_modules=[targets] if isinstance(targets, str) else sorted(targets),
+        modules=len({d.module for d in deltas}) if deltas else len(weighted.checkpoint.tensors) // 2,
+        recorded_base=recorded_base_name(config.get("base_model_name_or_path")),
+        checkpoint=weighted.checkpoint.path.name,
+        key=weighted.key,
+        weight=weighted.weight,
+    )
+
+
 def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> RenderContext:
-    spec, adapter_config = plan.spec, plan.adapter.config
-    deltas = [d for t in plan.merged_tensors for d in t.deltas]
-    ranks = sorted({adapter_config.get("r", 8), *(adapter_config.get("rank_pattern") or {}).values()})
-    alphas = sorted({adapter_config.get("lora_alpha", 8), *(adapter_config.get("alpha_pattern") or {}).values()})
-    scalings = sorted({round(d.scaling, 6) for d in deltas})
-    targets = adapter_config.get("target_modules") or []
+    spec = plan.spec
+    facts = [adapter_facts(plan, weighted) for weighted in plan.adapters]
+    composed_rank = plan.concatenation.rank if plan.concatenation else None
     trust_remote_code = spec.base.trust_remote_code and bool(plan.code_files)
     # GGUF files are exported from merged weights only.
     gguf_types = spec.export.gguf.types if spec.export.gguf is not None and spec.output.mode == "merge" else []
@@ -101,7 +126,8 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
     ) if ollama is not None else None
     served = ServedBundle(
         name=spec.name, folder=spec.output.dir.name, mode=spec.output.mode, trust_remote_code=trust_remote_code,
-        has_chat_template=chat.template is not None, max_lora_rank=max(ranks),
+        has_chat_template=chat.template is not None,
+        max_lora_rank=composed_rank or max(f.max_rank for f in facts),
         gguf_files=[gguf_file_name(spec.name, t) for t in gguf_types], has_modelfile=modelfile is not None,
         gguf_has_chat_template=bool(gguf_types) and embedded_chat_template(chat, generation) is not None,
     )
@@ -122,16 +148,9 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
         end_of_turn_token=chat.end_of_turn_token,
         generation=generation,
         card=spec.card.model_dump(),
-        adapter=AdapterFacts(
-            rank=", ".join(map(str, ranks)),
-            alpha=", ".join(map(str, alphas)),
-            scaling=", ".join(f"{s:g}" for s in scalings) or "n/a (kept separate)",
-            max_rank=max(ranks),
-            target_modules=[targets] if isinstance(targets, str) else sorted(targets),
-            modules=len({d.module for d in deltas}) if deltas else len(plan.adapter.tensors) // 2,
-            recorded_base=recorded_base_name(adapter_config.get("base_model_name_or_path")),
-            checkpoint=plan.adapter.path.name,
-        ),
+        adapter=facts[0],
+        adapters=facts if len(facts) > 1 else [],
+        composed_rank=composed_rank,
         weight_files=[s.filename for s in plan.shards],
         weight_size=(f"{plan.weight_bytes / 1e9:.2f} GB" if plan.weight_bytes >= 1e8
                      else f"{plan.weight_bytes / 1e6:.1f} MB"),
@@ -156,7 +175,8 @@ def base_model_id(plan: BuildPlan) -> str | None:
     or the config's `_name_or_path` when that is an id. The Hub rejects a folder name, so there is none otherwise."""
     from builder.inspection import hub_model_id
 
-    return (plan.spec.card.base_model or hub_model_id(plan.adapter.config.get("base_model_name_or_path"))
+    return (plan.spec.card.base_model
+            or hub_model_id(plan.adapters[0].checkpoint.config.get("base_model_name_or_path"))
             or hub_model_id(plan.base.config.get("_name_or_path")))
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -133,6 +135,36 @@ class AdapterSpec(_Section):
         description="Read a legacy adapter_model.bin (pickle, loaded with torch.load(weights_only=True)) "
         "when the checkpoint has no adapter_model.safetensors.",
     )
+
+
+class WeightedAdapterSpec(AdapterSpec):
+    """One adapter of several composed into the bundle, with the weight its LoRA updates are multiplied by."""
+
+    weight: float = Field(
+        default=1.0,
+        description="Multiplies this adapter's LoRA updates (W' = W + sum of weight * delta), like scaling it in "
+        "peft. Negative weights subtract an adapter's effect (task negation); 0 is refused (the adapter would do "
+        "nothing). Tensors an adapter replaces whole (modules_to_save, resized embeddings, trainable tokens) are "
+        "taken as saved.",
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_changes_something(cls, value: float) -> float:
+        if not math.isfinite(value) or value == 0:
+            raise ValueError(f"weight must be a finite number other than 0, got {value!r}; remove an adapter that "
+                             "should do nothing")
+        return value
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """One adapter of the build, however the spec wrote it: `key` names it in messages (adapter, adapters[1])."""
+
+    key: str
+    path: Path
+    weight: float
+    allow_pickle: bool
 
 
 class OutputSpec(_Section):
@@ -308,11 +340,21 @@ class ExportSpec(_Section):
 
 
 class Spec(_Section):
-    """A modelpack build: base model + LoRA adapter -> a verified bundle."""
+    """A modelpack build: base model + LoRA adapter(s) -> a verified bundle."""
+
+    # Editors learn the rule _one_adapter_section enforces: exactly one of `adapter` and `adapters`.
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"oneOf": [{"required": ["adapter"]}, {"required": ["adapters"]}]})
 
     name: str = Field(json_schema_extra={"pattern": NAME_PATTERN})
     base: BaseModelSpec
-    adapter: AdapterSpec
+    adapter: AdapterSpec | None = Field(default=None, description="The LoRA checkpoint (one adapter, weight 1); "
+                                        "give either this or `adapters`.")
+    adapters: Annotated[list[WeightedAdapterSpec], Field(min_length=1)] | None = Field(
+        default=None, description="Several LoRA checkpoints trained on the same base, composed with their weights: "
+        "merge mode sums their updates, separate mode concatenates them into one adapter; give either this or "
+        "`adapter`.",
+    )
     output: OutputSpec
     generation: GenerationSpec = GenerationSpec()
     chat: ChatSpec = ChatSpec()
@@ -328,6 +370,33 @@ class Spec(_Section):
                 f"invalid name {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
             )
         return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters_once_each(cls, value: list[WeightedAdapterSpec] | None, info: ValidationInfo):
+        if value is not None and info.data.get("adapter") is not None:
+            raise ValueError("give either `adapter:` (one adapter) or `adapters:` (a list with weights), not both")
+        paths = [a.path for a in value or []]
+        repeated = next((p for p in paths if paths.count(p) > 1), None)
+        if repeated is not None:
+            raise ValueError(f"{repeated} is listed more than once; list each adapter once, with its total weight")
+        return value
+
+    @model_validator(mode="after")
+    def _one_adapter_section(self) -> Spec:
+        if self.adapter is None and self.adapters is None:
+            raise ValueError("no adapter: give `adapter:` with a checkpoint path, or `adapters:` as a list of "
+                             "{path, weight}")
+        return self
+
+    @property
+    def adapter_sources(self) -> tuple[AdapterSource, ...]:
+        """Every adapter of the build in spec order; a single `adapter:` is one adapter of weight 1."""
+        if self.adapters is None:
+            assert self.adapter is not None  # _one_adapter_section
+            return (AdapterSource("adapter", self.adapter.path, 1.0, self.adapter.allow_pickle),)
+        return tuple(AdapterSource(f"adapters[{i}]", a.path, a.weight, a.allow_pickle)
+                     for i, a in enumerate(self.adapters))
 
 
 def spec_json_schema() -> dict[str, Any]:
@@ -506,9 +575,13 @@ def _check_paths(
     lines: dict[Location, int],
     shown: str,
 ) -> None:
+    adapters: list[tuple[Location, Path | None, str]] = [
+        (("adapter", "path") if source.key == "adapter" else ("adapters", index, "path"), source.path, "directory")
+        for index, source in enumerate(spec.adapter_sources)
+    ]
     wanted = [
         (("base", "path"), spec.base.path, "directory"),
-        (("adapter", "path"), spec.adapter.path, "directory"),
+        *adapters,
         (("chat", "template"), spec.chat.template, "file"),
         (("verify", "python"), spec.verify.python, "file"),
     ]
@@ -517,13 +590,19 @@ def _check_paths(
         if resolved is None or (resolved.is_dir() if kind == "directory" else resolved.is_file()):
             continue
         reason = f"not a {kind}" if resolved.exists() else f"{kind} not found"
-        written, variables = origins.get(loc, (data[loc[0]][loc[1]], {}))
+        written, variables = origins.get(loc, (_value_at(data, loc), {}))
         sources = [f'"{written}"'] if written != str(resolved) else []
         sources += [f"{name}={value}" for name, value in variables.items()]
         source = f" (from {', '.join(sources)})" if sources else ""
         problems.append((_line_of(loc, lines), _key_path(loc), f"{reason}: {resolved}{source}"))
     if problems:
         raise SpecError(_invalid(shown, problems))
+
+
+def _value_at(data: Any, loc: Location) -> Any:
+    for part in loc:
+        data = data[part]
+    return data
 
 
 def _line_of(loc: Location, lines: dict[Location, int]) -> int:

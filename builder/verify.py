@@ -32,11 +32,19 @@ GGUF_CHECK_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "r
 
 
 @dataclass(frozen=True)
+class ReferenceAdapter:
+    """A source adapter folder and the weight the spec gave it."""
+
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class ReferenceSources:
-    """The source folders the bundle was built from, for comparing it with base + adapter through peft."""
+    """The source folders the bundle was built from, for comparing it with base + adapters through peft."""
 
     base: Path
-    adapter: Path
+    adapters: tuple[ReferenceAdapter, ...]
 
 
 # Tokens the runtime generates to measure decoding speed (bundle_check.throughput).
@@ -165,11 +173,13 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
             )
             return report
         equivalence_path = Path(workdir) / "equivalence.json"
-        adapter = _reference_adapter(sources.adapter, Path(workdir) / "reference-adapter")
+        adapters = [arg for i, source in enumerate(sources.adapters) for arg in (
+            "--adapter", str(_reference_adapter(source.path, Path(workdir) / f"reference-adapter-{i}")),
+            "--adapter-weight", repr(source.weight))]
         base = _reference_base(sources.base, Path(workdir) / "reference")
         progress(f"verification step 2 of {len(cost.loads)}: {cost.loads[1]}")
         command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(base),
-                   "--adapter", str(adapter), "--answer-logits", str(answer_logits), "--report",
+                   *adapters, "--answer-logits", str(answer_logits), "--report",
                    str(equivalence_path), "--device", device, *spread]
         started = time.perf_counter()
         _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, progress,
@@ -353,13 +363,19 @@ def describe_crash(lines: list[str], returncode: int) -> str:
 def recorded_sources(bundle: Path, manifest: dict) -> tuple[ReferenceSources | None, str | None]:
     """The sources manifest.json names, if they are still there and the adapter is unchanged; else why not."""
     recorded = manifest.get("sources", {})
-    base, adapter = Path(recorded.get("base", "")), Path(recorded.get("adapter", ""))
-    if not base.is_dir() or not adapter.is_dir():
-        return None, f"the sources recorded in manifest.json ({base}, {adapter}) are not on this machine"
-    fingerprint = recorded.get("sha256", {}).get("adapter/adapter_config.json")
-    if fingerprint and fingerprint != sha256_file(adapter / "adapter_config.json"):
-        return None, f"the adapter at {adapter} changed since the build"
-    return ReferenceSources(base, adapter), None
+    base = Path(recorded.get("base", ""))
+    # One adapter is recorded as `adapter` (a path), several as `adapters` ({key, path, weight} each).
+    listed = recorded.get("adapters") or [{"key": "adapter", "path": recorded.get("adapter", ""), "weight": 1.0}]
+    adapters = [(entry.get("key", "adapter"), Path(entry.get("path", "")), float(entry.get("weight", 1.0)))
+                for entry in listed]
+    if not base.is_dir() or not all(path.is_dir() for _, path, _ in adapters):
+        shown = ", ".join(str(p) for p in (base, *(path for _, path, _ in adapters)))
+        return None, f"the sources recorded in manifest.json ({shown}) are not on this machine"
+    for key, path, _ in adapters:
+        fingerprint = recorded.get("sha256", {}).get(f"{key}/adapter_config.json")
+        if fingerprint and fingerprint != sha256_file(path / "adapter_config.json"):
+            return None, f"the adapter at {path} changed since the build"
+    return ReferenceSources(base, tuple(ReferenceAdapter(path, weight) for _, path, weight in adapters)), None
 
 
 def verifying_python(python: str | os.PathLike | None) -> str:

@@ -698,7 +698,8 @@ def test_the_schema_names_its_dialect_and_accepts_sizes_as_integers_or_strings()
 
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["title"] == "modelpack spec"
-    assert schema["required"] == ["name", "base", "adapter", "output"]
+    assert schema["required"] == ["name", "base", "output"]
+    assert schema["oneOf"] == [{"required": ["adapter"]}, {"required": ["adapters"]}]
     shard_size = schema["$defs"]["OutputSpec"]["properties"]["max_shard_size"]
     assert [option["type"] for option in shard_size["anyOf"]] == ["integer", "string"]
     assert shard_size["default"] == 5 * 10**9

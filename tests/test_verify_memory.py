@@ -10,7 +10,7 @@ import torch
 
 from builder.build import build_bundle, plan_from_spec
 from builder.plan import describe_plan
-from builder.verify import ReferenceSources, verification_cost, verify_bundle
+from builder.verify import ReferenceAdapter, ReferenceSources, verification_cost, verify_bundle
 from helpers import make_adapter, make_base_model, subprocess_env, write_spec
 
 # A Qwen2 of 49M parameters: 197 MB in float32, large enough that a second copy in a process shows far above the
@@ -78,8 +78,8 @@ def test_each_verification_process_holds_one_model(tmp_path, medium_base, mode):
         "max_new_tokens": 4, "prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}]})
     bundle = build_bundle(plan_from_spec(spec), verify=False).bundle
     lines: list[str] = []
-    report = verify_bundle(bundle, device="cpu", sources=ReferenceSources(base, adapter), compare_base=True,
-                           progress=lines.append)
+    report = verify_bundle(bundle, device="cpu", sources=ReferenceSources(base, (ReferenceAdapter(adapter),)),
+                           compare_base=True, progress=lines.append)
     assert report["ok"] and all("base_answer" in r for r in report["prompts"] + report["probes"])
     weights = sum(p.stat().st_size for p in bundle.rglob("*.safetensors")) / 1e9
     baseline = _import_baseline_gb()

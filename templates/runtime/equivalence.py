@@ -4,7 +4,8 @@ It is not shipped in bundles: modelpack runs its own installed copy. It imports 
 safetensors and the bundle's own runtime (load.py and bundle_check.py, by path; never modelpack), so it runs in a
 deployment team's environment (`verify.python`) as well as in this one.
 
-    python equivalence.py --bundle B --base SRC --adapter SRC --answer-logits DIR --report out.json
+    python equivalence.py --bundle B --base SRC --adapter SRC [--adapter-weight W] [--adapter SRC2 ...]
+                          --answer-logits DIR --report out.json
 
 One model in memory at a time. The bundle's own `load.py --verify --answer-logits DIR` ran before, in its own
 process: it answered every verification prompt and kept, for each prompt followed by its answer, the token ids and
@@ -12,7 +13,10 @@ the bundle's next-token logits at every position that predicts the answer (bundl
 process loads only the reference, runs the same ids through it and compares position by position, one answer at a
 time. Merge mode: the reference is the unmerged model (the base loaded from the sources, the adapter applied by
 peft). Separate mode: the bundle (base + adapter through peft, as the stored logits were computed) merged in memory,
-in place. With --compare-base the same prompts are also answered with the adapter disabled, before any merge.
+in place. Several adapters (--adapter given more than once, each with its --adapter-weight), in either mode: the
+source base with every adapter loaded and active at once in peft, each adapter's scaling multiplied by its weight,
+unmerged (the composition the bundle claims to be). With --compare-base the same prompts are also answered with the
+adapters disabled, before any merge.
 
 Tolerance rule: |delta logit| <= atol + rtol * max|reference logit|, with (atol, rtol) = (1e-3, 1e-4) in
 float32, (0.05, 2e-2) in float16 and (0.1, 0.1) in bfloat16: merged weights are rounded once into the dtype
@@ -51,22 +55,43 @@ def load_bundle_module(bundle: Path) -> ModuleType:
     return module
 
 
-def load_reference(loader: ModuleType, base: Path, adapter: Path, *, mode: str, rows: int | None, device: str,
-                   max_memory: dict | None):
-    """The model the bundle must equal, with the adapter still separate: the source base + adapter through peft
-    (merge mode) or the bundle itself, base + adapter through peft (separate mode; merged later, in place).
+def load_reference(loader: ModuleType, base: Path, adapters: list[tuple[Path, float]], *, mode: str,
+                   rows: int | None, device: str, max_memory: dict | None):
+    """The model the bundle must equal, with the adapters still separate: the source base + adapters through peft
+    (merge mode, or several adapters) or the bundle itself, base + adapter through peft (separate mode with one
+    adapter; merged later, in place).
 
-    rows: the bundle's vocabulary (the width of its stored logits), when the adapter saved resized embeddings.
+    rows: the bundle's vocabulary (the width of its stored logits), when an adapter saved resized embeddings.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if mode == "separate":
+    if mode == "separate" and len(adapters) == 1:
         return loader.load(device=device, max_memory=max_memory)[0]
     base_model: Any = AutoModelForCausalLM.from_pretrained(base, **loader.model_kwargs(device, None, max_memory))
     if rows is not None and base_model.get_input_embeddings().weight.shape[0] != rows:
         base_model.resize_token_embeddings(rows)
-    return PeftModel.from_pretrained(base_model, adapter).eval()
+    if len(adapters) == 1 and adapters[0][1] == 1.0:
+        return PeftModel.from_pretrained(base_model, adapters[0][0]).eval()
+    return weighted_adapters(PeftModel.from_pretrained(base_model, adapters[0][0], adapter_name="adapter_0"),
+                             adapters).eval()
+
+
+def weighted_adapters(model, adapters: list[tuple[Path, float]]):
+    """Every adapter loaded into the peft model and active at once, each one's scaling multiplied by its weight
+    (what peft's set_scale does, rsLoRA and rank/alpha patterns included): W x + sum_i w_i * delta_i x."""
+    from peft.tuners.lora import LoraLayer
+
+    names = [f"adapter_{i}" for i in range(len(adapters))]
+    for name, (path, _) in zip(names[1:], adapters[1:]):
+        model.load_adapter(path, adapter_name=name)
+    model.base_model.set_adapter(names)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, (_, weight) in zip(names, adapters):
+                if name in module.scaling:
+                    module.scaling[name] *= weight
+    return model
 
 
 def stored_answers(folder: Path) -> list[Path]:
@@ -150,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, action="append", required=True,
+                        help="a source adapter; repeat it for several, in the spec's order")
+    parser.add_argument("--adapter-weight", type=float, action="append",
+                        help="each --adapter's weight, in the same order (default: 1 each)")
     parser.add_argument("--answer-logits", type=Path, required=True,
                         help="the folder `load.py --verify --answer-logits` wrote")
     parser.add_argument("--report", type=Path, required=True)
@@ -165,13 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     facts = loader.bundle_facts()
     stored = stored_answers(args.answer_logits)
     prompts = [entry["prompt"] for entry in facts.prompts + facts.probes]
-    merged = facts.mode == "merge"
+    weights = args.adapter_weight or [1.0] * len(args.adapter)
+    if len(weights) != len(args.adapter):
+        parser.error("give one --adapter-weight per --adapter")
+    adapters = list(zip(args.adapter, weights))
+    # The stored logits are compared with the unmerged sources: always in merge mode, and in separate mode when the
+    # bundle's adapter is the concatenation of several.
+    merged = facts.mode == "merge" or len(adapters) > 1
     report: dict[str, Any] = {}
     reference = None
     if stored or (args.compare_base and prompts):  # else there is nothing to run through a model
-        check.progress("equivalence: loading " + ("base + adapter through peft (the unmerged reference)" if merged
+        check.progress("equivalence: loading " + (f"base + {len(adapters)} adapters through peft, with their "
+                                                  "weights (the unmerged reference)" if len(adapters) > 1 else
+                                                  "base + adapter through peft (the unmerged reference)" if merged
                                                   else "the bundle, base + adapter through peft"))
-        reference = load_reference(loader, args.base, args.adapter, mode=facts.mode, rows=vocabulary_rows(stored),
+        reference = load_reference(loader, args.base, adapters, mode=facts.mode, rows=vocabulary_rows(stored),
                                    device=args.device, max_memory=loader.parse_max_memory(args.max_memory))
         if args.compare_base:
             check.progress("equivalence: answering with the base model alone (the adapter disabled)")
@@ -182,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             reference = reference.merge_and_unload().eval()
         check.progress("equivalence: comparing next-token logits")
     report = compare(reference, stored, dtype=facts.dtype) | report
-    report["reference"] = "base + adapter through peft, unmerged" if merged else "bundle merged in memory"
+    report["reference"] = (f"base + {len(adapters)} adapters through peft with weights "
+                           f"{', '.join(f'{w:g}' for _, w in adapters)}, unmerged" if len(adapters) > 1
+                           else "base + adapter through peft, unmerged" if merged else "bundle merged in memory")
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["peak_rss_gb"] = check.peak_rss_gb()
     args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
