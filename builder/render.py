@@ -93,7 +93,9 @@ def adapter_facts(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterFacts:
     """The card's facts of one adapter: its config, and the updates the plan merges from it (scaling without its
     weight, which is shown on its own)."""
     config = weighted.checkpoint.config
-    deltas = [d for t in plan.merged_tensors for d in t.deltas if d.adapter == weighted.key]
+    concatenated = plan.concatenation.modules.values() if plan.concatenation else []
+    deltas = [d for t in plan.merged_tensors for d in t.deltas if d.adapter == weighted.key] + [
+        d for parts in concatenated for d in parts if d.adapter == weighted.key]
     ranks = sorted({config.get("r", 8), *(config.get("rank_pattern") or {}).values()})
     alphas = sorted({config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()})
     scalings = sorted({round(d.scaling / d.weight, 6) for d in deltas})

@@ -260,7 +260,7 @@ def test_separate_mode_ships_the_concatenation_plain_peft_loads(tmp_path, models
 
 # --- a verified build ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["merge", "separate"])
+@pytest.mark.parametrize("mode", ["merge", pytest.param("separate", marks=pytest.mark.slow)])
 def test_a_two_adapter_build_is_verified_against_the_composition(tmp_path, models, adapters, mode):
     base = models("qwen2", tied=True, dtype=torch.float32)
     composition = [(adapters(base), 1.0), (adapters(base, "chat-style", r=4, target_modules=["o_proj", "up_proj"]),
