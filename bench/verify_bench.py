@@ -143,7 +143,9 @@ class TreeWatcher(threading.Thread):
                 if status is None:
                     continue
                 record = self.processes.setdefault(pid, {"first_s": now, "peak_kb": 0, "largest_sample": {}})
-                record["command"] = _describe(pid)  # again each time: a fresh child shows its parent's until exec
+                command = _describe(pid)  # again each time: a fresh child shows its parent's until exec
+                if command != "?":  # a zombie's cmdline is empty
+                    record["command"] = command
                 record["last_s"] = now
                 record["peak_kb"] = max(record["peak_kb"], status.get("VmHWM", 0))
                 if status.get("VmRSS", 0) >= record["largest_sample"].get("VmRSS", 0):
