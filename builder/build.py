@@ -25,7 +25,7 @@ from builder.render import (
     render_runtime,
 )
 from builder.report import VerificationReport, failure_message
-from builder.sources import read_adapter_checkpoint, read_base_model
+from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder
 from builder.spec import load_spec
 from builder.staging import check_output_location, publish, staged_output
 from builder.trust import DIGEST_PLACEHOLDER, seal
@@ -57,7 +57,8 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildP
         WeightedAdapter(s.key, read_adapter_checkpoint(s.path, allow_pickle=s.allow_pickle), s.weight)
         for s in spec.adapter_sources
     )
-    return plan_build(spec, base, adapters, spec_file=spec_path.resolve())
+    tokenizer = read_tokenizer_folder(spec.tokenizer.path) if spec.tokenizer else None
+    return plan_build(spec, base, adapters, spec_file=spec_path.resolve(), tokenizer=tokenizer)
 
 
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
@@ -69,7 +70,8 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     spec = plan.spec
     dest = spec.output.dir
     check_output_location(
-        dest, sources={"base.path": spec.base.path, **{f"{a.key}.path": a.path for a in spec.adapter_sources}},
+        dest, sources={"base.path": spec.base.path, **{f"{a.key}.path": a.path for a in spec.adapter_sources},
+                       **({"tokenizer.path": spec.tokenizer.path} if spec.tokenizer else {})},
         spec_file=plan.spec_file,
     )
     timings: dict[str, float] = {}
@@ -192,8 +194,8 @@ def _write(path: Path, text: str) -> None:
 
 
 def _source_fingerprints(plan: BuildPlan, known: dict[Path, str]) -> dict[str, str]:
-    """sha256 of every source file the build reads, named relative to the base or adapter folder (an adapter by
-    its key: adapter/..., or adapters[1]/... for several).
+    """sha256 of every source file the build reads, named relative to the base, adapter or tokenizer folder (an
+    adapter by its key: adapter/..., or adapters[1]/... for several; tokenizer/... for tokenizer.path).
 
     known holds the base weight files' hashes, computed from the bytes the merge read.
     """
@@ -210,8 +212,9 @@ def _source_fingerprints(plan: BuildPlan, known: dict[Path, str]) -> dict[str, s
         read.append(adapter.weights_file if adapter.path in adapter.weights_file.parents else legacy)
     fingerprints = {}
     for path in dict.fromkeys(read):
-        root, label = next(((a.checkpoint.path, a.key) for a in plan.adapters if a.checkpoint.path in path.parents),
-                           (base.path, "base"))
+        roots = ([(plan.tokenizer.path, "tokenizer")] if plan.tokenizer else []) + \
+            [(a.checkpoint.path, a.key) for a in plan.adapters]
+        root, label = next(((folder, key) for folder, key in roots if folder in path.parents), (base.path, "base"))
         fingerprints[f"{label}/{path.relative_to(root).as_posix()}"] = known.get(path) or sha256_file(path)
     return fingerprints
 

@@ -14,7 +14,7 @@ from builder.adapter_match import TIED_HEAD, AdapterMatch, LoraDelta, TokenRows,
 from builder.errors import OutputError, SourceError
 from builder.gguf_export import estimated_gguf_bytes, gguf_path, refuse_unexportable
 from builder.safetensors_io import TensorEntry, TensorLocation
-from builder.sources import AdapterCheckpoint, BaseModelFolder
+from builder.sources import AdapterCheckpoint, BaseModelFolder, TokenizerFolder, tokenizer_vocabulary_size
 from builder.spec import Spec
 from builder.trust import BUNDLE_RUNTIME
 from builder.verify import VerificationCost, verification_cost
@@ -87,6 +87,8 @@ class BuildPlan:
     merge_device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Separate mode with several adapters: the one adapter the bundle ships, their concatenation.
     concatenation: Concatenation | None = None
+    tokenizer: TokenizerFolder | None = None  # the spec's tokenizer.path, read
+
 
     @property
     def mode(self) -> str:
@@ -95,12 +97,12 @@ class BuildPlan:
     @property
     def code_files(self) -> tuple[Path, ...]:
         """Python files shipped in the bundle that loading runs (trust_remote_code)."""
-        return code_files(self.base, self.tokenizer_adapter)
+        return code_files(self.base, self.tokenizer or self.tokenizer_adapter)
 
     @property
     def tokenizer_adapter(self) -> AdapterCheckpoint | None:
-        """The adapter whose saved tokenizer the bundle ships (else the base's)."""
-        return tokenizer_adapter(self.adapters)
+        """The adapter whose saved tokenizer the bundle ships (else tokenizer.path's or the base's)."""
+        return None if self.tokenizer else tokenizer_adapter(self.adapters)
 
     @property
     def weight_bytes(self) -> int:
@@ -121,9 +123,10 @@ class BuildPlan:
         return [t for s in self.shards for t in s.tensors if t.action == "merge"]
 
 
-def code_files(base: BaseModelFolder, adapter: AdapterCheckpoint | None) -> tuple[Path, ...]:
-    """The model's own code: the base's auto_map modules, and tokenizer code a checkpoint brings along."""
-    carried = [p for p in adapter.tokenizer_files if p.suffix == ".py"] if adapter else []
+def code_files(base: BaseModelFolder, tokenizer: AdapterCheckpoint | TokenizerFolder | None) -> tuple[Path, ...]:
+    """The model's own code: the base's auto_map modules, and tokenizer code that the shipped tokenizer's folder
+    (a checkpoint, or tokenizer.path) brings along."""
+    carried = [p for p in tokenizer.tokenizer_files if p.suffix == ".py"] if tokenizer else []
     names = {p.name for p in carried}
     return tuple(sorted([*(p for p in base.remote_code_files if p.name not in names), *carried], key=lambda p: p.name))
 
@@ -220,9 +223,10 @@ def _file_contents(files: tuple[Path, ...]) -> dict[str, bytes]:
 
 
 def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *,
-               spec_file: Path) -> BuildPlan:
-    """Decide every tensor and file of the bundle; raises a ModelpackError for anything that cannot be packaged."""
-    refuse_unpackageable(spec, base, adapters, spec_file)
+               spec_file: Path, tokenizer: TokenizerFolder | None = None) -> BuildPlan:
+    """Decide every tensor and file of the bundle; raises a ModelpackError for anything that cannot be packaged.
+    `tokenizer` is the spec's tokenizer.path, read (sources.read_tokenizer_folder)."""
+    refuse_unpackageable(spec, base, adapters, spec_file, tokenizer)
     # Separate mode too: the adapters must fit the base they ship with.
     match = match_adapters(base, adapters, mode=spec.output.mode)
     concat = concatenation(base, adapters, match) if spec.output.mode == "separate" and len(adapters) > 1 else None
@@ -240,7 +244,10 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
         tied = tied_embedding_name(base)
         assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
         tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype, summed=summed))
-    copies = _file_copies(spec, base, adapters)
+    copies = _file_copies(spec, base, adapters, tokenizer)
+    vocab_size = _resized_vocabulary(base, tensors)
+    if tokenizer is not None:
+        refuse_oversized_tokenizer(tokenizer, base, vocab_size)
     refuse_unexportable(spec, base, tensor_names=[t.name for t in tensors], spec_file=spec_file,
                         tokenizer_files={c.dest: c.source for c in copies if c.role == "tokenizer"})
     return BuildPlan(
@@ -252,49 +259,72 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
         shards=split_into_shards(tensors, max_shard_size=spec.output.max_shard_size),
         copies=copies,
         untie_embeddings=untie,
-        vocab_size=_resized_vocabulary(base, tensors),
-        warnings=_warnings(base, adapters, untie=untie, concat=concat),
+        vocab_size=vocab_size,
+        warnings=_warnings(base, adapters, untie=untie, concat=concat, tokenizer=tokenizer),
         gguf_bytes=sum(estimated_gguf_bytes([t.source.shape for t in tensors], gguf_type)
                        for gguf_type in (spec.export.gguf.types if spec.export.gguf else [])),
         merge_device=spec.output.merge_device,
         concatenation=concat,
+        tokenizer=tokenizer,
     )
 
 
 def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...],
-                         spec_file: Path) -> None:
-    """What stops a build before any tensor is matched: the base's kind, its code, the output's name, lengths."""
+                         spec_file: Path, tokenizer: TokenizerFolder | None = None) -> None:
+    """What stops a build before any tensor is matched: the base's kind, its code, the output's name, lengths,
+    a missing tokenizer."""
     refuse_quantized_base(base)
-    adapter = tokenizer_adapter(adapters)
-    code = code_files(base, adapter)
+    carrier = tokenizer or tokenizer_adapter(adapters)
+    code = code_files(base, carrier)
     clashing = sorted({p.name for p in code} & set(BUNDLE_RUNTIME))
     if clashing:  # the bundle's own runtime would overwrite the model's file of the same name
         raise SourceError(f"base.path {base.path}: the model's own code has a file named {clashing[0]}, which is the "
                           "name of the bundle's loader; rename it in the model's code (and in what imports it)")
     if code and not spec.base.trust_remote_code:
         names = ", ".join(p.name for p in code)
+        owner = f"base.path {base.path}"
+        if isinstance(carrier, TokenizerFolder) and not base.remote_code_files:
+            owner = f"tokenizer.path {carrier.path}"
         raise SourceError(
-            f"base.path {base.path} ships its own model code ({names}); packaging it runs that code at load time. "
+            f"{owner} ships its own model code ({names}); packaging it runs that code at load time. "
             "Read it, then set `base.trust_remote_code: true` in the spec."
         )
     if code:
         refuse_unimportable_folder_name(spec.output.dir)
     refuse_unusable_generation_length(spec, base, spec_file)
-    if not base.tokenizer_files and adapter is None:
+    if not base.tokenizer_files and carrier is None:
         # The seed's pitfall: merge_and_unload + save_pretrained writes weights and config but no tokenizer.
         raise SourceError(
             f"base.path {base.path} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab files) and "
-            f"neither has the checkpoint; a folder written by merge_and_unload + save_pretrained lacks them: copy the "
-            "original model's tokenizer files into it"
+            "neither has the checkpoint, as when the base was written by merge_and_unload + save_pretrained: set "
+            "`tokenizer.path` in the spec to a folder that holds them (the original base model, or the checkpoint "
+            "the trainer saved the tokenizer into)"
         )
 
 
-def _file_copies(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...]) -> tuple[FileCopy, ...]:
-    """The side files copied byte for byte: model code, licenses, the tokenizer (the checkpoint's when it saved one),
-    and in separate mode the adapter's weights (several adapters: their concatenation is written instead)."""
+def refuse_oversized_tokenizer(tokenizer: TokenizerFolder, base: BaseModelFolder, vocab_size: int | None) -> None:
+    """A tokenizer from elsewhere must fit the model: an id past the embedding's last row fails at the first use
+    (an index error on CPU, a device assert on GPU), or silently reads another token's row if the rows are padded."""
+    rows = vocab_size or base.config.get("vocab_size") or (base.config.get("text_config") or {}).get("vocab_size")
+    defined = tokenizer_vocabulary_size(tokenizer.tokenizer_files)
+    if type(rows) is not int or defined is None or defined[0] <= rows:
+        return
+    where = "the adapter's resized embedding" if vocab_size else f"vocab_size in {base.path / 'config.json'}"
+    raise SourceError(
+        f"tokenizer.path {tokenizer.path}: its tokenizer defines {defined[0]} token ids ({defined[1]}), but the "
+        f"model's embedding has {rows} rows ({where}); point tokenizer.path at the tokenizer this base was "
+        "trained with"
+    )
+
+
+def _file_copies(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...],
+                 tokenizer: TokenizerFolder | None) -> tuple[FileCopy, ...]:
+    """The side files copied byte for byte: model code, licenses, the tokenizer (tokenizer.path's when given, else
+    the checkpoint's when it saved one, else the base's), and in separate mode the adapter's weights (several
+    adapters: their concatenation is written instead)."""
     copies = [FileCopy(p, p.name, "remote code") for p in base.remote_code_files]
     copies += [FileCopy(p, p.name, "license") for p in base.license_files]
-    tokenizer_source = tokenizer_adapter(adapters) or base
+    tokenizer_source = tokenizer or tokenizer_adapter(adapters) or base
     copies += [FileCopy(p, p.name, "tokenizer") for p in tokenizer_source.tokenizer_files]
     if spec.output.mode == "separate" and len(adapters) == 1:
         copies.append(FileCopy(adapters[0].checkpoint.weights_file, "adapter/adapter_model.safetensors",
@@ -303,7 +333,7 @@ def _file_copies(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdap
 
 
 def _warnings(base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *, untie: bool,
-              concat: Concatenation | None) -> tuple[str, ...]:
+              concat: Concatenation | None, tokenizer: TokenizerFolder | None) -> tuple[str, ...]:
     from builder.serving import vllm_max_lora_rank  # serving imports chat, which imports this module
 
     warnings = []
@@ -314,7 +344,7 @@ def _warnings(base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *, u
                 f"{weighted.key} records base_model_name_or_path={recorded!r}, base.path is {base.path.name!r}; "
                 "shapes match, so packaging goes on"
             )
-    adapter = tokenizer_adapter(adapters)
+    adapter = None if tokenizer else tokenizer_adapter(adapters)
     if adapter is not None:
         warnings.append(f"using the tokenizer saved in the adapter checkpoint ({adapter.path.name}), not the base's")
     if concat is not None and vllm_max_lora_rank(concat.rank) is None:
@@ -401,6 +431,8 @@ def describe_plan(plan: BuildPlan) -> str:
                     detail = ", ".join(filter(None, [f"{len(tensor.token_rows.indices)} trained token rows", detail]))
                 lines.append(f"  merge {tensor.name} {list(tensor.source.shape)} <- {detail}")
     lines.append(f"tensors: {counts['merge']} merged, {counts['cast']} cast, {counts['copy']} copied as bytes")
+    if plan.tokenizer is not None:
+        lines.append(f"tokenizer from tokenizer.path: {plan.tokenizer.path}")
     for copy in plan.copies:
         lines.append(f"copy {copy.role}: {copy.dest}  ({_human(copy.source.stat().st_size)})")
     shapes = [t.source.shape for s in plan.shards for t in s.tensors]
@@ -427,6 +459,7 @@ def verification_cost_of_plan(plan: BuildPlan) -> VerificationCost:
         mode=plan.mode, answers=len(verify.prompts) + len(verify.probes), max_new_tokens=verify.max_new_tokens,
         compare_base=verify.compare_base, equivalence=True,
         vocab_rows=plan.vocab_size or plan.base.config.get("vocab_size"), logits_itemsize=plan.out_dtype.itemsize,
+        adapters=len(plan.adapters),
     )
 
 

@@ -20,7 +20,15 @@ from builder.inspection import (
     parameter_count,
 )
 from builder.plan import POSITION_LIMIT_KEYS, code_files
-from builder.sources import AdapterCheckpoint, BaseModelFolder, read_adapter_checkpoint, read_base_model
+from builder.sources import (
+    VOCABULARY_FILE_NAMES,
+    AdapterCheckpoint,
+    BaseModelFolder,
+    TokenizerFolder,
+    read_adapter_checkpoint,
+    read_base_model,
+    read_tokenizer_folder,
+)
 from builder.spec import NAME_PATTERN, GenerationSpec
 
 PLACEHOLDER_PROMPT = "Replace this with a question from your fine-tuning data"
@@ -71,11 +79,12 @@ def draft_spec(checkpoint: Path, *, base: Path | None = None, spec_file: Path | 
     adapter = read_adapter_checkpoint(chosen.path, allow_pickle=allow_pickle)
     base_path, base_reason = find_base(adapter, base)
     base_folder = read_base_model(base_path)
+    tokenizer = None if base_folder.tokenizer_files else _tokenizer_near(chosen.path)
     name = _portable_name(spec_file.stem if spec_file else _run_name(chosen.path))
-    if code_files(base_folder, adapter):  # transformers 4.x cannot import model code from a dotted folder name
+    if code_files(base_folder, tokenizer or adapter):  # transformers 4.x cannot import model code from a dotted name
         name = name.replace(".", "-")
     spec_file = spec_file or Path("specs") / f"{name}.yaml"
-    text = spec_text(name, spec_file, adapter, base_folder, allow_pickle=allow_pickle)
+    text = spec_text(name, spec_file, adapter, base_folder, allow_pickle=allow_pickle, tokenizer=tokenizer)
     return Draft(spec_file, name, chosen, base_path, base_reason, text)
 
 
@@ -84,6 +93,17 @@ def write_draft(draft: Draft, *, force: bool = False) -> None:
         raise OutputError(f"{draft.spec_file} already exists; choose another file with -o, or replace it with --force")
     draft.spec_file.parent.mkdir(parents=True, exist_ok=True)
     draft.spec_file.write_text(draft.text, encoding="utf-8")
+
+
+def _tokenizer_near(checkpoint: Path) -> TokenizerFolder | None:
+    """For a base saved without a tokenizer: the tokenizer the trainer saved in the checkpoint, or in the run's
+    output folder above a checkpoint-N folder (where Trainer saves it at the end)."""
+    folder = Path(os.path.abspath(checkpoint))
+    candidates = [folder, folder.parent] if CHECKPOINT_FOLDER.match(folder.name) else [folder]
+    for candidate in candidates:
+        if any((candidate / name).is_file() for name in VOCABULARY_FILE_NAMES) or any(candidate.glob("*.tiktoken")):
+            return read_tokenizer_folder(candidate)
+    return None
 
 
 def _run_name(checkpoint: Path) -> str:
@@ -98,7 +118,7 @@ def _portable_name(text: str) -> str:
 
 
 def spec_text(name: str, spec_file: Path, adapter: AdapterCheckpoint, base: BaseModelFolder, *,
-              allow_pickle: bool) -> str:
+              allow_pickle: bool, tokenizer: TokenizerFolder | None = None) -> str:
     """The spec as YAML with a comment on every value that says where it came from or what to change."""
     spec_dir = Path(os.path.abspath(spec_file)).parent
 
@@ -107,14 +127,14 @@ def spec_text(name: str, spec_file: Path, adapter: AdapterCheckpoint, base: Base
 
     config = adapter.config
     targets = config.get("target_modules") or []
-    code = code_files(base, adapter)
+    code = code_files(base, tokenizer or adapter)
     dtype = base.config.get("torch_dtype") or base.config.get("dtype")
     dtype = dtype if dtype in ("bfloat16", "float16", "float32") else "auto"
     architecture = (base.config.get("architectures") or ["?"])[0]
     recorded = config.get("base_model_name_or_path")
     hub_id = hub_model_id(recorded) or hub_model_id(base.config.get("_name_or_path"))
     base_card = _base_card_metadata(base.path)
-    system_prompt = _template_system_prompt(adapter, base)
+    system_prompt = _template_system_prompt(tokenizer or adapter, base)
     targets_text = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     out = [
         f"# Drafted by `modelpack init` from {relative(adapter.path)}: LoRA r={config.get('r', 8)}, "
@@ -134,6 +154,12 @@ def spec_text(name: str, spec_file: Path, adapter: AdapterCheckpoint, base: Base
             _line(f"  path: {_yaml(relative(adapter.path))}", _recorded_base_comment(recorded, base.path))]
     if allow_pickle:
         out.append(_line("  allow_pickle: true", "only adapter_model.bin here; read as plain tensors (weights_only)"))
+    if tokenizer is not None:
+        out += ["tokenizer:", _line(f"  path: {_yaml(relative(tokenizer.path))}",
+                                    "the base has no tokenizer files; the one the trainer saved here")]
+    elif not base.tokenizer_files and not adapter.tokenizer_files:
+        out += [_line("# tokenizer: {path: PATH}", "the base has no tokenizer files: name a folder that holds "
+                      "them (the original base model); the build needs one")]
     out += [
         "output:",
         f"  dir: {_yaml(relative(Path('dist') / name))}",
@@ -193,9 +219,10 @@ def _recorded_base_comment(recorded: object, base: Path) -> str:
     return f"trained on {Path(str(recorded)).name}, recorded in adapter_config.json"
 
 
-def _template_system_prompt(adapter: AdapterCheckpoint, base: BaseModelFolder) -> str | None:
-    """The default system message of the chat template the bundle will ship (the checkpoint's tokenizer, if any)."""
-    files = adapter.tokenizer_files or base.tokenizer_files
+def _template_system_prompt(tokenizer: AdapterCheckpoint | TokenizerFolder, base: BaseModelFolder) -> str | None:
+    """The default system message of the chat template the bundle will ship (tokenizer.path's or the checkpoint's
+    tokenizer, if any)."""
+    files = tokenizer.tokenizer_files or base.tokenizer_files
     declared = tokenizer_declarations({p.name: p for p in files})
     return default_system_prompt(declared.template, declared.template_tokens) if declared.template else None
 

@@ -30,6 +30,9 @@ TOKENIZER_FILE_NAMES = (
     "chat_template.json",
 )
 TOKENIZER_FILE_PATTERNS = ("*.tiktoken",)
+# The files that hold a vocabulary (a tokenizer folder without any of them, or a *.tiktoken, holds no tokenizer).
+VOCABULARY_FILE_NAMES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                         "sentencepiece.bpe.model")
 
 # What a trainer leaves in a checkpoint folder; never read, never copied (optimizer.pt alone is GBs).
 TRAINING_LEFTOVER_PATTERNS = (
@@ -70,6 +73,15 @@ class AdapterCheckpoint:
     tensors: dict[str, TensorLocation]
     tokenizer_files: tuple[Path, ...]
     ignored_files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class TokenizerFolder:
+    """The folder the spec names for the tokenizer (`tokenizer.path`): its tokenizer files and the tokenizer code
+    its config names (Qwen v1's tokenization_qwen.py beside qwen.tiktoken)."""
+
+    path: Path
+    tokenizer_files: tuple[Path, ...]
 
 
 def read_json(path: Path) -> dict:
@@ -352,6 +364,65 @@ def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> Adapte
         tokenizer_files=tokenizer_files,
         ignored_files=tuple(ignored),
     )
+
+
+def read_tokenizer_folder(path: Path) -> TokenizerFolder:
+    """Read the folder `tokenizer.path` names: its tokenizer files, and the code its tokenizer_config.json's
+    auto_map names, which must be there (a remote-code tokenizer without its code cannot load)."""
+    files = _tokenizer_files(path)
+    if not any(p.name in VOCABULARY_FILE_NAMES or p.suffix == ".tiktoken" for p in files):
+        found = f"only {', '.join(p.name for p in files)}" if files else "no tokenizer files"
+        raise SourceError(
+            f"tokenizer.path {path}: {found}, no vocabulary ({', '.join(VOCABULARY_FILE_NAMES)} or *.tiktoken); "
+            "point tokenizer.path at the folder of the original base model, or at a checkpoint the trainer saved "
+            "the tokenizer into"
+        )
+    config_path = path / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else None
+    code = find_remote_code(path, config)
+    named = sorted(_auto_map_modules(path, config) - {p.stem for p in code})
+    if named:
+        raise SourceError(
+            f"{config_path}: auto_map names the tokenizer code {named[0]}.py, which is not in tokenizer.path "
+            f"{path}; copy it there from the original model (with the files it reads, e.g. qwen.tiktoken)"
+        )
+    return TokenizerFolder(path=path, tokenizer_files=files + code)
+
+
+def tokenizer_vocabulary_size(files: tuple[Path, ...]) -> tuple[int, str] | None:
+    """How many token ids the tokenizer files define (the highest id + 1) and the file that defines the highest.
+
+    Read from the files alone, no tokenizer code run: tokenizer.json, vocab.json / vocab.txt, *.tiktoken ranks,
+    added_tokens.json and tokenizer_config.json's added_tokens_decoder. A sentencepiece tokenizer.model is binary
+    and not read, and remote-code tokenizers may define more special ids in their code (Qwen v1: 208 after its
+    tiktoken ranks), so this is a lower bound: enough to refuse a tokenizer that cannot fit.
+    """
+    highest: tuple[int, str] | None = None
+
+    def seen(ids: list, name: str) -> None:
+        nonlocal highest
+        ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+        if ids and (highest is None or max(ids) + 1 > highest[0]):
+            highest = (max(ids) + 1, name)
+
+    for path in files:
+        name = path.name
+        if name == "tokenizer.json":
+            tokenizer = read_json(path)
+            vocab = (tokenizer.get("model") or {}).get("vocab")
+            seen(list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or []))), name)
+            seen([t.get("id") for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)], name)
+        elif name in ("vocab.json", "added_tokens.json"):
+            seen(list(read_json(path).values()), name)
+        elif name == "vocab.txt":
+            seen(list(range(len(path.read_text(encoding="utf-8").splitlines()))), name)
+        elif name == "tokenizer_config.json":
+            decoder = read_json(path).get("added_tokens_decoder") or {}
+            seen([int(i) for i in decoder if str(i).isdigit()], name)
+        elif path.suffix == ".tiktoken":  # "<base64 token> <rank>" per line
+            ranks = (line.split()[-1] for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            seen([int(r) for r in ranks if r.isdigit()], name)
+    return highest
 
 
 def convert_legacy_adapter(legacy: Path) -> Path:

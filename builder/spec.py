@@ -167,6 +167,17 @@ class AdapterSource:
     allow_pickle: bool
 
 
+class TokenizerSpec(_Section):
+    """Where the bundle's tokenizer comes from, for a base saved without one (merge_and_unload + save_pretrained)."""
+
+    path: SpecPath = Field(
+        description="Folder holding the tokenizer files (tokenizer.json or vocab files, tokenizer_config.json, the "
+        "chat template; Qwen v1: qwen.tiktoken and tokenization_qwen.py), e.g. the original base model or the "
+        "checkpoint the trainer saved the tokenizer into. Copied in place of the base's and the checkpoint's; "
+        "its vocabulary must fit the model's embedding rows."
+    )
+
+
 class OutputSpec(_Section):
     """Where and how the bundle is written."""
 
@@ -354,6 +365,10 @@ class Spec(_Section):
         default=None, description="Several LoRA checkpoints trained on the same base, composed with their weights: "
         "merge mode sums their updates, separate mode concatenates them into one adapter; give either this or "
         "`adapter`.",
+    )
+    tokenizer: TokenizerSpec | None = Field(
+        default=None, description="A tokenizer folder, when the base has none; default: the checkpoint's saved "
+        "tokenizer, else the base's.",
     )
     output: OutputSpec
     generation: GenerationSpec = GenerationSpec()
@@ -582,6 +597,7 @@ def _check_paths(
     wanted = [
         (("base", "path"), spec.base.path, "directory"),
         *adapters,
+        (("tokenizer", "path"), spec.tokenizer.path if spec.tokenizer else None, "directory"),
         (("chat", "template"), spec.chat.template, "file"),
         (("verify", "python"), spec.verify.python, "file"),
     ]
