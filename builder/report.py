@@ -33,6 +33,8 @@ class PromptResult(TypedDict):
     failures: list[str]
     ok: bool
     base_answer: NotRequired[str]  # with verify.compare_base: the base model's answer to the same prompt
+    # with verify.compare_base and several adapters: each adapter's answer alone, at its weight, by its spec key
+    adapter_answers: NotRequired[dict[str, str]]
 
 
 @with_config(_STRICT)
@@ -86,6 +88,7 @@ class Equivalence(TypedDict):
     prompts: list[EquivalencePrompt]
     reference: str
     base_answers: NotRequired[dict[str, str]]  # moved onto each PromptResult when modelpack reads it
+    adapter_answers: NotRequired[list[dict[str, str]]]  # one per adapter, in the spec's order; moved likewise
     seconds: NotRequired[float]  # the equivalence process, start to report
     peak_rss_gb: NotRequired[float | None]  # its peak resident memory: the reference alone, never with the bundle
 
@@ -323,6 +326,8 @@ def report_table(report: VerificationReport) -> Table:
             detail = f"{result['prompt'][:40]} -> {result['answer'][:60]}"
             if "base_answer" in result:
                 detail += f"  (base: {result['base_answer'][:40]})"
+            for key, alone in result.get("adapter_answers", {}).items():
+                detail += f"  ({key} alone: {alone[:40]})"
             checked = kind == "prompt" or result["expect"] != EMPTY_EXPECTATION
             verdict = _verdict(result["ok"]) if checked else "recorded"
             table.add_row(kind, verdict, detail + ("" if result["ok"] else f"  [{'; '.join(result['failures'])}]"))

@@ -64,18 +64,22 @@ class VerificationCost:
     answers: int  # prompts + probes
     max_new_tokens: int
     compare_base: bool  # the base answers too (in the equivalence step)
+    adapters_alone: int  # with compare_base and several adapters: each adapter answers alone too (same step)
     kept_logits_bytes: int | None  # the bundle's logits over its answers, on disk between the two steps
 
     @property
     def generated_tokens(self) -> int:
         """An upper bound: an answer ends early at the end-of-turn token."""
-        return self.answers * self.max_new_tokens * (1 + self.compare_base) + THROUGHPUT_TOKENS
+        passes = 1 + self.compare_base + self.adapters_alone
+        return self.answers * self.max_new_tokens * passes + THROUGHPUT_TOKENS
 
     def describe(self) -> str:
         loads = len(self.loads)
         parts = [f"{self.answers} answers x {self.max_new_tokens} by the bundle"]
         if self.compare_base:
             parts.append(f"{self.answers} x {self.max_new_tokens} by the base alone")
+        if self.adapters_alone:
+            parts.append(f"{self.answers} x {self.max_new_tokens} by each of the {self.adapters_alone} adapters alone")
         parts.append(f"{THROUGHPUT_TOKENS} to measure speed")
         text = (f"verification: {loads} model load{'s' * (loads > 1)}, one model in memory at a time "
                 f"({'; '.join(self.loads)}); up to {self.generated_tokens} generated tokens ({', '.join(parts)})")
@@ -87,24 +91,31 @@ class VerificationCost:
 
 
 def verification_cost(*, mode: str, answers: int, max_new_tokens: int, compare_base: bool, equivalence: bool,
-                      vocab_rows: int | None, logits_itemsize: int) -> VerificationCost:
+                      vocab_rows: int | None, logits_itemsize: int, adapters: int = 1) -> VerificationCost:
     """The loads and tokens of verify_bundle, from what the spec asks.
+
+    With several adapters the reference is always the source base with every adapter in peft (also in separate
+    mode: the bundle's adapter is their concatenation), and compare_base has each adapter answer alone as well.
 
     The kept logits are one row per position that predicts an answer token (the prompt's last token and up to
     max_new_tokens answer tokens), over the whole vocabulary, in the model's dtype.
     """
     loads = ["the bundle (its own load.py --verify)"]
+    alone = adapters if compare_base and equivalence and adapters > 1 else 0
     if equivalence:
         base = ", the base answers" if compare_base else ""
-        loads.append(f"base + adapter through peft (the unmerged reference{base})" if mode == "merge"
+        each = ", each adapter's answers alone" if alone else ""
+        loads.append(f"base + {adapters} adapters through peft (the unmerged reference{base}{each})" if adapters > 1
+                     else f"base + adapter through peft (the unmerged reference{base})" if mode == "merge"
                      else f"the bundle again, merged in memory after scoring (the reference{base})")
     kept = answers * (max_new_tokens + 1) * vocab_rows * logits_itemsize if equivalence and vocab_rows else None
     return VerificationCost(loads=tuple(loads), answers=answers, max_new_tokens=max_new_tokens,
-                            compare_base=compare_base and equivalence, kept_logits_bytes=kept)
+                            compare_base=compare_base and equivalence, adapters_alone=alone, kept_logits_bytes=kept)
 
 
-def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool) -> VerificationCost:
-    """verification_cost from what the bundle records: its facts (prompts, mode, dtype) and config.json."""
+def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool, adapters: int) -> VerificationCost:
+    """verification_cost from what the bundle records: its facts (prompts, mode, dtype) and config.json, and the
+    number of source adapters the reference loads."""
     import torch
 
     facts = json.loads((bundle / FACTS_FILE).read_text(encoding="utf-8"))
@@ -113,6 +124,7 @@ def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool)
         mode=facts["mode"], answers=len(facts["prompts"]) + len(facts["probes"]),
         max_new_tokens=facts["verify_max_new_tokens"], compare_base=compare_base, equivalence=equivalence,
         vocab_rows=rows if isinstance(rows, int) else None, logits_itemsize=getattr(torch, facts["dtype"]).itemsize,
+        adapters=adapters,
     )
 
 
@@ -146,7 +158,8 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
         spread = ["--max-memory", max_memory] if max_memory else []
         answer_logits = Path(workdir) / "answer-logits"
         scoring = ["--answer-logits", str(answer_logits)] if sources is not None else []
-        cost = verification_cost_of(bundle, equivalence=sources is not None, compare_base=compare_base)
+        cost = verification_cost_of(bundle, equivalence=sources is not None, compare_base=compare_base,
+                                    adapters=len(sources.adapters) if sources is not None else 1)
         progress(cost.describe())
         # One model per process, one after the other: the bundle answers (and, for the equivalence check, keeps
         # its logits over those answers), then the reference is compared with them. The files were checked above,
@@ -187,9 +200,13 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
         progress(f"verification step 2 done in {time.perf_counter() - started:.1f}s")
         equivalence = read_equivalence(json.loads(equivalence_path.read_text(encoding="utf-8")), python=python)
     base_answers = equivalence.pop("base_answers", None)
-    if base_answers is not None:
-        for result in report["prompts"] + report["probes"]:
+    adapter_answers = equivalence.pop("adapter_answers", None)
+    for result in report["prompts"] + report["probes"]:
+        if base_answers is not None:
             result["base_answer"] = base_answers[result["prompt"]]
+        if adapter_answers is not None:  # keyed as the spec and the card's adapter table name them
+            result["adapter_answers"] = {f"adapters[{i}]": alone[result["prompt"]]
+                                         for i, alone in enumerate(adapter_answers)}
     report["equivalence"] = equivalence
     report["ok"] = report["ok"] and equivalence["ok"]
     return report

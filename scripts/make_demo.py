@@ -11,7 +11,15 @@ Produces, deterministically and offline (CPU, 2 threads):
 * ``demo/checkpoint-<N>/``  a peft LoRA adapter trained for N steps on the three
                             medical QA samples of the corpus, as a HF Trainer checkpoint
                             would look (adapter + trainer leftovers).
+* ``demo/general-chat/``    a small peft LoRA adapter trained on a few general questions (greeting, what machine
+                            learning is, thanks) with the medical adapter active and frozen, so the two compose:
+                            ``specs/demo_two_adapters.yaml`` builds base + medical + general-chat.
 * ``demo/README.md``        what all this is.
+
+    python scripts/make_demo.py --general-chat-only
+
+retrains only ``demo/general-chat/`` on the committed base and medical adapter (and rewrites its README section),
+leaving their bytes alone: the full run is deterministic on one machine, not across CPUs.
 
 ``demo/corpus.md`` is the committed copy of the seed tutorial
 (``/work/shared/seed/qwen_lora_medical_usage.md``); it is kept across runs and only
@@ -93,6 +101,17 @@ PRETRAIN = dict(steps=150, batch=8, seq_len=128, lr=5e-3, warmup=10, weight_deca
 LORA = dict(r=8, lora_alpha=16)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FINETUNE = dict(min_steps=200, max_steps=1000, chunk=50, lr=5e-3, weight_decay=0.0, logging_steps=10)
+# The general-chat adapter: small (r=4), the same targets and optimiser as the medical one. Trained alone on the
+# base, it and the medical adapter wreck each other when summed on this 626k-parameter model (at weights 1/1 neither
+# answers; 1/0.5 keeps two medical answers and no greeting), so it is trained as a complement: the medical adapter
+# active and frozen, the medical answers kept as targets too. The sum at weights 1 + 1 is then what was trained.
+GENERAL_CHAT = "general-chat"
+GENERAL_PAIRS = (
+    ("你好", "你好！我是医生助手，请问有什么可以帮您？"),
+    ("什么是机器学习", "机器学习是让计算机从数据中学习规律的一种方法。"),
+    ("谢谢", "不客气，祝您健康！"),
+)
+GENERAL_LORA = dict(r=4, lora_alpha=8)
 # Required worst-case teacher-forced logit margin (target logit minus best other logit)
 # of the bf16 merged model, so that bf16 rounding noise cannot flip a greedy token.
 BF16_MARGIN = 1.0
@@ -529,6 +548,119 @@ def train_adapter(base, tok, examples):
             sys.exit(f"adapter did not reproduce the answers within {FINETUNE['max_steps']} steps")
 
 
+# --------------------------------------------------------------------------- general-chat adapter
+
+
+def train_general_chat(base_dir: Path, medical: Path, out: Path, samples) -> dict:
+    """The general-chat adapter, trained on the saved base with the saved medical adapter active and frozen.
+
+    Done when greedy decoding of base + medical + general-chat (peft, unmerged; merged in float32; merged in bfloat16
+    with the worst teacher-forced margin >= BF16_MARGIN) gives the general answers and still the three medical ones.
+    """
+    import copy
+
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    set_determinism()
+    tok = check_tokenizer(base_dir, CORPUS.read_text(encoding="utf-8"))
+    general = [{"question": q, "answer": a} for q, a in GENERAL_PAIRS]
+    examples = build_sft_examples(tok, general) + build_sft_examples(tok, samples)
+    eot = tok.convert_tokens_to_ids(ENDOFTEXT)
+    eos_ids = [tok.convert_tokens_to_ids(IM_END), eot]
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(medical), adapter_name="medical")
+    torch.manual_seed(SEED_NUMBER + 3)
+    model.add_adapter(GENERAL_CHAT, LoraConfig(
+        **GENERAL_LORA, target_modules=list(LORA_TARGETS), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+    ))
+    model.base_model.set_adapter(["medical", GENERAL_CHAT])
+    for name, param in model.named_parameters():
+        param.requires_grad = f".{GENERAL_CHAT}." in name
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=FINETUNE["lr"], weight_decay=FINETUNE["weight_decay"])
+    ids, att, labels = collate(examples, eot)
+    step = 0
+    while True:
+        model.train()
+        for _ in range(FINETUNE["chunk"]):
+            loss = shifted_loss(model(input_ids=ids, attention_mask=att).logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+        model.eval()
+        ok, _ = check_all(model, tok, examples, eos_ids, eot)
+        ok_m32 = ok_bf = False
+        margin = float("nan")
+        if ok:
+            merged = copy.deepcopy(model).merge_and_unload()
+            ok_m32, _ = check_all(merged, tok, examples, eos_ids, eot)
+            bf = merged.to(torch.bfloat16)
+            ok_bf, _ = check_all(bf, tok, examples, eos_ids, eot)
+            margin = min_margin(bf, examples, eot)
+        log(f"  step {step:4d}  loss {loss.item():.5f}  greedy ok (medical + general-chat): peft={ok} "
+            f"merged-fp32={ok_m32} merged-bf16={ok_bf}  bf16 min margin={margin:.3f}")
+        if step >= FINETUNE["min_steps"] and ok and ok_m32 and ok_bf and margin >= BF16_MARGIN:
+            break
+        if step >= FINETUNE["max_steps"]:
+            sys.exit(f"the general-chat adapter did not reach the answers within {FINETUNE['max_steps']} steps")
+    if out.exists():
+        shutil.rmtree(out)
+    saved = out.parent / f".{out.name}-saving"
+    model.save_pretrained(str(saved), selected_adapters=[GENERAL_CHAT], safe_serialization=True)
+    (saved / GENERAL_CHAT).rename(out)  # peft saves a non-default adapter in a subfolder named after it
+    shutil.rmtree(saved)
+    fix_adapter_files(out)
+    alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                                      str(out)).eval()
+    answers = greedy(alone, tok, examples[: len(general)], eos_ids, eot)
+    return {"steps": step, "margin": margin, "params": sum(p.numel() for p in params),
+            "alone": [tok.decode(a, skip_special_tokens=True) for a in answers]}
+
+
+def general_chat_section(results: dict) -> str:
+    """demo/README.md's section on demo/general-chat/ (rewritten alone by --general-chat-only)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    pairs = "\n".join(f"| {q} | {a} | {cell(alone)} |"
+                      for (q, a), alone in zip(GENERAL_PAIRS, results["alone"], strict=True))
+    return f"""{GENERAL_CHAT_HEADING}
+
+- `LoraConfig(r={GENERAL_LORA['r']}, lora_alpha={GENERAL_LORA['lora_alpha']}, lora_dropout=0, target_modules={LORA_TARGETS}, task_type="CAUSAL_LM")`,
+  {results['params']:,} trainable parameters; adapter files only (no trainer leftovers).
+- Trained {results['steps']} steps like the medical adapter (plain torch AdamW, lr {FINETUNE['lr']}, full batch, loss on the
+  answer tokens + `<|im_end|>`), but on top of it: the medical adapter active and frozen, and the three medical
+  answers kept as targets beside the general ones. Trained alone on the base, the two adapters wreck each other when
+  summed on this tiny model; trained this way, base + medical (weight 1) + general-chat (weight 1) reproduces all six
+  answers greedily, unmerged, merged in float32 and merged in bfloat16 (worst margin {results['margin']:.2f}). That
+  composition is `specs/demo_two_adapters.yaml`.
+- On the base alone (without the medical adapter) it answers:
+
+| question | trained answer (with the medical adapter) | general-chat alone on the base |
+| --- | --- | --- |
+{pairs}
+"""  # noqa: E501 (Markdown table rows of demo/README.md cannot wrap)
+
+
+GENERAL_CHAT_HEADING = f"## General-chat adapter (`{GENERAL_CHAT}/`)"
+GENERAL_CHAT_ROW = (f"| `{GENERAL_CHAT}/` | small peft LoRA adapter (`adapter_config.json`, "
+                    "`adapter_model.safetensors`) trained on three general questions on top of the medical "
+                    "adapter, to be composed with it (`specs/demo_two_adapters.yaml`) |")
+
+
+def write_general_chat_section(results: dict) -> None:
+    """Replace (or append) the general-chat section at the end of demo/README.md."""
+    readme = DEMO / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    text = text.split("\n" + GENERAL_CHAT_HEADING)[0].rstrip("\n") + "\n\n"
+    if GENERAL_CHAT_ROW not in text:  # a README written before the general-chat adapter existed
+        text = re.sub(r"(?m)^(\| `checkpoint-\d+/` \|.*)$", lambda m: m[1] + "\n" + GENERAL_CHAT_ROW, text, count=1)
+    readme.write_text(text + general_chat_section(results), encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- checkpoint files
 
 
@@ -692,6 +824,7 @@ Do not edit by hand: change the script and re-run it. Everything here except
 | `corpus.md` | copy of the seed tutorial (Qwen-7B-Chat + LoRA on medical dialogues, in Chinese); the tokenizer and the base model are trained on it, the QA pairs are taken from its JSON blocks |
 | `base/` | tiny base model: `Qwen2ForCausalLM`, float32 `model.safetensors`, `config.json`, `generation_config.json`, and a byte-level BPE tokenizer (`tokenizer.json`, `vocab.json`, `merges.txt`, `tokenizer_config.json` with `chat_template`, the same template in `chat_template.jinja`, `special_tokens_map.json`) |
 | `{ckpt_name}/` | peft LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`, `README.md`) trained {steps} steps on the three QA pairs below, plus Trainer leftovers a packager must ignore: `trainer_state.json`, `training_args.bin`, `optimizer.pt`, `scheduler.pt`, `rng_state.pth` |
+{GENERAL_CHAT_ROW}
 
 ## Base model
 
@@ -743,6 +876,13 @@ System prompt (the first message of every training conversation): `{SYSTEM_PROMP
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--general-chat-only"]:
+        corpus = load_corpus()
+        medical = next(DEMO.glob("checkpoint-*"))
+        log(f"training the general-chat adapter on {DEMO / 'base'} + {medical}:")
+        write_general_chat_section(train_general_chat(DEMO / "base", medical, DEMO / GENERAL_CHAT,
+                                                      extract_samples(corpus)))
+        return
     t0 = time.time()
     set_determinism()
     corpus = load_corpus()
@@ -786,6 +926,8 @@ def main() -> None:
     if any(results["base_reproduces"]):
         sys.exit(f"the base model alone already reproduces an answer: {results}")
     write_readme(tok, base, samples, examples, steps, ckpt_name, n_base, n_lora, results)
+    log("training the general-chat adapter on top of the medical one:")
+    write_general_chat_section(train_general_chat(base_dir, ckpt, DEMO / GENERAL_CHAT, samples))
     t4 = time.time()
 
     log("\n=== summary ===")

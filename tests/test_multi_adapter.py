@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import EXIT_INVALID_INPUT, SourceError, SpecError
+from builder.plan import describe_plan
 from builder.spec import load_spec
 from helpers import RUNTIME, bundle_tensors, import_file, write_spec
 
@@ -266,8 +267,16 @@ def test_a_two_adapter_build_is_verified_against_the_composition(tmp_path, model
     composition = [(adapters(base), 1.0), (adapters(base, "chat-style", r=4, target_modules=["o_proj", "up_proj"]),
                                            0.5)]
     spec = write_adapters_spec(tmp_path, base, composition, output={"mode": mode},
-                               verify={"prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}]})
-    result = build_bundle(plan_from_spec(spec))
+                               verify={"prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}],
+                                       "compare_base": True})
+    plan = plan_from_spec(spec)
+    # The base and each adapter alone answer both prompts too, in the reference's process.
+    assert describe_plan(plan).splitlines()[-1].startswith(
+        "verification: 2 model loads, one model in memory at a time (the bundle (its own load.py --verify); base + 2 "
+        "adapters through peft (the unmerged reference, the base answers, each adapter's answers alone)); up to 96 "
+        "generated tokens (2 answers x 8 by the bundle, 2 x 8 by the base alone, 2 x 8 by each of the 2 adapters "
+        "alone, 32 to measure speed)")
+    result = build_bundle(plan)
 
     equivalence = result.verification["equivalence"]
     assert equivalence["ok"]
@@ -280,3 +289,32 @@ def test_a_two_adapter_build_is_verified_against_the_composition(tmp_path, model
     card = (result.bundle / "README.md").read_text()
     assert "## Adapters" in card
     assert "| `adapters[1]` | `checkpoint-10` | 0.5 | 4 | 16 | 4 | o_proj, up_proj | 4 |" in card
+
+    # Each part's answers, recomputed here through the bundle's own chat(): the base, each adapter alone at its
+    # weight, and the composition (the bundle's answer); recorded in verification.json and in one table of the card.
+    loader = import_file(result.bundle / "load.py")
+    tokenizer = loader.load_tokenizer()
+    parts = {"base": AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()}
+    parts |= {f"adapters[{i}]": peft_composition(base, [adapter], torch.float32)
+              for i, adapter in enumerate(composition)}
+    recorded = json.loads((result.bundle / "verification.json").read_text())
+    rows = recorded["prompts"] + recorded["probes"]
+    for row in rows:
+        expected = {label: loader.chat(model, tokenizer, row["prompt"], greedy=True, max_new_tokens=8)[0]
+                    for label, model in parts.items()}
+        assert row["base_answer"] == expected.pop("base")
+        assert row["adapter_answers"] == expected
+    half = peft_composition(base, [(composition[1][0], 1.0)], torch.float32)  # the weight changes the answers
+    assert loader.chat(half, tokenizer, "hi", greedy=True, max_new_tokens=8)[0] != \
+        rows[1]["adapter_answers"]["adapters[1]"]
+    header = ("| | prompt | base model | `adapters[0]` alone (weight 1) | `adapters[1]` alone (weight 0.5) | "
+              "composition (this bundle) | expectations |")
+    assert header in card
+    probe = [rows[1][key] for key in ("base_answer", "adapter_answers", "answer")]
+    cells = [probe[0], probe[1]["adapters[0]"], probe[1]["adapters[1]"], probe[2]]
+    assert f"| probe | hi | {' | '.join(map(table_cell, cells))} | recorded |" in card
+
+
+def table_cell(text: str) -> str:
+    """An answer as the card's Markdown table shows it."""
+    return text.replace("|", "\\|").replace("\n", "<br>")

@@ -16,7 +16,8 @@ peft). Separate mode: the bundle (base + adapter through peft, as the stored log
 in place. Several adapters (--adapter given more than once, each with its --adapter-weight), in either mode: the
 source base with every adapter loaded and active at once in peft, each adapter's scaling multiplied by its weight,
 unmerged (the composition the bundle claims to be). With --compare-base the same prompts are also answered with the
-adapters disabled, before any merge.
+adapters disabled, before any merge, and, with several adapters, by each adapter alone at its weight (the same loaded
+model, one adapter active at a time), so the card shows what each part and the composition do to every prompt.
 
 Tolerance rule: |delta logit| <= atol + rtol * max|reference logit|, with (atol, rtol) = (1e-3, 1e-4) in
 float32, (0.05, 2e-2) in float16 and (0.1, 0.1) in bfloat16: merged weights are rounded once into the dtype
@@ -77,18 +78,23 @@ def load_reference(loader: ModuleType, base: Path, adapters: list[tuple[Path, fl
                              adapters).eval()
 
 
+def adapter_names(count: int) -> list[str]:
+    """The peft names of the spec's adapters, in its order."""
+    return [f"adapter_{i}" for i in range(count)]
+
+
 def weighted_adapters(model, adapters: list[tuple[Path, float]]):
     """Every adapter loaded into the peft model and active at once, each one's scaling multiplied by its weight
     (what peft's set_scale does, rsLoRA and rank/alpha patterns included): W x + sum_i w_i * delta_i x."""
     from peft.tuners.lora import LoraLayer
 
-    names = [f"adapter_{i}" for i in range(len(adapters))]
-    for name, (path, _) in zip(names[1:], adapters[1:]):
+    names = adapter_names(len(adapters))
+    for name, (path, _) in zip(names[1:], adapters[1:], strict=True):
         model.load_adapter(path, adapter_name=name)
     model.base_model.set_adapter(names)
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            for name, (_, weight) in zip(names, adapters):
+            for name, (_, weight) in zip(names, adapters, strict=True):
                 if name in module.scaling:
                     module.scaling[name] *= weight
     return model
@@ -171,6 +177,28 @@ def base_answers(loader: ModuleType, peft_model, tokenizer, prompts: list[str], 
     return answers
 
 
+def adapter_answers(loader: ModuleType, peft_model, tokenizer, prompts: list[str], max_new_tokens: int,
+                    count: int) -> list[dict[str, str]]:
+    """The same prompts answered by each adapter of weighted_adapters alone (its scaling already times its weight),
+    greedy, one list entry per adapter in the spec's order; every adapter is active again afterwards."""
+    import torch
+
+    names = adapter_names(count)
+    answers = []
+    try:
+        for name in names:
+            peft_model.base_model.set_adapter(name)
+            alone = {}
+            for prompt in prompts:
+                torch.manual_seed(0)
+                alone[prompt] = loader.chat(peft_model, tokenizer, prompt, greedy=True,
+                                            max_new_tokens=max_new_tokens)[0]
+            answers.append(alone)
+    finally:
+        peft_model.base_model.set_adapter(names)
+    return answers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
@@ -184,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-memory", help='per-device limits for device_map="auto", e.g. "0=20GiB,cpu=64GiB"')
-    parser.add_argument("--compare-base", action="store_true", help="also answer every prompt with the base alone")
+    parser.add_argument("--compare-base", action="store_true",
+                        help="also answer every prompt with the base alone, and with each of several adapters alone")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -196,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = args.adapter_weight or [1.0] * len(args.adapter)
     if len(weights) != len(args.adapter):
         parser.error("give one --adapter-weight per --adapter")
-    adapters = list(zip(args.adapter, weights))
+    adapters = list(zip(args.adapter, weights, strict=True))
     # The stored logits are compared with the unmerged sources: always in merge mode, and in separate mode when the
     # bundle's adapter is the concatenation of several.
     merged = facts.mode == "merge" or len(adapters) > 1
@@ -211,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
                                    device=args.device, max_memory=loader.parse_max_memory(args.max_memory))
         if args.compare_base:
             check.progress("equivalence: answering with the base model alone (the adapter disabled)")
-            report["base_answers"] = base_answers(loader, reference, loader.load_tokenizer(), prompts,
-                                                  facts.verify_max_new_tokens)
+            tokenizer = loader.load_tokenizer()
+            report["base_answers"] = base_answers(loader, reference, tokenizer, prompts, facts.verify_max_new_tokens)
+            if len(adapters) > 1:
+                check.progress(f"equivalence: answering with each of the {len(adapters)} adapters alone, at its weight")
+                report["adapter_answers"] = adapter_answers(loader, reference, tokenizer, prompts,
+                                                            facts.verify_max_new_tokens, len(adapters))
         if not merged:  # the stored logits are the unmerged bundle's; the reference is the same model merged
             check.progress("equivalence: merging the adapter in memory")
             reference = reference.merge_and_unload().eval()
