@@ -245,6 +245,7 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
         assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
         tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype, summed=summed))
     copies = _file_copies(spec, base, adapters, tokenizer)
+    refuse_chatless(spec, base, copies, tokenizer or tokenizer_adapter(adapters))
     vocab_size = _resized_vocabulary(base, tensors)
     if tokenizer is not None:
         refuse_oversized_tokenizer(tokenizer, base, vocab_size)
@@ -299,6 +300,25 @@ def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapters: tuple[Weig
             "neither has the checkpoint, as when the base was written by merge_and_unload + save_pretrained: set "
             "`tokenizer.path` in the spec to a folder that holds them (the original base model, or the checkpoint "
             "the trainer saved the tokenizer into)"
+        )
+
+
+def refuse_chatless(spec: Spec, base: BaseModelFolder, copies: tuple[FileCopy, ...],
+                    carrier: AdapterCheckpoint | TokenizerFolder | None) -> None:
+    """A bundle chats (load.py's chat(), verification, servers' chat endpoints): without a chat template, only a
+    model whose own code builds its prompts (Qwen v1's model.chat()) can. Refused at plan time, not after the
+    weights are written."""
+    from builder.chat import tokenizer_declarations  # chat imports this module
+
+    if spec.chat.template is not None or code_files(base, carrier):
+        return
+    tokenizer = {c.dest: c.source for c in copies if c.role == "tokenizer"}
+    if tokenizer_declarations(tokenizer).template is None:
+        folder = next(iter(tokenizer.values())).parent
+        raise SourceError(
+            f"the tokenizer in {folder} has no chat template (chat_template in tokenizer_config.json, or "
+            "chat_template.jinja), and the bundle's chat(), its verification and servers' chat endpoints need one: "
+            "set `chat.template` in the spec to a .jinja file with the template the adapter was trained with"
         )
 
 

@@ -412,7 +412,7 @@ BASE_CONFIG_CASES = [
      2, ["{base}: the model's own code has a file named load.py, which is the name of the bundle's loader"]),
     ("base-without-tokenizer", lambda p: [f.unlink() for f in p.base.iterdir() if "token" in f.name
                                           or f.name in ("vocab.json", "merges.txt", "chat_template.jinja")] and None,
-     2, ["base.path {base} has no tokenizer files", "merge_and_unload", "copy the original model's tokenizer"]),
+     2, ["base.path {base} has no tokenizer files", "merge_and_unload", "set `tokenizer.path` in the spec"]),
     ("base-auto-map-a-string", lambda p: base_config(p, auto_map="modeling_x.X"), 2,
      ["{base}: `auto_map` in a config there is 'modeling_x.X', not an object mapping Auto classes"]),
 ]
