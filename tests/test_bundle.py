@@ -92,7 +92,7 @@ def test_manifest_hashes_every_file_and_records_provenance(merged_bundle):
 
 
 def test_no_file_but_the_manifest_names_a_build_machine_path(merged_bundle):
-    sources = [str(merged_bundle.plan.base.path), str(merged_bundle.plan.adapter.path)]
+    sources = [str(merged_bundle.plan.base.path), *(str(a.checkpoint.path) for a in merged_bundle.plan.adapters)]
     for path in merged_bundle.bundle.iterdir():
         if path.suffix != ".safetensors" and path.name != "manifest.json":
             text = path.read_text(encoding="utf-8")
