@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
+from builder.adapter_compose import WeightedAdapter
 from builder.adapter_match import match_adapter
 from builder.errors import ModelpackError
 from builder.plan import plan_build
@@ -183,7 +184,7 @@ def test_any_adapter_config_plans_or_is_a_source_error(adapter_project, changes,
         outcome(match_adapter, base, adapter)
         for mode in ("merge", "separate"):
             moded = spec.model_copy(update={"output": spec.output.model_copy(update={"mode": mode})})
-            outcome(plan_build, moded, base, adapter, spec_file=spec_path)
+            outcome(plan_build, moded, base, (WeightedAdapter("adapter", adapter, 1.0),), spec_file=spec_path)
 
 
 # --- safetensors headers -------------------------------------------------------------------------------------------
