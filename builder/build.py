@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import builder
 from builder import configs
@@ -15,6 +16,7 @@ from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
 from builder.gguf_export import export_gguf, gguf_path
 from builder.manifest import find_machine_paths, sha256_file, write_manifest
+from builder.merge_device import require_merge_device
 from builder.plan import BuildPlan, plan_build
 from builder.render import (
     RenderContext,
@@ -45,13 +47,18 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None) -> BuildPlan:
-    """Load and check the spec and both sources, and plan the build; nothing is written."""
+def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None,
+                   merge_device: Literal["cpu", "cuda", "auto"] | None = None) -> BuildPlan:
+    """Load and check the spec and both sources, and plan the build; nothing is written. output_dir and
+    merge_device override the spec's output.dir and output.merge_device (build's -o and --merge-device)."""
     spec = load_spec(spec_path)
     if output_dir is not None:
         # Absolute but unresolved, as the spec's own paths: a symlink given as the output must stay visible.
         output_dir = Path(os.path.abspath(output_dir))
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": output_dir})})
+    if merge_device is not None:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge_device": merge_device})})
+    require_merge_device(spec.output.merge_device)
     base = read_base_model(spec.base.path)
     adapters = tuple(
         WeightedAdapter(s.key, read_adapter_checkpoint(s.path, allow_pickle=s.allow_pickle), s.weight)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -124,9 +123,7 @@ def build(
     from builder.console import build_json, plan_json, plan_tables
     from builder.report import report_table
 
-    plan = plan_from_spec(spec, output_dir=output)
-    if merge_device is not None:
-        plan = dataclasses.replace(plan, merge_device=merge_device)
+    plan = plan_from_spec(spec, output_dir=output, merge_device=merge_device)
     console = _console(quiet)
     if dry_run:
         if as_json:

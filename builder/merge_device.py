@@ -101,15 +101,20 @@ class MergeDevice(Protocol):
     def close(self) -> None: ...
 
 
-def merge_device_for(requested: str) -> MergeDevice:
-    """The device the build asked for (output.merge_device or --merge-device), on this machine."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return CpuMerge()
-    if not torch.cuda.is_available():
+def require_merge_device(requested: str) -> None:
+    """Refuse, before any work, a merge device this machine does not have."""
+    if requested == "cuda" and not torch.cuda.is_available():
         raise ModelpackError(
             f"the merge device is cuda (output.merge_device or --merge-device), but torch {torch.__version__} sees "
             "no CUDA GPU on this machine; use cpu, or auto to merge on a GPU only where there is one"
         )
+
+
+def merge_device_for(requested: str) -> MergeDevice:
+    """The device the build asked for (output.merge_device or --merge-device), on this machine."""
+    require_merge_device(requested)
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return CpuMerge()
     return CudaMerge()
 
 

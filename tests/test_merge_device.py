@@ -63,6 +63,8 @@ def test_cuda_on_a_machine_without_one_is_a_user_error(tmp_path, models, adapter
     assert_user_error(result, 2, "the merge device is cuda (output.merge_device or --merge-device)",
                       "no CUDA GPU", "use cpu, or auto")
     assert not (tmp_path / "dist" / "tiny-med").exists()
+    if how == "spec":  # refused at plan time: validate says it before any build work
+        assert_user_error(CliRunner().invoke(app, ["validate", str(spec)]), 2, "the merge device is cuda")
 
 
 def test_auto_merges_on_the_gpu_only_where_there_is_one(tmp_path, models, adapters):
