@@ -61,7 +61,11 @@ class Placement(TypedDict):
 @with_config(_STRICT)
 class Runtime(TypedDict):
     load_seconds: float
-    tokens_per_second: float
+    # Over the verification answers, their prompt processing included (None: no token was generated). Bundles
+    # built before 2026-12 timed a 32-token generation of its own and give no counts.
+    tokens_per_second: float | None
+    generated_tokens: NotRequired[int]
+    generation_seconds: NotRequired[float]
     placement: Placement
     peak_rss_gb: NotRequired[float | None]  # the verifying process's peak resident memory (None: not on this OS)
 
@@ -282,6 +286,14 @@ def gguf_parting(part: AnswerParting) -> str:
             f"({tie}: tolerance {part['tolerance']:.3g})")
 
 
+def answer_speed(runtime: Runtime) -> str:
+    """The decoding speed as the report line gives it: over the answers where the runtime counted them."""
+    if "generated_tokens" not in runtime:
+        return f"{runtime['tokens_per_second']} tokens/s"
+    return (f"answered {runtime['generated_tokens']} tokens in {runtime['generation_seconds']}s "
+            f"({runtime['tokens_per_second']} tokens/s, prompts included)")
+
+
 def report_table(report: VerificationReport) -> Table:
     """The terminal summary of a verification report: one row per check and per prompt."""
     table = Table(title=f"verification of {report['bundle']}: {'passed' if report['ok'] else 'FAILED'}")
@@ -317,8 +329,8 @@ def report_table(report: VerificationReport) -> Table:
                       f"{gguf['runtime']}, {gguf['threads']} threads, greedy, each file's own chat template")
     runtime = report["runtime"]
     spread = ", ".join(f"{device}: {count / 1e6:.1f}M" for device, count in runtime["placement"]["parameters"].items())
-    table.add_row("runtime", "", f"loaded in {runtime['load_seconds']}s, {runtime['tokens_per_second']} tokens/s; "
-                  f"parameters on {spread}")
+    table.add_row("runtime", "",
+                  f"loaded in {runtime['load_seconds']}s, {answer_speed(runtime)}; parameters on {spread}")
     for skipped in report["skipped"]:
         table.add_row(skipped["check"], "skipped", skipped["reason"])
     for kind, results in (("prompt", report["prompts"]), ("probe", report["probes"])):

@@ -47,8 +47,6 @@ class ReferenceSources:
     adapters: tuple[ReferenceAdapter, ...]
 
 
-# Tokens the runtime generates to measure decoding speed (bundle_check.throughput).
-THROUGHPUT_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -56,8 +54,8 @@ class VerificationCost:
     """What verification will run, counted from the spec (or the bundle's facts) before anything loads.
 
     Each model load is a process of its own, run one after the other, so one model is in memory at a time: the
-    bundle (answers, serving checks, speed, and its logits over its answers when the equivalence check follows),
-    then the reference the equivalence check compares those logits with.
+    bundle (answers, timed for its speed; serving checks; its logits over its answers when the equivalence check
+    follows), then the reference the equivalence check compares those logits with.
     """
 
     loads: tuple[str, ...]
@@ -71,7 +69,7 @@ class VerificationCost:
     def generated_tokens(self) -> int:
         """An upper bound: an answer ends early at the end-of-turn token."""
         passes = 1 + self.compare_base + self.adapters_alone
-        return self.answers * self.max_new_tokens * passes + THROUGHPUT_TOKENS
+        return self.answers * self.max_new_tokens * passes
 
     def describe(self) -> str:
         loads = len(self.loads)
@@ -80,7 +78,6 @@ class VerificationCost:
             parts.append(f"{self.answers} x {self.max_new_tokens} by the base alone")
         if self.adapters_alone:
             parts.append(f"{self.answers} x {self.max_new_tokens} by each of the {self.adapters_alone} adapters alone")
-        parts.append(f"{THROUGHPUT_TOKENS} to measure speed")
         text = (f"verification: {loads} model load{'s' * (loads > 1)}, one model in memory at a time "
                 f"({'; '.join(self.loads)}); up to {self.generated_tokens} generated tokens ({', '.join(parts)})")
         if loads > 1:

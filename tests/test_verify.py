@@ -44,6 +44,30 @@ def test_an_untouched_bundle_passes_and_reports_every_check(bundle):
     assert report["serving"]["ok"]
     assert [r["prompt"] for r in report["prompts"]] == ["你好"] and [r["prompt"] for r in report["probes"]] == ["hi"]
     assert set(report["environment"]) >= {"python", "torch", "transformers"}
+    runtime = report["runtime"]  # the speed is the answers' own: at most max_new_tokens for each of the 2 answers
+    assert 1 <= runtime["generated_tokens"] <= 2 * 64
+    assert runtime["tokens_per_second"] == pytest.approx(runtime["generated_tokens"] / runtime["generation_seconds"],
+                                                         rel=0.05)
+
+
+def test_the_generation_clock_counts_what_generate_adds_and_unwraps_itself(models):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import RUNTIME, import_file
+
+    check = import_file(RUNTIME / "bundle_check.py", "runtime_bundle_check_clock")
+    model = AutoModelForCausalLM.from_pretrained(models("qwen2", tied=True, dtype=torch.float32))
+    prompt = torch.tensor([[5, 6, 7]])
+    clock = check.GenerationClock(model)
+    with clock:  # input_ids positional, as Qwen-v1's chat() calls self.generate
+        model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with clock:  # and by keyword, asking for a dict back
+        model.generate(input_ids=prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                       return_dict_in_generate=True)
+    assert clock.tokens == 8 and clock.seconds > 0
+    assert clock.tokens_per_second() == round(8 / clock.seconds, 2)
+    assert "generate" not in vars(model)  # the class's own generate is back
+    assert check.GenerationClock(model).tokens_per_second() is None  # nothing generated: no speed to report
 
 
 def test_two_runs_give_the_same_answers(bundle):

@@ -24,19 +24,18 @@ def test_verification_cost_counts_loads_and_tokens_from_the_spec():
                               vocab_rows=152064, logits_itemsize=2)
     assert merge.loads == ("the bundle (its own load.py --verify)",
                            "base + adapter through peft (the unmerged reference, the base answers)")
-    assert merge.generated_tokens == 2 * 4 + 2 * 4 + 32
+    assert merge.generated_tokens == 2 * 4 + 2 * 4
     assert merge.kept_logits_bytes == 2 * 5 * 152064 * 2
     separate = verification_cost(mode="separate", answers=3, max_new_tokens=8, compare_base=False, equivalence=True,
                                  vocab_rows=416, logits_itemsize=4)
     assert separate.loads[1] == "the bundle again, merged in memory after scoring (the reference)"
-    assert separate.generated_tokens == 3 * 8 + 32
+    assert separate.generated_tokens == 3 * 8
     # `modelpack verify` without the sources: the bundle alone, and base answers need the sources.
     alone = verification_cost(mode="merge", answers=2, max_new_tokens=4, compare_base=True, equivalence=False,
                               vocab_rows=416, logits_itemsize=4)
-    assert (len(alone.loads), alone.generated_tokens, alone.kept_logits_bytes) == (1, 2 * 4 + 32, None)
+    assert (len(alone.loads), alone.generated_tokens, alone.kept_logits_bytes) == (1, 2 * 4, None)
     assert alone.describe() == ("verification: 1 model load, one model in memory at a time (the bundle (its own "
-                                "load.py --verify)); up to 40 generated tokens (2 answers x 4 by the bundle, 32 to "
-                                "measure speed)")
+                                "load.py --verify)); up to 8 generated tokens (2 answers x 4 by the bundle)")
 
 
 def test_the_dry_run_states_what_verification_will_load_and_generate(tmp_path, models, adapters):
@@ -46,8 +45,8 @@ def test_the_dry_run_states_what_verification_will_load_and_generate(tmp_path, m
     lines = describe_plan(plan_from_spec(spec)).splitlines()
     assert lines[-1] == (
         "verification: 2 model loads, one model in memory at a time (the bundle (its own load.py --verify); "
-        "base + adapter through peft (the unmerged reference, the base answers)); up to 48 generated tokens "
-        "(2 answers x 4 by the bundle, 2 x 4 by the base alone, 32 to measure speed); 2 answers scored by both "
+        "base + adapter through peft (the unmerged reference, the base answers)); up to 16 generated tokens "
+        "(2 answers x 4 by the bundle, 2 x 4 by the base alone); 2 answers scored by both "
         "models, up to 16.6 KB of logits kept on disk between them (skipped with --no-verify)"
     )
 

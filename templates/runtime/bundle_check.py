@@ -8,7 +8,7 @@ inside the bundle's own code, so it cannot detect a changed load.py or bundle_ch
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import json
 import os
@@ -189,7 +189,8 @@ def vllm_lora_warnings(config: dict) -> list[str]:
     return warnings
 
 
-def answer_all(loader: ModuleType, model, tokenizer, entries: list[dict], max_new_tokens: int) -> list[dict]:
+def answer_all(loader: ModuleType, model, tokenizer, entries: list[dict], max_new_tokens: int,
+               clock: GenerationClock | None = None) -> list[dict]:
     """Each prompt answered through the bundle's own chat(), greedy and seeded, with its unmet expectations."""
     import torch
 
@@ -197,11 +198,45 @@ def answer_all(loader: ModuleType, model, tokenizer, entries: list[dict], max_ne
     for i, entry in enumerate(entries, 1):
         progress(f"  [{i}/{len(entries)}] {entry['prompt'][:40]}")
         torch.manual_seed(0)
-        answer, _ = loader.chat(model, tokenizer, entry["prompt"], greedy=True, max_new_tokens=max_new_tokens)
+        with clock or contextlib.nullcontext():
+            answer, _ = loader.chat(model, tokenizer, entry["prompt"], greedy=True, max_new_tokens=max_new_tokens)
         failures = check_expectations(answer, entry.get("expect", {}))
         results.append({"prompt": entry["prompt"], "answer": answer, "expect": entry.get("expect", {}),
                         "failures": failures, "ok": not failures})
     return results
+
+
+class GenerationClock:
+    """The tokens model.generate adds and the seconds it takes, summed over the answers it times.
+
+    The decoding speed is read off the verification answers themselves (their prompt processing included) rather
+    than off a generation run of its own, which at 7B on a CPU costs minutes. It wraps the model's generate for the
+    duration of each `with`, so it counts remote chat code (Qwen-v1's model.chat calls self.generate) too.
+    """
+
+    def __init__(self, model) -> None:
+        self.model, self.tokens, self.seconds = model, 0, 0.0
+
+    def __enter__(self) -> GenerationClock:
+        generate = self.model.generate
+
+        def timed_generate(*args, **kwargs):
+            started = time.perf_counter()
+            output = generate(*args, **kwargs)
+            self.seconds += time.perf_counter() - started
+            prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            sequences = getattr(output, "sequences", output)
+            self.tokens += (sequences.shape[-1] - prompt.shape[-1]) * sequences.shape[0]
+            return output
+
+        self.model.generate = timed_generate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.generate  # the class's own generate again
+
+    def tokens_per_second(self) -> float | None:
+        return round(self.tokens / self.seconds, 2) if self.tokens else None
 
 
 def formatted_prompt(tokenizer, model, prompt: str, system: str | None) -> str:
@@ -295,34 +330,19 @@ def verify(loader: ModuleType, *, device: str = "cpu", max_memory: dict | None =
     load_seconds = time.perf_counter() - started
     serving = check_serving(model, tokenizer, bundle, facts)
     progress("answering the verification prompts")
-    prompts = answer_all(loader, model, tokenizer, facts.prompts, facts.verify_max_new_tokens)
-    probes = answer_all(loader, model, tokenizer, facts.probes, facts.verify_max_new_tokens) if facts.probes else []
+    clock = GenerationClock(model)
+    prompts = answer_all(loader, model, tokenizer, facts.prompts, facts.verify_max_new_tokens, clock)
+    probes = answer_all(loader, model, tokenizer, facts.probes, facts.verify_max_new_tokens, clock) \
+        if facts.probes else []
     if answer_logits is not None:
         progress("scoring the answers for the equivalence check")
         save_answer_logits(model, tokenizer, prompts + probes, facts.system_prompt, answer_logits)
     ok = integrity["ok"] and serving["ok"] and all(r["ok"] for r in prompts + probes)
-    tokens_per_second = throughput(model, tokenizer)
     return {"bundle": facts.name, "ok": ok, "integrity": integrity, "serving": serving,
             "prompts": prompts, "probes": probes, "environment": versions(facts.remote_code_imports),
-            "runtime": {"load_seconds": round(load_seconds, 2), "tokens_per_second": tokens_per_second,
+            "runtime": {"load_seconds": round(load_seconds, 2), "tokens_per_second": clock.tokens_per_second(),
+                        "generated_tokens": clock.tokens, "generation_seconds": round(clock.seconds, 3),
                         "placement": placement(model), "peak_rss_gb": peak_rss_gb()}}
-
-
-def throughput(model, tokenizer, new_tokens: int = 32) -> float:
-    """Greedy decoding speed: a fixed number of new tokens (end-of-sequence suppressed) after a short prompt."""
-    import torch
-
-    inputs = tokenizer("Hello", return_tensors="pt", add_special_tokens=False).to(model.device)
-    generation_config = copy.deepcopy(model.generation_config)
-    generation_config.update(do_sample=False, temperature=None, top_p=None, top_k=None,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    if generation_config.pad_token_id is None:
-        generation_config.pad_token_id = tokenizer.pad_token_id or 0
-    with torch.no_grad():
-        started = time.perf_counter()
-        output = model.generate(**inputs, generation_config=generation_config)
-        seconds = time.perf_counter() - started
-    return round((output.shape[1] - inputs["input_ids"].shape[1]) / seconds, 2)
 
 
 def placement(model) -> dict:
