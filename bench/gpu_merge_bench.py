@@ -169,7 +169,7 @@ def gpu_vs_cpu(spec: Path, bundle: Path, layers: list[int]) -> dict:
     """modelpack's CPU merge (the reference path, CpuMerge, tile by tile) of some layers against the GPU bundle."""
     sys.path.insert(0, str(REPO))
     from builder.build import plan_from_spec
-    from builder.merge_device import CpuMerge
+    from builder.merge_device import CpuMerge, read_factors
     from builder.safetensors_io import read_tensor
 
     plan = plan_from_spec(spec)
@@ -182,7 +182,7 @@ def gpu_vs_cpu(spec: Path, bundle: Path, layers: list[int]) -> dict:
         if not tensor.name.startswith(wanted):
             continue
         source = read_tensor(tensor.source)
-        cpu = device.merge(tensor, device.factors(tensor), source, 0, tensor.source.shape[0]).result()
+        cpu = device.merge(tensor, device.place(read_factors(tensor)), source, 0, tensor.source.shape[0]).result()
         d = ulp(cpu.cuda(), gpu[tensor.name].get_tensor(tensor.name).cuda())
         differing = int((d > 0).sum())
         stats["tensors"] += 1

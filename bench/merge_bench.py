@@ -49,7 +49,8 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Bumped whenever the generated inputs change, so a stale cache is regenerated rather than reused.
-INPUTS_VERSION = 1
+# 2: config.json names its architecture, as every hub checkpoint saved by save_pretrained does.
+INPUTS_VERSION = 2
 
 # Real Qwen2 / Qwen2.5 dimensions (config.json of Qwen/Qwen2.5-{0.5B,1.5B,7B}).
 SIZES: dict[str, dict] = {
@@ -163,6 +164,7 @@ def generate_base(folder: Path, size: str, *, seed: int) -> int:
     from transformers import GenerationConfig
 
     config = qwen2_config(size)
+    config.architectures = ["Qwen2ForCausalLM"]  # what model.save_pretrained writes, and every hub config carries
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
     GenerationConfig(bos_token_id=0, eos_token_id=[2, 0], pad_token_id=0, do_sample=True, temperature=0.7,

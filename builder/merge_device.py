@@ -6,6 +6,7 @@ functions over tensors (merge.py), only where the tensors live differs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -24,7 +25,7 @@ from builder.merge import (
     merge_lora_delta_sum,
 )
 from builder.plan import TensorPlan
-from builder.safetensors_io import read_tensor, read_tensor_rows
+from builder.safetensors_io import TensorLocation, read_tensor, read_tensor_rows
 
 # Blocks and tiles are whole multiples of this many rows: matmuls over a single row take another BLAS path (gemv)
 # whose rounding differs, and the merge must be bit-identical to peft's full-matrix product.
@@ -53,13 +54,21 @@ class Factors:
         )
 
 
-def read_factors(tensor: TensorPlan) -> Factors:
+def read_factors(tensor: TensorPlan, on_read: Callable[[TensorLocation, torch.Tensor], None] = lambda loc, t: None
+                 ) -> Factors:
+    """An output tensor's adapter tensors from the adapter's files; on_read sees each one's bytes as read."""
+
+    def read(location: TensorLocation) -> torch.Tensor:
+        data = read_tensor(location)
+        on_read(location, data)
+        return data
+
     return Factors(
         deltas=tuple(
-            (d, read_tensor(d.a) if d.a else None, read_tensor(d.b), read_tensor(d.magnitude) if d.magnitude else None)
+            (d, read(d.a) if d.a else None, read(d.b), read(d.magnitude) if d.magnitude else None)
             for d in tensor.deltas
         ),
-        token_rows=read_tensor(tensor.token_rows.values) if tensor.token_rows else None,
+        token_rows=read(tensor.token_rows.values) if tensor.token_rows else None,
     )
 
 
@@ -93,7 +102,7 @@ class MergeDevice(Protocol):
 
     def host_buffer(self, nbytes: int) -> torch.Tensor: ...
 
-    def factors(self, tensor: TensorPlan) -> Factors: ...
+    def place(self, factors: Factors) -> Factors: ...
 
     def merge(self, tensor: TensorPlan, factors: Factors, source: torch.Tensor, start: int, end: int) -> MergedBlock:
         ...
@@ -131,8 +140,8 @@ class CpuMerge:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def factors(self, tensor: TensorPlan) -> Factors:
-        return read_factors(tensor)
+    def place(self, factors: Factors) -> Factors:
+        return factors
 
     def merge(self, tensor: TensorPlan, factors: Factors, source: torch.Tensor, start: int, end: int) -> MergedBlock:
         rows = tile_rows(tensor)
@@ -168,9 +177,9 @@ class CudaMerge:
         # torch's pinned-memory allocator caches freed buffers, so a steady stream of blocks reuses the same few.
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def factors(self, tensor: TensorPlan) -> Factors:
+    def place(self, factors: Factors) -> Factors:
         with torch.cuda.stream(self.stream):
-            return read_factors(tensor).to(self.device)
+            return factors.to(self.device)
 
     def merge(self, tensor: TensorPlan, factors: Factors, source: torch.Tensor, start: int, end: int) -> MergedBlock:
         with torch.cuda.stream(self.stream):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from builder.errors import SourceError
-from builder.merge_device import BLOCK_ROW_MULTIPLE, MergedBlock, MergeDevice, merge_device_for
+from builder.merge_device import BLOCK_ROW_MULTIPLE, MergedBlock, MergeDevice, merge_device_for, read_factors
 from builder.plan import BuildPlan, ShardPlan, TensorPlan
 from builder.safetensors_io import ShardWriter, TensorLocation, read_into, tensor_bytes
 
@@ -68,21 +68,22 @@ def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda
     on a GPU through pinned buffers), and one writes while another hashes what is written. File I/O, hashing and
     torch release the GIL, so on a 2-core machine the CPU work spreads over both cores, and on a GPU machine the
     build runs at the speed of its slowest stage (the disk or a hash). Memory stays at a few pieces per queue;
-    no file is read twice.
+    no file is read twice: the base's and the adapters' weight files are hashed from the bytes the merge reads.
     """
     device = merge_device_for(plan.merge_device)
     keep_freed_memory()
     digests = {path: SourceDigest(path) for path in plan.base.weight_files}
+    adapter_digests = {path: SourceDigest(path) for path in adapter_weight_files(plan)}
     pipeline = Pipeline()
     merge_inbox, digest_inbox, written = pipeline.pipe(), pipeline.pipe(), pipeline.pipe()
     pipeline.start("read", read_pieces, plan, device, merge_inbox, digest_inbox)
     pipeline.start("hash-source", hash_sources, digests, digest_inbox)
-    pipeline.start("merge", merge_pieces, device, merge_inbox, written)
+    pipeline.start("merge", merge_pieces, device, merge_inbox, written, adapter_digests)
     hashes: dict[str, str] = {}
     try:
         for shard in plan.shards:
             hashes[shard.filename] = _write_shard(shard, staging / shard.filename, written, pipeline, on_bytes)
-        sources = {path: digest.hexdigest(pipeline) for path, digest in digests.items()}
+        sources = {path: digest.hexdigest(pipeline) for path, digest in {**digests, **adapter_digests}.items()}
     except Stopped:
         pipeline.raise_failure()
         raise
@@ -226,8 +227,23 @@ def hash_sources(digests: dict[Path, SourceDigest], inbox: Pipe) -> None:
         digest.done.set()
 
 
-def merge_pieces(device: MergeDevice, inbox: Pipe, outbox: Pipe) -> None:
-    """Stage 3: merge or cast row blocks on the device; copied slices pass through unchanged, in order."""
+def adapter_weight_files(plan: BuildPlan) -> list[Path]:
+    """The adapters' safetensors files the merge reads its factors from, as the user has them (a legacy .bin adapter
+    is read through a converted copy, which is not what the manifest fingerprints)."""
+    if plan.mode != "merge":
+        return []
+    files = (a.checkpoint.weights_file for a in plan.adapters)
+    return [f for f in dict.fromkeys(files) if f.parent in {a.checkpoint.path for a in plan.adapters}]
+
+
+def merge_pieces(device: MergeDevice, inbox: Pipe, outbox: Pipe, adapter_digests: dict[Path, SourceDigest]) -> None:
+    """Stage 3: merge or cast row blocks on the device; copied slices pass through unchanged, in order. The
+    adapters' files are hashed from the factors' bytes as they are read."""
+
+    def hash_factor(location: TensorLocation, data: torch.Tensor) -> None:
+        if location.file in adapter_digests:
+            adapter_digests[location.file].feed(location.start, tensor_bytes(data))
+
     factors, current = None, None
     for piece, buffer in inbox:
         if piece.rows is None:
@@ -235,13 +251,15 @@ def merge_pieces(device: MergeDevice, inbox: Pipe, outbox: Pipe) -> None:
             continue
         tensor = piece.tensor
         if tensor is not current:
-            factors, current = device.factors(tensor), tensor
+            factors, current = device.place(read_factors(tensor, on_read=hash_factor)), tensor
         assert factors is not None
         start, end = piece.rows
         shape = (end - start, *tensor.source.shape[1:]) if tensor.source.shape else ()
         source = buffer.view(tensor.source.dtype).reshape(shape)
         outbox.put(device.merge(tensor, factors, source, start, end))
     outbox.put(_END)
+    for digest in adapter_digests.values():
+        digest.done.set()
 
 
 def _write_shard(shard: ShardPlan, path: Path, written: Pipe, pipeline: Pipeline, on_bytes: Progress) -> str:
@@ -291,10 +309,11 @@ class BackgroundSha256:
 
 
 class SourceDigest:
-    """sha256 of a source file, fed in file order with the bytes the merge reads anyway.
+    """sha256 of a source file, fed with the bytes the merge reads anyway, by one stage.
 
-    Bytes the merge skips (the header, tensors the adapter replaces) are read here; bytes read twice (a tied
-    head re-reading the embedding) are hashed once.
+    Bytes the merge skips (the header, tensors the adapter replaces) or reads out of file order (an adapter whose
+    layers are stored 0, 1, 10, 11, ... while the base's come 0, 1, 2, ...) are read here, once the merge's reads
+    move past them; bytes read twice (a tied head re-reading the embedding) are hashed once.
     """
 
     def __init__(self, path: Path):
