@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -85,8 +86,19 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     started = time.perf_counter()
     with staged_output(dest, force=force, needed=plan.disk_needed, progress=progress) as staging:
         progress(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
-        weights = write_weights(plan, staging, on_bytes=weights_progress)
-        context, chat = _write_files(plan, staging)
+        # The other files are written while the weights stream (neither reads what the other writes): the chat
+        # facts import transformers' template engine, seconds that would otherwise follow the weights.
+        with ThreadPoolExecutor(1, thread_name_prefix="modelpack-files") as pool:
+            files = pool.submit(_write_files, plan, staging)
+
+            def on_bytes(nbytes: int) -> None:
+                error = files.exception() if files.done() else None
+                if error is not None:
+                    raise error  # stops the weights: the build fails now, not after them
+                weights_progress(nbytes)
+
+            weights = write_weights(plan, staging, on_bytes=on_bytes)
+            context, chat = files.result()
         timings["write"] = time.perf_counter() - started
         if spec.export.gguf is not None:
             export_started = time.perf_counter()

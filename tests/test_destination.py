@@ -581,3 +581,30 @@ def test_a_bundle_replaced_with_force_exists_at_every_moment(tmp_path, medium_so
     assert build.finish().exit_code == 0
     assert (dest / "manifest.json").read_text() != old and True in seen
     assert leftovers(tmp_path) == []
+
+
+def test_a_failure_writing_the_other_files_stops_the_weights_and_publishes_nothing(tmp_path, sources, monkeypatch):
+    """The side files are written while the weights stream; when they fail, the weights stop at their next chunk
+    rather than running to the end, and the staging folder goes."""
+    import builder.build
+    from builder.errors import SourceError
+
+    def failing_files(plan, staging):
+        raise SourceError("chat template cannot be rendered: boom")
+
+    chunks_after_failure = []
+
+    def endless_weights(plan, staging, *, on_bytes):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the real writer calls on_bytes after every chunk
+            on_bytes(1)
+            chunks_after_failure.append(1)
+            time.sleep(0.01)
+        raise AssertionError("the weights were not stopped")
+
+    monkeypatch.setattr(builder.build, "_write_files", failing_files)
+    monkeypatch.setattr(builder.build, "write_weights", endless_weights)
+    dest = tmp_path / "out" / NAME
+    with pytest.raises(SourceError, match="boom"):
+        build_bundle(plan_from_spec(write_spec(tmp_path, *sources, output={"dir": str(dest)})), verify=False)
+    assert len(chunks_after_failure) < 100 and not dest.exists() and leftovers(tmp_path / "out") == []
