@@ -100,28 +100,49 @@ def cold(base: Path, mode: str) -> None:
 
 
 def timed(name: str, command: list[str], log_dir: Path) -> dict:
+    """Run a step to exit, then `sync`; each output line is stamped with its time since the start (where the
+    process spends its time: start-up, plan, weights, publish)."""
     poll = GpuMemoryPoll()
     started = time.perf_counter()
-    process = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, **mb.BENCH_ENV})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **mb.BENCH_ENV})
+    assert process.stdout is not None
+    lines = [(round(time.perf_counter() - started, 2), line.rstrip("\n")) for line in process.stdout]
+    returncode = process.wait()
     seconds = time.perf_counter() - started
     synced = time.perf_counter()
     os.sync()
     sync_seconds = time.perf_counter() - synced
     gpu_gib = poll.stop()
-    (log_dir / f"{name}.log").write_text(process.stdout)
-    if process.returncode:
-        raise SystemExit(f"{name} failed ({process.returncode}):\n{process.stdout[-4000:]}")
+    output = "\n".join(f"[{at:7.2f}] {line}" for at, line in lines)
+    (log_dir / f"{name}.log").write_text(output + "\n")
+    if returncode:
+        raise SystemExit(f"{name} failed ({returncode}):\n{output[-4000:]}")
     result = {"seconds": round(seconds, 2), "sync_seconds": round(sync_seconds, 2),
               "to_disk_seconds": round(seconds + sync_seconds, 2), "gpu_memory_used_peak_gib": round(gpu_gib, 2)}
-    for line in process.stdout.splitlines():
+    for at, line in lines:
         built = re.match(r"built \S+ in ([\d.]+)s", line)
         if built:  # modelpack's own time, from its start of the build to the published bundle (fsynced)
             result["in_build_seconds"] = float(built.group(1))
+        if line.startswith("writing "):  # the plan is done, the staging folder made: the build starts
+            result["build_starts_at_seconds"] = at
         if line.startswith("PHASES "):
             result["phases"] = {k: round(v, 2) for k, v in json.loads(line[7:]).items()}
-    log(f"{name}: {result}")
+    if name.startswith("modelpack"):
+        result["lines"] = lines
+    log(f"{name}: { {k: v for k, v in result.items() if k != 'lines'} }")
     return result
+
+
+def startup_seconds() -> dict:
+    """What any run of modelpack pays before its first byte, warm: the interpreter, its imports, CUDA's start."""
+    code = ("import time; t = time.perf_counter(); import builder.build, torch; i = time.perf_counter(); "
+            "torch.zeros(1, device='cuda'); print(i - t, time.perf_counter() - i)")
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **mb.BENCH_ENV}).stdout.split()
+    return {"process": round(time.perf_counter() - started, 2), "imports": round(float(out[0]), 2),
+            "cuda_init": round(float(out[1]), 2)}
 
 
 def ulp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -271,6 +292,8 @@ def main() -> int:
     results["steps"]["modelpack_cuda"] = timed(
         "modelpack_cuda", [python, "-m", "builder", "build", str(spec), "--no-verify", "--force", "--merge-device",
                            "cuda", "-o", str(outs["modelpack"])], run_dir)
+    results["startup"] = startup_seconds()
+    log(f"start-up, warm: {results['startup']}")
     cold(base, mode)
     results["steps"]["peft_cuda"] = timed("peft_cuda", [python, "-c", PEFT_GPU_FLOW, str(adapter), str(outs["peft"])],
                                           run_dir)

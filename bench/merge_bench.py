@@ -60,6 +60,11 @@ SIZES: dict[str, dict] = {
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
     "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    # Qwen2.5-72B's tensors (config.json of Qwen/Qwen2.5-72B) with 2 of its 80 decoder layers: every tensor shape
+    # the 72B merge handles, at a size this machine holds (8.5 GB); memory cannot grow with the layers left out,
+    # since the pipeline holds a few byte-sized blocks whatever the layer count (see bench/scale_bench.py).
+    "72b-2layers": dict(hidden_size=8192, num_hidden_layers=2, num_attention_heads=64, num_key_value_heads=8,
+                        intermediate_size=29568, vocab_size=152064, tie_word_embeddings=False),
 }
 LORA_RANK = 64
 LORA_ALPHA = 128
