@@ -99,13 +99,16 @@ def cold(base: Path, mode: str) -> None:
                    env={**os.environ, **mb.BENCH_ENV})
 
 
-def timed(name: str, command: list[str], log_dir: Path) -> dict:
+def timed(name: str, command: list[str], log_dir: Path, cwd: Path | None = None) -> dict:
     """Run a step to exit, then `sync`; each output line is stamped with its time since the start (where the
     process spends its time: start-up, plan, weights, publish)."""
     poll = GpuMemoryPoll()
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **mb.BENCH_ENV})
+    env = {**os.environ, **mb.BENCH_ENV}
+    if cwd is not None and cwd != REPO:  # the other checkout's builder, not this one's
+        env["PYTHONPATH"] = str(cwd)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=cwd)
     assert process.stdout is not None
     lines = [(round(time.perf_counter() - started, 2), line.rstrip("\n")) for line in process.stdout]
     returncode = process.wait()
@@ -266,6 +269,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--ulp-layers", default="0,13,27", help="layers whose merge is compared with the CPU's")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of cp and modelpack (the median is reported)")
+    parser.add_argument("--also-root", type=Path,
+                        help="another checkout (builder/templates copied in) timed beside this one in each round")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -285,13 +291,25 @@ def main() -> int:
     env_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ["PYTHONPATH"] = env_path
 
-    cold(base, mode)
-    results["steps"]["cp"] = timed("cp", ["cp", "-r", str(base), str(outs["cp"])], run_dir)
-    shutil.rmtree(outs["cp"])
-    cold(base, mode)
-    results["steps"]["modelpack_cuda"] = timed(
-        "modelpack_cuda", [python, "-m", "builder", "build", str(spec), "--no-verify", "--force", "--merge-device",
-                           "cuda", "-o", str(outs["modelpack"])], run_dir)
+    roots = {"modelpack_cuda": REPO, **({"modelpack_cuda_other": args.also_root.resolve()} if args.also_root else {})}
+    runs: dict[str, list[dict]] = {name: [] for name in ("cp", *roots)}
+    for round_ in range(args.repeat):  # cp and each checkout alternate, so a drifting disk hits them alike
+        log(f"round {round_ + 1} of {args.repeat}")
+        cold(base, mode)
+        runs["cp"].append(timed("cp", ["cp", "-r", str(base), str(outs["cp"])], run_dir))
+        shutil.rmtree(outs["cp"])
+        for name, root in roots.items():
+            cold(base, mode)
+            runs[name].append(timed(
+                name, [python, "-m", "builder", "build", str(spec), "--no-verify", "--force", "--merge-device",
+                       "cuda", "-o", str(outs["modelpack"] if root == REPO else run_dir / "other-out")], run_dir,
+                cwd=root))
+            shutil.rmtree(run_dir / "other-out", ignore_errors=True)
+    results["all_runs"] = runs
+    for name, done in runs.items():  # the median run of each step
+        results["steps"][name] = sorted(done, key=lambda r: r["to_disk_seconds"])[len(done) // 2]
+    if args.also_root:
+        results["other_root"] = str(args.also_root)
     results["startup"] = startup_seconds()
     log(f"start-up, warm: {results['startup']}")
     cold(base, mode)
@@ -302,6 +320,9 @@ def main() -> int:
         "modelpack_over_cp_to_disk": steps["modelpack_cuda"]["to_disk_seconds"] / steps["cp"]["to_disk_seconds"],
         "peft_over_modelpack_to_disk":
             steps["peft_cuda"]["to_disk_seconds"] / steps["modelpack_cuda"]["to_disk_seconds"],
+        **{f"{name}_over_cp_to_disk_each_round": [round(m["to_disk_seconds"] / c["to_disk_seconds"], 3)
+                                                  for m, c in zip(runs[name], runs["cp"], strict=True)]
+           for name in roots},
     }
     log("comparing modelpack (cuda) with peft (cuda), tensor by tensor")
     results["modelpack_vs_peft_tensors"] = compare_folders(outs["modelpack"], outs["peft"])

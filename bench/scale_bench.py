@@ -30,8 +30,9 @@ from builder.safetensors_io import TensorEntry, encode_header, read_safetensors_
 from builder.weights import QUEUE_DEPTH, plan_pieces  # noqa: E402
 
 # Pieces one pipeline can hold at once: a full queue between each pair of stages (read -> merge, read -> source
-# hash, merge -> write) and one piece inside each of its five stages.
-PIECES_IN_FLIGHT = 3 * QUEUE_DEPTH + 5
+# hash, merge -> write, write -> output hash) and one piece inside each of its five stages (as
+# tests/test_merge_device.py's bounded-pieces test counts them).
+PIECES_IN_FLIGHT = 4 * QUEUE_DEPTH + 5
 
 
 def sparse_copy(header_source: Path, dest: Path, rename=lambda name: [name]) -> None:
