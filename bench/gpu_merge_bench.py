@@ -270,6 +270,7 @@ def main() -> int:
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--ulp-layers", default="0,13,27", help="layers whose merge is compared with the CPU's")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of cp and modelpack (the median is reported)")
+    parser.add_argument("--speed-only", action="store_true", help="the rounds only: skip peft and the comparisons")
     parser.add_argument("--also-root", type=Path,
                         help="another checkout (builder/templates copied in) timed beside this one in each round")
     args = parser.parse_args()
@@ -312,6 +313,15 @@ def main() -> int:
         results["other_root"] = str(args.also_root)
     results["startup"] = startup_seconds()
     log(f"start-up, warm: {results['startup']}")
+    each_round = {f"{name}_over_cp_to_disk_each_round": [round(m["to_disk_seconds"] / c["to_disk_seconds"], 3)
+                                                          for m, c in zip(runs[name], runs["cp"], strict=True)]
+                  for name in roots}
+    if args.speed_only:  # the rounds alone: no peft step, no comparisons
+        results["ratios"] = each_round
+        out_json = args.results / f"gpu-merge-{args.size}-speed.json"
+        out_json.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"ratios: {each_round}")
+        return 0
     cold(base, mode)
     results["steps"]["peft_cuda"] = timed("peft_cuda", [python, "-c", PEFT_GPU_FLOW, str(adapter), str(outs["peft"])],
                                           run_dir)
@@ -320,9 +330,7 @@ def main() -> int:
         "modelpack_over_cp_to_disk": steps["modelpack_cuda"]["to_disk_seconds"] / steps["cp"]["to_disk_seconds"],
         "peft_over_modelpack_to_disk":
             steps["peft_cuda"]["to_disk_seconds"] / steps["modelpack_cuda"]["to_disk_seconds"],
-        **{f"{name}_over_cp_to_disk_each_round": [round(m["to_disk_seconds"] / c["to_disk_seconds"], 3)
-                                                  for m, c in zip(runs[name], runs["cp"], strict=True)]
-           for name in roots},
+        **each_round,
     }
     log("comparing modelpack (cuda) with peft (cuda), tensor by tensor")
     results["modelpack_vs_peft_tensors"] = compare_folders(outs["modelpack"], outs["peft"])
