@@ -119,11 +119,6 @@ def build(
 
     Example: modelpack build specs/med.yaml --dry-run
     """
-    if not dry_run:  # the disk starts on the base while torch imports (builder/prefetch.py)
-        from builder.prefetch import start_prefetch
-        from builder.spec import load_spec
-
-        start_prefetch(load_spec(spec).base.path)
     from builder.build import build_bundle, plan_from_spec
     from builder.console import build_json, plan_json, plan_tables
     from builder.report import report_table

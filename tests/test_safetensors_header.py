@@ -8,6 +8,7 @@ safetensors itself picks (by dtype, then name), the files are byte-identical to 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 
@@ -226,7 +227,7 @@ def test_written_bytes_are_handed_to_the_disk_range_by_range_as_they_are_written
     write_shard(path, tensors, ["a", "b"], chunk_rows=5)
     size = path.stat().st_size
     assert handed[0][0] == 0 and all(nbytes >= 4096 for _, nbytes in handed)
-    assert all(offset + nbytes == following for (offset, nbytes), (following, _) in zip(handed, handed[1:]))
+    assert all(offset + nbytes == following for (offset, nbytes), (following, _) in itertools.pairwise(handed))
     assert size - sum(nbytes for _, nbytes in handed) < 4096  # the rest waits for the final fsync
     assert torch.equal(load(path.read_bytes())["b"], tensors["b"])
     assert safetensors_io._SYNC_FILE_RANGE is not None  # Linux: the call exists, so it really was made

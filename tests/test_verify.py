@@ -70,6 +70,26 @@ def test_the_generation_clock_counts_what_generate_adds_and_unwraps_itself(model
     assert check.GenerationClock(model).tokens_per_second() is None  # nothing generated: no speed to report
 
 
+def test_the_generation_clock_counts_a_peft_models_tokens_once_and_its_base_models_too(models, adapters):
+    """Separate mode: PeftModel.generate calls its base model's generate (counted once), and remote chat code
+    (Qwen-v1's chat, which a PeftModel hands to its base model) calls the base model's self.generate directly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from helpers import RUNTIME, import_file
+
+    check = import_file(RUNTIME / "bundle_check.py", "runtime_bundle_check_peft_clock")
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters(base))
+    prompt = torch.tensor([[5, 6, 7]])
+    clock = check.GenerationClock(model)
+    with clock:
+        model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        model.get_base_model().generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert clock.tokens == 6
+    assert "generate" not in vars(model) and "generate" not in vars(model.get_base_model())
+
+
 def test_two_runs_give_the_same_answers(bundle):
     first, second = verify_bundle(bundle), verify_bundle(bundle)
     assert [r["answer"] for r in first["prompts"] + first["probes"]] == [

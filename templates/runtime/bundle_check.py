@@ -207,33 +207,47 @@ def answer_all(loader: ModuleType, model, tokenizer, entries: list[dict], max_ne
 
 
 class GenerationClock:
-    """The tokens model.generate adds and the seconds it takes, summed over the answers it times.
+    """The tokens generate() adds and the seconds it takes, summed over the answers it times.
 
     The decoding speed is read off the verification answers themselves (their prompt processing included) rather
-    than off a generation run of its own, which at 7B on a CPU costs minutes. It wraps the model's generate for the
-    duration of each `with`, so it counts remote chat code (Qwen-v1's model.chat calls self.generate) too.
+    than off a generation run of its own, which at 7B on a CPU costs minutes. It wraps generate for the duration of
+    each `with`, on the model and, for a peft model, on the model peft wraps too: remote chat code (Qwen-v1's
+    model.chat, which a PeftModel hands to its base model) calls that one's self.generate. A generate called from
+    within another (PeftModel.generate calls its base model's) is counted once.
     """
 
     def __init__(self, model) -> None:
         self.model, self.tokens, self.seconds = model, 0, 0.0
+        get_base_model = getattr(model, "get_base_model", None)
+        self._models = [model] + ([get_base_model()] if callable(get_base_model) else [])
+        self._depth = 0
 
     def __enter__(self) -> GenerationClock:
-        generate = self.model.generate
+        for model in self._models:
+            model.generate = self._timed(model.generate)
+        return self
 
+    def _timed(self, generate):
         def timed_generate(*args, **kwargs):
+            if self._depth:  # inside the generate being timed
+                return generate(*args, **kwargs)
+            self._depth += 1
             started = time.perf_counter()
-            output = generate(*args, **kwargs)
+            try:
+                output = generate(*args, **kwargs)
+            finally:
+                self._depth -= 1
             self.seconds += time.perf_counter() - started
             prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
             sequences = getattr(output, "sequences", output)
             self.tokens += (sequences.shape[-1] - prompt.shape[-1]) * sequences.shape[0]
             return output
 
-        self.model.generate = timed_generate
-        return self
+        return timed_generate
 
     def __exit__(self, *exc) -> None:
-        del self.model.generate  # the class's own generate again
+        for model in self._models:
+            del model.generate  # the class's own generate again
 
     def tokens_per_second(self) -> float | None:
         return round(self.tokens / self.seconds, 2) if self.tokens else None
