@@ -298,7 +298,7 @@ def _sync_file_range():
     """libc's sync_file_range(2), where there is one (Linux), else None."""
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such call (macOS), no process handle to look in (Windows)
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return function
@@ -349,9 +349,9 @@ class ShardWriter:
     def _write(self, data) -> None:
         self._sha256.update(data)
         view = memoryview(data).cast("B")
+        self._written += view.nbytes
         while view:  # an unbuffered write may write less than asked
             view = view[self._file.write(view):]
-        self._written += memoryview(data).nbytes
         if self._written - self._handed_to_disk >= WRITEBACK_BYTES:
             start_writeback(self._file.fileno(), self._handed_to_disk, self._written - self._handed_to_disk)
             self._handed_to_disk = self._written
