@@ -47,8 +47,6 @@ class ReferenceSources:
     adapters: tuple[ReferenceAdapter, ...]
 
 
-
-
 @dataclass(frozen=True)
 class VerificationCost:
     """What verification will run, counted from the spec (or the bundle's facts) before anything loads.
