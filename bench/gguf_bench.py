@@ -98,7 +98,9 @@ from builder.chat import read_chat_facts
 from builder.gguf_export import export_gguf
 spec, merged, gguf_type, out = sys.argv[1:]
 plan = plan_from_spec(Path(spec))
-chat = read_chat_facts(plan, Path(merged), python=sys.executable)
+chat = read_chat_facts({c.dest: c.source for c in plan.copies if c.role == "tokenizer"},
+                       template_file=plan.spec.chat.template, generation_config=plan.base.generation_config,
+                       bundle=Path(merged), python=sys.executable)
 export_gguf(plan, Path(merged), chat, {gguf_type: Path(out)})
 """
 

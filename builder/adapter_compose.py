@@ -226,3 +226,17 @@ def write_concatenated_adapter(concat: Concatenation, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(concatenated_tensors(concat), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def tokenizer_adapter(adapters: tuple[WeightedAdapter, ...]) -> AdapterCheckpoint | None:
+    """The first adapter that saved a tokenizer; another one that saved a different tokenizer is refused."""
+    carrying = [a for a in adapters if a.checkpoint.tokenizer_files]
+    for other in carrying[1:]:
+        if _file_contents(other.checkpoint.tokenizer_files) != _file_contents(carrying[0].checkpoint.tokenizer_files):
+            raise SourceError(f"{carrying[0].key} and {other.key} each saved a tokenizer, and they differ: adapters "
+                              "with different tokenizers cannot be composed; keep the tokenizer in one of them")
+    return carrying[0].checkpoint if carrying else None
+
+
+def _file_contents(files: tuple[Path, ...]) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in files}

@@ -15,7 +15,9 @@ from builder import configs
 from builder.adapter_compose import WeightedAdapter, write_concatenated_adapter
 from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
-from builder.gguf_export import export_gguf, gguf_path
+from builder.formatting import dump_json
+from builder.gguf_export import export_gguf
+from builder.gguf_facts import gguf_path
 from builder.manifest import find_machine_paths, sha256_file, write_manifest
 from builder.merge_device import require_merge_device
 from builder.plan import BuildPlan, plan_build
@@ -31,8 +33,9 @@ from builder.report import VerificationReport, failure_message
 from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder
 from builder.spec import load_spec
 from builder.staging import check_output_location, publish, staged_output
+from builder.subprocesses import verifying_python
 from builder.trust import DIGEST_PLACEHOLDER, seal
-from builder.verify import ReferenceAdapter, ReferenceSources, verify_bundle, verifying_python
+from builder.verify import ReferenceAdapter, ReferenceSources, verify_bundle
 from builder.weights import copy_side_files, write_weights
 
 # Receives one line per step of the build, for the terminal.
@@ -123,24 +126,27 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
 def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFacts]:
     """Everything but the weights and what reports on verification: copies, configs, chat template, loader."""
     copy_side_files(plan, staging)
-    chat = read_chat_facts(plan, staging, python=verifying_python(plan.spec.verify.python))
-    generation = configs.generation_config(plan, plan.base.generation_config, chat.end_of_turn_id)
-    _write(staging / "config.json", configs.dump_json(configs.model_config(
+    chat = read_chat_facts({c.dest: c.source for c in plan.copies if c.role == "tokenizer"},
+                           template_file=plan.spec.chat.template, generation_config=plan.base.generation_config,
+                           bundle=staging, python=verifying_python(plan.spec.verify.python))
+    generation = configs.generation_config(plan.base.generation_config, overrides=plan.spec.generation.overrides(),
+                                           model_config=plan.base.config, end_of_turn_id=chat.end_of_turn_id)
+    _write(staging / "config.json", dump_json(configs.model_config(
         plan.base.config, plan.out_dtype, untie_embeddings=plan.untie_embeddings, vocab_size=plan.vocab_size
     )))
-    _write(staging / "generation_config.json", configs.dump_json(generation))
+    _write(staging / "generation_config.json", dump_json(generation))
     if chat.template is not None:
         if chat.tokenizer_config is not None:  # else the tokenizer has no config to carry the template
             _write(staging / "tokenizer_config.json",
-                   configs.dump_json(configs.tokenizer_config(chat.tokenizer_config, chat.template)))
+                   dump_json(configs.tokenizer_config(chat.tokenizer_config, chat.template)))
         _write(staging / "chat_template.jinja", chat.template)
     if plan.concatenation is not None:
         write_concatenated_adapter(plan.concatenation, staging / "adapter")
         _write(staging / "adapter" / "adapter_config.json",
-               configs.dump_json(configs.adapter_config(plan.concatenation.config)))
+               dump_json(configs.adapter_config(plan.concatenation.config)))
     elif plan.mode == "separate":
         _write(staging / "adapter" / "adapter_config.json",
-               configs.dump_json(configs.adapter_config(plan.adapters[0].checkpoint.config)))
+               dump_json(configs.adapter_config(plan.adapters[0].checkpoint.config)))
     context = build_context(plan, generation=generation, chat=chat)
     for name, content in render_runtime(context).items():
         (staging / name).write_bytes(content)
@@ -190,7 +196,7 @@ def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance
     spec = plan.spec
     if verification is not None:
         verification["digest"] = DIGEST_PLACEHOLDER  # the final manifest's digest, written by seal() below
-        _write(staging / "verification.json", configs.dump_json(verification))
+        _write(staging / "verification.json", dump_json(verification))
     _write(staging / "README.md", render_card(context, verification=verification))
     environment = verification["environment"] if verification else None
     _write(staging / "requirements.txt",

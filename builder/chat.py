@@ -9,16 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import SourceError
-from builder.plan import BuildPlan
-from builder.sources import read_json
-from builder.verify import describe_crash, model_code_env
+from builder.subprocesses import describe_crash, model_code_env
+from builder.tokenizer_files import tokenizer_declarations
 
 _SENTINEL = "MODELPACK_ASSISTANT_REPLY"
 # Remote-code chat models without a chat template name their prompt format in generation_config.json
 # (Qwen-v1: `chat_format: chatml`); the token that ends an assistant turn in each format.
 CHAT_FORMAT_END_OF_TURN = {"chatml": "<|im_end|>"}
-# Token strings a tokenizer config names, which templates use as variables (`{{ eos_token }}`).
-TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# Qwen-v1's remote code builds its prompt in make_context (qwen_generation_utils.py): ChatML whose system
+# message is always there, "You are a helpful assistant." by default (modeling_qwen.py, chat(system=...)).
+QWEN_V1_DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -32,67 +32,21 @@ class ChatFacts:
     tokenizer_config: dict | None  # the shipped tokenizer_config.json as read, which the bundle's copy extends
 
 
-@dataclass(frozen=True)
-class TokenizerFiles:
-    """The shipped tokenizer's declarations, each file read once."""
-
-    template: str | None
-    special_ids: dict[str, int]
-    template_tokens: dict[str, str]
-    config: dict | None
-
-
-def read_tokenizer_files(plan: BuildPlan) -> TokenizerFiles:
-    """The chat template and special tokens of the tokenizer files the bundle ships (and the spec's template)."""
-    by_name = {c.dest: c.source for c in plan.copies if c.role == "tokenizer"}
-    return tokenizer_declarations(by_name, template_file=plan.spec.chat.template)
-
-
-def tokenizer_declarations(by_name: dict[str, Path], *, template_file: Path | None = None) -> TokenizerFiles:
-    """The chat template and special tokens declared by tokenizer files (name -> path), each read once; a
-    template_file replaces the files' own template."""
-    config = read_json(by_name["tokenizer_config.json"]) if "tokenizer_config.json" in by_name else None
-    special: dict[str, int] = {}
-    if "tokenizer.json" in by_name:
-        for token in read_json(by_name["tokenizer.json"]).get("added_tokens", []):
-            special[token["content"]] = token["id"]
-    for token_id, token in (config or {}).get("added_tokens_decoder", {}).items():
-        special[token["content"]] = int(token_id)
-    template_tokens = {}
-    for key in TEMPLATE_TOKEN_KEYS:
-        value = (config or {}).get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            template_tokens[key] = value
-    template: str | None
-    if template_file is not None:
-        template = template_file.read_text(encoding="utf-8")
-    elif "chat_template.jinja" in by_name:
-        template = by_name["chat_template.jinja"].read_text(encoding="utf-8")
-    else:
-        template = (config or {}).get("chat_template")
-        if isinstance(template, list):  # named templates: the "default" one is what chat uses
-            named = [t for t in template if isinstance(t, dict)]
-            template = next((t.get("template") for t in named if t.get("name") == "default"), None)
-        if template is not None and not isinstance(template, str):
-            raise SourceError(f"{by_name['tokenizer_config.json']}: chat_template is {template!r}, not a Jinja "
-                              "template text; fix it or give one with `chat.template` in the spec")
-    return TokenizerFiles(template, special, template_tokens, config)
-
-
-def read_chat_facts(plan: BuildPlan, bundle: Path, *, python: str) -> ChatFacts:
-    """The chat facts of the bundle being written in `bundle` (its tokenizer files already copied there).
+def read_chat_facts(tokenizer_files: dict[str, Path], *, template_file: Path | None, generation_config: dict | None,
+                    bundle: Path, python: str) -> ChatFacts:
+    """The chat facts of the bundle being written in `bundle` (its tokenizer files, name -> source, already copied
+    there); template_file is the spec's chat.template, generation_config the base's.
 
     A model without a chat template whose format is named in generation_config.json (Qwen-v1) keeps its special
     tokens in its tokenizer's own code: then that tokenizer is started from `bundle` in a subprocess of `python`,
     the verifying interpreter, so no model code runs in modelpack's process.
     """
-    files = read_tokenizer_files(plan)
+    files = tokenizer_declarations(tokenizer_files, template_file=template_file)
     if files.template is not None:
         token = end_of_turn_token(files.template, files.special_ids, files.template_tokens)
         token_id = files.special_ids.get(token) if token else None
         return ChatFacts(files.template, files.special_ids, token, token_id, files.config)
-    token = CHAT_FORMAT_END_OF_TURN.get(str((plan.base.generation_config or {}).get("chat_format")))
+    token = CHAT_FORMAT_END_OF_TURN.get(str((generation_config or {}).get("chat_format")))
     if token is None:
         return ChatFacts(None, files.special_ids, None, None, files.config)
     token_id = files.special_ids.get(token)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
 from builder.errors import EXIT_INTERRUPTED, EXIT_VERIFICATION_FAILED, ModelpackError, VerificationError
+from builder.formatting import dump_json
 
 app = typer.Typer(
     add_completion=False,
@@ -31,7 +31,7 @@ def _console(quiet: bool = False):
 
 
 def _print_json(result: dict) -> None:
-    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    typer.echo(dump_json(result), nl=False)
 
 
 def user_errors_exit(command):
@@ -179,7 +179,7 @@ def verify(
     report = reverify_bundle(bundle, expected_digest=digest, public_key=public_key, trust_remote_code=trust_remote_code,
                              python=python, device=device, max_memory=max_memory, progress=console.say)
     if report_path:
-        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        report_path.write_text(dump_json(report), encoding="utf-8")
     message = failure_message(report)
     if as_json:
         _print_json({"bundle": str(bundle), **report})
@@ -224,7 +224,7 @@ def inspect(
     from builder.inspection import describe_inspection, inspect_folder
 
     found = inspect_folder(path)
-    typer.echo(json.dumps(found.as_json(), indent=2, ensure_ascii=False) if as_json else describe_inspection(found))
+    typer.echo(dump_json(found.as_json()) if as_json else describe_inspection(found) + "\n", nl=False)
 
 
 @app.command()
@@ -236,7 +236,7 @@ def schema() -> None:
     """
     from builder.spec import spec_json_schema
 
-    typer.echo(json.dumps(spec_json_schema(), indent=2, ensure_ascii=False))
+    typer.echo(dump_json(spec_json_schema()), nl=False)
 
 
 def main() -> None:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from typing import Any
-
 import torch
-
-from builder.plan import BuildPlan
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Qwen-v1 style configs pick the load dtype from boolean flags; they must agree with the weights.
@@ -41,16 +35,17 @@ def model_config(base_config: dict, out_dtype: torch.dtype, *, untie_embeddings:
     return config
 
 
-def generation_config(plan: BuildPlan, base_generation: dict | None, end_of_turn_id: int | None) -> dict:
-    """The base's generation_config.json overlaid with the spec, with eos ids covering the end-of-turn token."""
+def generation_config(base_generation: dict | None, *, overrides: dict, model_config: dict,
+                      end_of_turn_id: int | None) -> dict:
+    """The base's generation_config.json overlaid with the spec's `generation` overrides, with eos ids covering the
+    end-of-turn token (model_config: the base's config.json, whose eos_token_id applies when the former has none)."""
     config = dict(base_generation or {})
-    overrides = plan.spec.generation.overrides()
     config.update(overrides)
     if config.get("do_sample") is False:
         for key in SAMPLING_KEYS:
             if key not in overrides:
                 config.pop(key, None)
-    eos = config.get("eos_token_id", plan.base.config.get("eos_token_id"))
+    eos = config.get("eos_token_id", model_config.get("eos_token_id"))
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     # Servers (vLLM) stop only at eos_token_id: it must hold the end-of-turn token and the single-token stop
     # words that remote chat code (Qwen-v1's `stop_words_ids`) stops at by itself.
@@ -99,6 +94,3 @@ def _is_lora_default(key: str, value: object) -> bool:
     default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
     return value == default or value in (None, {}, []) and default in (None, {}, [])
 
-
-def dump_json(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n"

@@ -26,8 +26,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from builder.inspection import describe_bytes
-from builder.plan import BuildPlan, TensorPlan, verification_cost_of_plan
+from builder.formatting import describe_bytes
+from builder.plan import BuildPlan, TensorPlan
 
 if TYPE_CHECKING:
     from builder.build import BuildResult
@@ -188,7 +188,7 @@ def verification_checks(plan: BuildPlan, *, verification: bool) -> list[tuple[st
                                 f"probes (answers recorded), up to {verify.max_new_tokens} new tokens each")]
     if verify.compare_base:
         rows.append(("verify: base", "the same prompts answered by the base alone"))
-    rows.append(("verify: cost", verification_cost_of_plan(plan).describe().removeprefix("verification: ")))
+    rows.append(("verify: cost", plan.verification_cost.describe().removeprefix("verification: ")))
     return rows
 
 

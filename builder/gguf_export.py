@@ -13,149 +13,43 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
-from builder.errors import SourceError, SpecError
+from builder.chat import QWEN_V1_DEFAULT_SYSTEM, ChatFacts
+from builder.errors import SourceError
+from builder.gguf_facts import (
+    gguf_architecture,
+    gguf_model_arch,
+    gguf_tensor_name,
+    pre_tokenizer,
+    rope_scaling,
+    skipped_tensor,
+)
+from builder.plan import BuildPlan
 from builder.safetensors_io import TensorLocation, read_safetensors_header, read_tensor, read_tensor_rows
 
-if TYPE_CHECKING:
-    from builder.chat import ChatFacts
-    from builder.plan import BuildPlan
-    from builder.sources import BaseModelFolder
-    from builder.spec import Spec
-
-# config.json `architectures[0]` -> llama.cpp architecture (convert_hf_to_gguf.py's registrations).
-ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
-    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
-    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
-    "QWenLMHeadModel": gguf.MODEL_ARCH.QWEN,  # Qwen-7B-Chat (v1, remote code)
-}
 # Spec type -> (the tensor type of 2-D weights, the file type recorded in general.file_type).
 GGUF_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
-# tokenizer.json Split patterns -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre). llama.cpp implements each
-# with its own copy of the regex; src/llama-vocab.cpp quotes the tokenizer.json original beside it.
-_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-_REST = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-SPLIT_PRE_TOKENIZERS = {
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _REST: "qwen2",
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _REST: "llama-bpe",
-}
 # Qwen v1's tiktoken pattern is Qwen2's: convert_hf_to_gguf.py hashes its tokenization of a test text to the same
 # value as Qwen1.5's tokenizer (e636dc30...), i.e. "qwen2".
 QWEN_V1_PRE_TOKENIZER = "qwen2"
 # Qwen v1's special tokens, defined in its tokenization_qwen.py (not in any data file), numbered after the ranks.
 QWEN_V1_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
-# Rotary scaling kinds the converter writes as metadata alone, and Llama 3's, which needs a rope_freqs tensor.
+# Rotary scaling kinds the converter writes as metadata alone (gguf_facts.METADATA_ROPE_SCALING).
 ROPE_SCALING_TYPES = {"linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
 # Tensors are converted in row blocks whose float32 working copy stays under this size.
 BLOCK_BYTES = 64 << 20
 # The converter's keys for the context length, first found wins (conversion/base.py TextModel).
 CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
                        "model_max_length")
-
-
-def gguf_path(name: str, gguf_type: str) -> str:
-    """Where a GGUF export lies in the bundle (gguf/Modelfile serves the first type from the same folder)."""
-    return f"gguf/{name}-{gguf_type}.gguf"
-
-
-def gguf_architecture(config: dict, config_file: Path) -> gguf.MODEL_ARCH:
-    """The llama.cpp architecture of a Hugging Face config, or a user error naming it and the supported ones."""
-    architectures = config.get("architectures") or [None]
-    name = architectures[0]
-    if name not in ARCHITECTURES:
-        raise SourceError(
-            f"{config_file}: architecture {name!r} has no GGUF export in modelpack (it exports "
-            f"{', '.join(ARCHITECTURES)}); remove `export.gguf` from the spec"
-        )
-    return ARCHITECTURES[name]
-
-
-def refuse_unexportable(spec: Spec, base: BaseModelFolder, *, tensor_names: list[str],
-                        tokenizer_files: dict[str, Path], spec_file: Path) -> None:
-    """Everything that would stop the GGUF export, checked at plan time before any work (no-op without export.gguf)."""
-    if spec.export.gguf is None:
-        return
-    if spec.output.mode != "merge":
-        raise SpecError(f"{spec_file}: export.gguf converts merged weights; set `output.mode: merge` to export GGUF "
-                        "(or remove export.gguf)")
-    config_file = base.path / "config.json"
-    arch = gguf_architecture(base.config, config_file)
-    rope_scaling(base.config, arch, config_file)
-    if arch == gguf.MODEL_ARCH.QWEN:
-        if "qwen.tiktoken" not in tokenizer_files:
-            raise SourceError(f"base.path {base.path}: Qwen v1's vocabulary is qwen.tiktoken, which is missing; "
-                              "copy it from the original model")
-    elif "tokenizer.json" not in tokenizer_files:
-        raise SourceError(f"base.path {base.path}: the GGUF export reads the vocabulary from tokenizer.json, which the "
-                          "model's tokenizer files lack; save the tokenizer with a fast tokenizer (tokenizer.json)")
-    else:
-        tokenizer_file = tokenizer_files["tokenizer.json"]
-        pre_tokenizer(json.loads(tokenizer_file.read_text(encoding="utf-8")), tokenizer_file)
-    names = tensor_map(arch, base.config)
-    unknown = [n for n in tensor_names if gguf_tensor_name(names, n) is None and not _skipped(n)]
-    if unknown:
-        raise SourceError(f"{config_file}: tensor {unknown[0]!r} has no {gguf.MODEL_ARCH_NAMES[arch]} GGUF name "
-                          f"({len(unknown)} such tensors); remove `export.gguf` from the spec")
-
-
-def pre_tokenizer(tokenizer: dict, tokenizer_file: Path) -> str:
-    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, recognised from its structure in
-    tokenizer.json: GPT-2's ByteLevel regex, or a Split regex llama.cpp implements followed by ByteLevel."""
-    model = tokenizer.get("model") or {}
-    step = tokenizer.get("pre_tokenizer") or {}
-    if model.get("type") == "BPE":
-        if step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space"):
-            return "gpt-2"
-        steps = step.get("pretokenizers") if step.get("type") == "Sequence" else None
-        if (isinstance(steps, list) and len(steps) == 2 and steps[0].get("type") == "Split"
-                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
-                and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex") is False
-                and not steps[1].get("add_prefix_space")):
-            name = SPLIT_PRE_TOKENIZERS.get(str((steps[0].get("pattern") or {}).get("Regex")))
-            if name is not None:
-                return name
-    found = f"model {model.get('type')!r}, pre_tokenizer {json.dumps(step, ensure_ascii=False)[:300]}"
-    raise SourceError(
-        f"{tokenizer_file}: the GGUF export knows byte-level BPE tokenizers split like GPT-2, Qwen2 or Llama 3, and "
-        f"this one has {found}; llama.cpp would tokenize it differently, so remove `export.gguf` from the spec"
-    )
-
-
-def rope_scaling(config: dict, arch: gguf.MODEL_ARCH, config_file: Path) -> dict:
-    """The config's rotary scaling parameters ({} when none); kinds llama.cpp has no reading for are refused."""
-    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = parameters.get("rope_type", parameters.get("type"))
-    if kind in (None, "default"):
-        return {}
-    if kind in ROPE_SCALING_TYPES and parameters.get("factor") is not None:
-        return parameters
-    if kind == "llama3" and arch == gguf.MODEL_ARCH.LLAMA:
-        return parameters
-    raise SourceError(f"{config_file}: rope scaling {kind!r} has no GGUF export in modelpack (it exports linear, yarn "
-                      "and Llama 3's); remove `export.gguf` from the spec")
-
-
-def tensor_map(arch: gguf.MODEL_ARCH, config: dict) -> gguf.TensorNameMap:
-    return gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-
-
-def gguf_tensor_name(names: gguf.TensorNameMap, name: str) -> str | None:
-    return names.get_name(name, try_suffixes=(".weight", ".bias"))
-
-
-def _skipped(name: str) -> bool:
-    """Buffers some checkpoints store that are not weights (the converter drops them too)."""
-    return name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq"))
 
 
 # --- the tensors -----------------------------------------------------------------------------------------------
@@ -202,12 +96,11 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: GGMLQuantizationT
 def plan_gguf_tensors(arch: gguf.MODEL_ARCH, config: dict, locations: list[TensorLocation],
                       qtype: GGMLQuantizationType) -> list[GgufTensor]:
     """Every tensor of the GGUF file, in the bundle's order, from the merged weights' locations; pure."""
-    names = tensor_map(arch, config)
     tied = bool(config.get("tie_word_embeddings"))
     tensors = []
     for location in locations:
-        name = gguf_tensor_name(names, location.name)
-        if _skipped(location.name) or (tied and name == "output.weight"):
+        name = gguf_tensor_name(gguf.MODEL_ARCH_NAMES[arch], config, location.name)
+        if skipped_tensor(location.name) or (tied and name == "output.weight"):
             continue  # llama.cpp reads a missing output.weight as tied to token_embd.weight
         if name is None:
             raise SourceError(f"tensor {location.name!r} has no {gguf.MODEL_ARCH_NAMES[arch]} GGUF name")
@@ -220,7 +113,8 @@ def plan_gguf_tensors(arch: gguf.MODEL_ARCH, config: dict, locations: list[Tenso
                 heads = config.get("num_key_value_heads") or heads
         tensors.append(GgufTensor(name, location.shape, tensor_type(name, location.shape, qtype), source=location,
                                   interleave_heads=heads))
-    if arch == gguf.MODEL_ARCH.LLAMA and rope_scaling(config, arch, Path("config.json")).get("rope_type") == "llama3":
+    scaling = rope_scaling(config, gguf.MODEL_ARCH_NAMES[arch], Path("config.json"))
+    if arch == gguf.MODEL_ARCH.LLAMA and scaling.get("rope_type") == "llama3":
         factors = llama3_rope_factors(config)
         tensors.insert(0, GgufTensor("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, values=factors))
     return tensors
@@ -425,9 +319,6 @@ def embedded_chat_template(chat: ChatFacts, generation_config: dict | None) -> s
     if chat.template is not None:
         return chat.template
     if (generation_config or {}).get("chat_format") == "chatml":
-        # Imported here: serving imports chat, which imports plan, which imports this module.
-        from builder.serving import QWEN_V1_DEFAULT_SYSTEM
-
         return QWEN_V1_CHAT_TEMPLATE.replace("default_system", json.dumps(QWEN_V1_DEFAULT_SYSTEM))
     return None
 
@@ -448,7 +339,7 @@ def add_model_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, config:
     writer.add_head_count(config["num_attention_heads"])
     if config.get("num_key_value_heads") is not None:
         writer.add_head_count_kv(config["num_key_value_heads"])
-    scaling = rope_scaling(config, arch, Path("config.json"))
+    scaling = rope_scaling(config, gguf.MODEL_ARCH_NAMES[arch], Path("config.json"))
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in ROPE_SCALING_TYPES:
         writer.add_rope_scaling_type(ROPE_SCALING_TYPES[kind])
@@ -530,7 +421,7 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
     before any data; then each tensor streams from the bundle's safetensors in row blocks.
     """
     config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))  # as shipped: untied, resized
-    arch = gguf_architecture(config, bundle / "config.json")
+    arch = gguf_model_arch(gguf_architecture(config, bundle / "config.json"))
     locations = bundle_tensor_locations(plan, bundle)
     vocabulary = read_vocabulary(bundle, arch, config["vocab_size"])
     special = special_vocabulary(bundle, arch, vocabulary)
@@ -559,18 +450,3 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
                                          tensor_endianess=gguf.GGUFEndian.LITTLE)
         finally:
             writer.close()
-
-
-def estimated_gguf_bytes(shapes: list[tuple[int, ...]], gguf_type: str) -> int:
-    """A bound for one GGUF file's size: its tensors (2-D in the type, the rest F32) plus 8 MB for the header,
-    metadata and vocabulary (a 152k-token vocabulary with merges takes about 5 MB)."""
-    qtype, _ = GGUF_TYPES[gguf_type]
-    total = 8 << 20
-    for shape in shapes:
-        elements = math.prod(shape)
-        if len(shape) <= 1:
-            total += 4 * elements
-        else:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            total += -(-elements // block) * size + 32
-    return total

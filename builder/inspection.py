@@ -9,11 +9,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from builder.chat import CHAT_FORMAT_END_OF_TURN, end_of_turn_token, tokenizer_declarations
+from builder.chat import CHAT_FORMAT_END_OF_TURN, end_of_turn_token
 from builder.errors import SourceError
+from builder.formatting import describe_bytes, describe_count
 from builder.manifest import MANIFEST, read_manifest, written_by_modelpack
 from builder.sources import AdapterCheckpoint, BaseModelFolder, read_adapter_checkpoint, read_base_model, read_json
-from builder.spec import HUB_MODEL_ID
+from builder.tokenizer_files import tokenizer_declarations
 from builder.trust import SIGNATURE, bundle_digest, check_integrity
 from builder.trust import code_files as bundle_code_files
 
@@ -38,7 +39,7 @@ class ModelFacts:
 
 
 @dataclass(frozen=True)
-class AdapterFacts:
+class AdapterInspection:
     """A peft LoRA checkpoint: rank, alpha, targets, the LoRA forms it uses, and what the trainer left beside it."""
 
     rank: int
@@ -55,7 +56,7 @@ class AdapterFacts:
 
 
 @dataclass(frozen=True)
-class BundleFacts:
+class BundleInspection:
     """A bundle modelpack built: its manifest checked against its files (nothing from it runs) and its digest."""
 
     name: str
@@ -82,8 +83,8 @@ class Inspection:
     path: str
     kind: str  # "base model" | "adapter checkpoint" | "Trainer output" | "bundle"
     model: ModelFacts | None = None
-    adapter: AdapterFacts | None = None
-    bundle: BundleFacts | None = None
+    adapter: AdapterInspection | None = None
+    bundle: BundleInspection | None = None
     checkpoints: list[str] | None = None  # a Trainer output's checkpoint-N folders
     chosen_checkpoint: str | None = None  # the one `modelpack init` would package, and why
 
@@ -99,12 +100,12 @@ def inspect_folder(path: Path) -> Inspection:
     if (path / MANIFEST).is_file() and written_by_modelpack(_json_or_none(path / MANIFEST)):
         return _inspect_bundle(path)
     if (path / "adapter_config.json").is_file():
-        return Inspection(shown, "adapter checkpoint", adapter=adapter_facts(_read_adapter(path)))
+        return Inspection(shown, "adapter checkpoint", adapter=inspect_adapter(_read_adapter(path)))
     checkpoints = sorted((p.name for p in path.iterdir() if CHECKPOINT_FOLDER.match(p.name) and p.is_dir()),
                          key=lambda name: int(name.split("-")[1]))
     if checkpoints:
         chosen = choose_checkpoint(path)
-        return Inspection(shown, "Trainer output", adapter=adapter_facts(_read_adapter(chosen.path)),
+        return Inspection(shown, "Trainer output", adapter=inspect_adapter(_read_adapter(chosen.path)),
                           checkpoints=checkpoints, chosen_checkpoint=f"{chosen.path.name} ({chosen.reason})")
     if (path / "config.json").is_file():
         return Inspection(shown, "base model", model=model_facts(read_base_model(path)))
@@ -179,12 +180,12 @@ def model_facts(base: BaseModelFolder, *, skip_code: bool = False) -> ModelFacts
     )
 
 
-def adapter_facts(adapter: AdapterCheckpoint) -> AdapterFacts:
+def inspect_adapter(adapter: AdapterCheckpoint) -> AdapterInspection:
     config = adapter.config
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     targets = config.get("target_modules") or []
-    return AdapterFacts(
+    return AdapterInspection(
         rank=rank,
         alpha=alpha,
         scaling=round(scaling, 6),
@@ -245,7 +246,7 @@ def _inspect_bundle(path: Path) -> Inspection:
             model = model_facts(read_base_model(path), skip_code=True)
         except SourceError:  # a damaged bundle: its integrity problems above say which files
             model = None
-    facts = BundleFacts(
+    facts = BundleInspection(
         name=str(manifest.get("name", path.name)),
         mode=str(manifest.get("mode", "?")),
         modelpack_version=str(manifest.get("modelpack_version", "?")),
@@ -268,29 +269,6 @@ def _size(path: Path) -> int:
 def parameter_count(base: BaseModelFolder) -> int:
     """Elements of every weight tensor (a tied head is stored once, so counted once)."""
     return sum(math.prod(t.shape) for t in base.tensors.values())
-
-
-def describe_count(count: int) -> str:
-    for limit, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if count >= limit:
-            return f"{count / limit:.1f}{unit}"
-    return str(count)
-
-
-def describe_bytes(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            break
-        nbytes /= 1000
-    return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-
-
-def hub_model_id(value: object) -> str | None:
-    """`org/name` as the Hub spells model ids; a folder path (of this or any machine) is not one."""
-    text = str(value or "")
-    if not re.fullmatch(HUB_MODEL_ID, text) or Path(text).expanduser().exists() or ".." in text:
-        return None
-    return text
 
 
 def describe_inspection(found: Inspection) -> str:

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TypeGuard
 
 from builder.errors import BundleError
+from builder.formatting import dump_json
 
-MANIFEST = "manifest.json"
+# The file name and the hash are the bundle runtime's own, so a bundle and modelpack agree on both by construction.
+from builder.runtime.bundle_check import MANIFEST, sha256_file
+
 # The marker that says modelpack wrote a folder: `--force` replaces only such a folder (or an empty one).
 GENERATOR = "modelpack"
 # Text files are scanned for paths of the build machine; weights are binary and skipped.
 BINARY_SUFFIXES = (".safetensors", ".bin", ".tiktoken", ".model", ".gguf")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bundle_files(bundle: Path) -> list[str]:
@@ -43,7 +37,7 @@ def write_manifest(bundle: Path, provenance: dict, *, known_sha256: dict[str, st
         for name in bundle_files(bundle)
     }
     manifest = {"generator": GENERATOR, **provenance, "files": files}
-    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (bundle / MANIFEST).write_text(dump_json(manifest), encoding="utf-8")
     return manifest
 
 

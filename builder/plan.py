@@ -9,15 +9,22 @@ from typing import Literal
 
 import torch
 
-from builder.adapter_compose import Concatenation, WeightedAdapter, concatenation, match_adapters
+from builder.adapter_compose import (
+    Concatenation,
+    WeightedAdapter,
+    concatenation,
+    match_adapters,
+    tokenizer_adapter,
+)
 from builder.adapter_match import TIED_HEAD, AdapterMatch, LoraDelta, TokenRows, tied_embedding_name
-from builder.errors import OutputError, SourceError
-from builder.gguf_export import estimated_gguf_bytes, gguf_path, refuse_unexportable
+from builder.errors import SourceError
+from builder.gguf_facts import estimated_gguf_bytes, refuse_unexportable
+from builder.refusals import refuse_chatless, refuse_oversized_tokenizer, refuse_unpackageable
+from builder.runtimes import vllm_max_lora_rank
 from builder.safetensors_io import TensorEntry, TensorLocation
-from builder.sources import AdapterCheckpoint, BaseModelFolder, TokenizerFolder, tokenizer_vocabulary_size
+from builder.sources import AdapterCheckpoint, BaseModelFolder, TokenizerFolder, code_files
 from builder.spec import Spec
-from builder.trust import BUNDLE_RUNTIME
-from builder.verify import VerificationCost, verification_cost
+from builder.verification_cost import VerificationCost, verification_cost
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The disk-space bound for what is written after the plan: fourteen small files (configs, chat template, card,
@@ -122,27 +129,16 @@ class BuildPlan:
     def merged_tensors(self) -> list[TensorPlan]:
         return [t for s in self.shards for t in s.tensors if t.action == "merge"]
 
-
-def code_files(base: BaseModelFolder, tokenizer: AdapterCheckpoint | TokenizerFolder | None) -> tuple[Path, ...]:
-    """The model's own code: the base's auto_map modules, and tokenizer code that the shipped tokenizer's folder
-    (a checkpoint, or tokenizer.path) brings along."""
-    carried = [p for p in tokenizer.tokenizer_files if p.suffix == ".py"] if tokenizer else []
-    names = {p.name for p in carried}
-    return tuple(sorted([*(p for p in base.remote_code_files if p.name not in names), *carried], key=lambda p: p.name))
-
-
-def refuse_unimportable_folder_name(folder: Path) -> None:
-    """A bundle that ships model code must live in a folder whose name transformers 4.x can import it from.
-
-    transformers < 4.57 imports remote code as the package `transformers_modules.<folder name>`, unsanitised, so a
-    dot in the name splits the package and every relative import inside the model's code (Qwen-7B-Chat's
-    `from .qwen_generation_utils import ...`) fails; other characters (spaces, hyphens, CJK) import fine.
-    """
-    if "." in folder.name:
-        raise OutputError(
-            f"output folder {folder.name!r} contains '.', and a bundle with remote code cannot: transformers 4.x "
-            f"imports the model's code as the package transformers_modules.<folder name>, which a dot breaks; "
-            f"name it e.g. {folder.name.replace('.', '-')!r}"
+    @property
+    def verification_cost(self) -> VerificationCost:
+        """What the build's verification will load and generate; the build always has the sources, so it
+        compares."""
+        verify = self.spec.verify
+        return verification_cost(
+            mode=self.mode, answers=len(verify.prompts) + len(verify.probes), max_new_tokens=verify.max_new_tokens,
+            compare_base=verify.compare_base, equivalence=True,
+            vocab_rows=self.vocab_size or self.base.config.get("vocab_size"),
+            logits_itemsize=self.out_dtype.itemsize, adapters=len(self.adapters),
         )
 
 
@@ -178,50 +174,6 @@ def split_into_shards(
     )
 
 
-# config.json keys under which model families record how many positions (prompt plus new tokens) they handle.
-POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
-
-
-def refuse_unusable_generation_length(spec: Spec, base: BaseModelFolder, spec_file: Path) -> None:
-    """A max_new_tokens the base cannot reach (its positions hold the prompt too) is a spec error, not a surprise."""
-    key = next((k for k in POSITION_LIMIT_KEYS if type(base.config.get(k)) is int), None)
-    if key is None:
-        return
-    limit = base.config[key]
-    for name, value in (("generation", spec.generation.max_new_tokens), ("verify", spec.verify.max_new_tokens)):
-        if value is not None and value >= limit:
-            raise SourceError(
-                f"{spec_file}: {name}.max_new_tokens is {value}, but the base model handles at most {limit} positions "
-                f"({key} in {base.path / 'config.json'}), prompt included; use at most {limit - 1}"
-            )
-
-
-def refuse_quantized_base(base: BaseModelFolder) -> None:
-    """A quantized base (FP8, GPTQ, AWQ, bitsandbytes) stores weights that only make sense with their scales and
-    its quantization_config: merging a delta into them, or casting them, would silently give another model."""
-    quantization = base.config.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-        raise SourceError(
-            f"base.path {base.path} is a quantized model (quantization_config: quant_method {method!r}); modelpack "
-            "merges into full-precision weights: point base.path at the unquantized model"
-        )
-
-
-def tokenizer_adapter(adapters: tuple[WeightedAdapter, ...]) -> AdapterCheckpoint | None:
-    """The first adapter that saved a tokenizer; another one that saved a different tokenizer is refused."""
-    carrying = [a for a in adapters if a.checkpoint.tokenizer_files]
-    for other in carrying[1:]:
-        if _file_contents(other.checkpoint.tokenizer_files) != _file_contents(carrying[0].checkpoint.tokenizer_files):
-            raise SourceError(f"{carrying[0].key} and {other.key} each saved a tokenizer, and they differ: adapters "
-                              "with different tokenizers cannot be composed; keep the tokenizer in one of them")
-    return carrying[0].checkpoint if carrying else None
-
-
-def _file_contents(files: tuple[Path, ...]) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in files}
-
-
 def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *,
                spec_file: Path, tokenizer: TokenizerFolder | None = None) -> BuildPlan:
     """Decide every tensor and file of the bundle; raises a ModelpackError for anything that cannot be packaged.
@@ -245,12 +197,13 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
         assert tied is not None  # _needs_untying is true only when the head is tied to an input embedding
         tensors.append(_tensor_plan(TIED_HEAD, base.tensors[tied], match, out_dtype, summed=summed))
     copies = _file_copies(spec, base, adapters, tokenizer)
-    refuse_chatless(spec, base, copies, tokenizer or tokenizer_adapter(adapters))
+    tokenizer_files = {c.dest: c.source for c in copies if c.role == "tokenizer"}
+    refuse_chatless(spec, base, tokenizer_files, tokenizer or tokenizer_adapter(adapters))
     vocab_size = _resized_vocabulary(base, tensors)
     if tokenizer is not None:
         refuse_oversized_tokenizer(tokenizer, base, vocab_size)
     refuse_unexportable(spec, base, tensor_names=[t.name for t in tensors], spec_file=spec_file,
-                        tokenizer_files={c.dest: c.source for c in copies if c.role == "tokenizer"})
+                        tokenizer_files=tokenizer_files)
     return BuildPlan(
         spec=spec,
         spec_file=spec_file,
@@ -267,73 +220,6 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
         merge_device=spec.output.merge_device,
         concatenation=concat,
         tokenizer=tokenizer,
-    )
-
-
-def refuse_unpackageable(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...],
-                         spec_file: Path, tokenizer: TokenizerFolder | None = None) -> None:
-    """What stops a build before any tensor is matched: the base's kind, its code, the output's name, lengths,
-    a missing tokenizer."""
-    refuse_quantized_base(base)
-    carrier = tokenizer or tokenizer_adapter(adapters)
-    code = code_files(base, carrier)
-    clashing = sorted({p.name for p in code} & set(BUNDLE_RUNTIME))
-    if clashing:  # the bundle's own runtime would overwrite the model's file of the same name
-        raise SourceError(f"base.path {base.path}: the model's own code has a file named {clashing[0]}, which is the "
-                          "name of the bundle's loader; rename it in the model's code (and in what imports it)")
-    if code and not spec.base.trust_remote_code:
-        names = ", ".join(p.name for p in code)
-        owner = f"base.path {base.path}"
-        if isinstance(carrier, TokenizerFolder) and not base.remote_code_files:
-            owner = f"tokenizer.path {carrier.path}"
-        raise SourceError(
-            f"{owner} ships its own model code ({names}); packaging it runs that code at load time. "
-            "Read it, then set `base.trust_remote_code: true` in the spec."
-        )
-    if code:
-        refuse_unimportable_folder_name(spec.output.dir)
-    refuse_unusable_generation_length(spec, base, spec_file)
-    if not base.tokenizer_files and carrier is None:
-        # The seed's pitfall: merge_and_unload + save_pretrained writes weights and config but no tokenizer.
-        raise SourceError(
-            f"base.path {base.path} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab files) and "
-            "neither has the checkpoint, as when the base was written by merge_and_unload + save_pretrained: set "
-            "`tokenizer.path` in the spec to a folder that holds them (the original base model, or the checkpoint "
-            "the trainer saved the tokenizer into)"
-        )
-
-
-def refuse_chatless(spec: Spec, base: BaseModelFolder, copies: tuple[FileCopy, ...],
-                    carrier: AdapterCheckpoint | TokenizerFolder | None) -> None:
-    """A bundle chats (load.py's chat(), verification, servers' chat endpoints): without a chat template, only a
-    model whose own code builds its prompts (Qwen v1's model.chat()) can. Refused at plan time, not after the
-    weights are written."""
-    from builder.chat import tokenizer_declarations  # chat imports this module
-
-    if spec.chat.template is not None or code_files(base, carrier):
-        return
-    tokenizer = {c.dest: c.source for c in copies if c.role == "tokenizer"}
-    if tokenizer_declarations(tokenizer).template is None:
-        folder = next(iter(tokenizer.values())).parent
-        raise SourceError(
-            f"the tokenizer in {folder} has no chat template (chat_template in tokenizer_config.json, or "
-            "chat_template.jinja), and the bundle's chat(), its verification and servers' chat endpoints need one: "
-            "set `chat.template` in the spec to a .jinja file with the template the adapter was trained with"
-        )
-
-
-def refuse_oversized_tokenizer(tokenizer: TokenizerFolder, base: BaseModelFolder, vocab_size: int | None) -> None:
-    """A tokenizer from elsewhere must fit the model: an id past the embedding's last row fails at the first use
-    (an index error on CPU, a device assert on GPU), or silently reads another token's row if the rows are padded."""
-    rows = vocab_size or base.config.get("vocab_size") or (base.config.get("text_config") or {}).get("vocab_size")
-    defined = tokenizer_vocabulary_size(tokenizer.tokenizer_files)
-    if type(rows) is not int or defined is None or defined[0] <= rows:
-        return
-    where = "the adapter's resized embedding" if vocab_size else f"vocab_size in {base.path / 'config.json'}"
-    raise SourceError(
-        f"tokenizer.path {tokenizer.path}: its tokenizer defines {defined[0]} token ids ({defined[1]}), but the "
-        f"model's embedding has {rows} rows ({where}); point tokenizer.path at the tokenizer this base was "
-        "trained with"
     )
 
 
@@ -354,8 +240,6 @@ def _file_copies(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdap
 
 def _warnings(base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *, untie: bool,
               concat: Concatenation | None, tokenizer: TokenizerFolder | None) -> tuple[str, ...]:
-    from builder.serving import vllm_max_lora_rank  # serving imports chat, which imports this module
-
     warnings = []
     for weighted in adapters:
         recorded = weighted.checkpoint.config.get("base_model_name_or_path")
@@ -428,74 +312,4 @@ def _dedupe(copies: list[FileCopy]) -> list[FileCopy]:
     by_dest = {c.dest: c for c in copies}
     return list(by_dest.values())
 
-
-def describe_plan(plan: BuildPlan) -> str:
-    """The dry-run report: what will be written, tensor by tensor and file by file, and the disk it needs."""
-    lines = [
-        f"bundle {plan.spec.name} -> {plan.spec.output.dir}",
-        f"mode: {plan.mode}   dtype: {str(plan.out_dtype).removeprefix('torch.')}   "
-        f"base: {plan.base.path}   "
-        + "   ".join(f"{a.key}: {a.checkpoint.path}" + (f" (weight {a.weight:g})" if len(plan.adapters) > 1 else "")
-                     for a in plan.adapters),
-    ]
-    if plan.mode == "merge":
-        lines.append(f"merge device: {plan.merge_device}")
-    counts = {"copy": 0, "cast": 0, "merge": 0}
-    for shard in plan.shards:
-        lines.append(f"{shard.filename}  {len(shard.tensors)} tensors  {_human(shard.nbytes)}")
-        for tensor in shard.tensors:
-            counts[tensor.action] += 1
-            if tensor.action == "merge":
-                detail = ", ".join(f"{d.module} {_describe_delta(d)}" for d in tensor.deltas)
-                if tensor.token_rows:
-                    detail = ", ".join(filter(None, [f"{len(tensor.token_rows.indices)} trained token rows", detail]))
-                lines.append(f"  merge {tensor.name} {list(tensor.source.shape)} <- {detail}")
-    lines.append(f"tensors: {counts['merge']} merged, {counts['cast']} cast, {counts['copy']} copied as bytes")
-    if plan.tokenizer is not None:
-        lines.append(f"tokenizer from tokenizer.path: {plan.tokenizer.path}")
-    for copy in plan.copies:
-        lines.append(f"copy {copy.role}: {copy.dest}  ({_human(copy.source.stat().st_size)})")
-    shapes = [t.source.shape for s in plan.shards for t in s.tensors]
-    for gguf_type in plan.spec.export.gguf.types if plan.spec.export.gguf else []:
-        lines.append(f"export {gguf_path(plan.spec.name, gguf_type)}  "
-                     f"(at most {_human(estimated_gguf_bytes(shapes, gguf_type))})")
-    if plan.concatenation is not None:
-        lines.append(f"write adapter/: the {len(plan.adapters)} adapters concatenated, rank "
-                     f"{plan.concatenation.rank}, {len(plan.concatenation.modules)} modules "
-                     f"({_human(plan.concatenation.nbytes)})")
-    for ignored in (p for a in plan.adapters for p in a.checkpoint.ignored_files):
-        lines.append(f"skip training leftover: {ignored.name}")
-    for warning in plan.warnings:
-        lines.append(f"warning: {warning}")
-    lines.append(f"disk needed: {_human(plan.disk_needed)}")
-    lines.append(verification_cost_of_plan(plan).describe() + " (skipped with --no-verify)")
-    return "\n".join(lines)
-
-
-def verification_cost_of_plan(plan: BuildPlan) -> VerificationCost:
-    """What the build's verification will load and generate; the build always has the sources, so it compares."""
-    verify = plan.spec.verify
-    return verification_cost(
-        mode=plan.mode, answers=len(verify.prompts) + len(verify.probes), max_new_tokens=verify.max_new_tokens,
-        compare_base=verify.compare_base, equivalence=True,
-        vocab_rows=plan.vocab_size or plan.base.config.get("vocab_size"), logits_itemsize=plan.out_dtype.itemsize,
-        adapters=len(plan.adapters),
-    )
-
-
-def _describe_delta(delta: LoraDelta) -> str:
-    weight = f" ({delta.adapter}, weight {delta.weight:g})" if delta.adapter != "adapter" else ""
-    if delta.kind == "bias":
-        return f"lora_bias scale={delta.scaling:g}{weight}"
-    variant = " DoRA" if delta.magnitude is not None else ""
-    return f"r={delta.rank} scale={delta.scaling:g}{variant}{weight}"
-
-
-def _human(nbytes: float) -> str:
-    unit = "B"
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            break
-        nbytes /= 1000
-    return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
 

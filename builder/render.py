@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.resources
-import json
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import PureWindowsPath
@@ -17,10 +16,12 @@ import builder
 from builder.adapter_compose import WeightedAdapter
 from builder.chat import ChatFacts
 from builder.configs import DTYPE_NAMES
+from builder.formatting import dump_json
 from builder.gguf_export import embedded_chat_template
 from builder.plan import BuildPlan
 from builder.remote_code import distribution_name, third_party_imports
 from builder.report import VerificationReport
+from builder.runtime.load import FACTS_FILE
 from builder.serving import (
     OllamaTemplate,
     ServedBundle,
@@ -30,12 +31,11 @@ from builder.serving import (
     render_modelfile,
     serving_commands,
 )
+from builder.spec import hub_model_id
 from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER
 
 # Packages a bundle needs at load time; peft only when the adapter stays separate.
 RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
-# The bundle's facts, beside its runtime (templates/runtime/load.py reads them under this name).
-FACTS_FILE = "modelpack_bundle.json"
 # The RenderContext fields written to it: what the runtime needs to load, chat and verify.
 FACT_FIELDS = (
     "name", "modelpack_version", "mode", "dtype", "trust_remote_code", "system_prompt", "has_chat_template",
@@ -168,15 +168,12 @@ def recorded_base_name(recorded: object) -> str:
     """The adapter's recorded base for the card: a hub id ("Qwen/Qwen-7B-Chat") as it is, a folder (of this machine
     or of the training machine) by its last component only, so no bundle file names a machine's paths."""
     text = str(recorded)
-    is_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    return text if is_hub_id or "/" not in text and "\\" not in text else PureWindowsPath(text).name
+    return text if hub_model_id(text) or "/" not in text and "\\" not in text else PureWindowsPath(text).name
 
 
 def base_model_id(plan: BuildPlan) -> str | None:
     """The base's Hub id for the card's `base_model`: the spec's `card.base_model`, else the adapter's recorded base
     or the config's `_name_or_path` when that is an id. The Hub rejects a folder name, so there is none otherwise."""
-    from builder.inspection import hub_model_id
-
     return (plan.spec.card.base_model
             or hub_model_id(plan.adapters[0].checkpoint.config.get("base_model_name_or_path"))
             or hub_model_id(plan.base.config.get("_name_or_path")))
@@ -184,10 +181,7 @@ def base_model_id(plan: BuildPlan) -> str | None:
 
 def base_model_name(plan: BuildPlan) -> str:
     """A hub-style id if the config records one ("Qwen/Qwen-7B-Chat"), else the base folder's name."""
-    recorded = str(plan.base.config.get("_name_or_path") or "")
-    if recorded.count("/") == 1 and not recorded.startswith((".", "/", "~")):
-        return recorded
-    return plan.base.path.name
+    return hub_model_id(plan.base.config.get("_name_or_path")) or plan.base.path.name
 
 
 def _template_source(name: str) -> str:
@@ -209,14 +203,14 @@ _ENV.filters["cell"] = _table_cell
 
 
 def runtime_source(name: str) -> bytes:
-    """A file of the bundle runtime (templates/runtime/) as installed with modelpack."""
-    return (importlib.resources.files("builder.templates") / "runtime" / name).read_bytes()
+    """A file of the bundle runtime (builder/runtime/) as installed with modelpack."""
+    return (importlib.resources.files("builder.runtime") / name).read_bytes()
 
 
 def render_facts(context: RenderContext) -> str:
     """modelpack_bundle.json: the only part of the bundle's runtime that differs between bundles."""
     facts = asdict(context)
-    return json.dumps({key: facts[key] for key in FACT_FIELDS}, indent=2, ensure_ascii=False) + "\n"
+    return dump_json({key: facts[key] for key in FACT_FIELDS})
 
 
 def render_runtime(context: RenderContext) -> dict[str, bytes]:

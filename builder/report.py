@@ -142,7 +142,7 @@ class GgufFile(TypedDict):
 
 @with_config(_STRICT)
 class GgufCheck(TypedDict):
-    """templates/runtime/gguf_check.py's report: the bundle's GGUF files answering inside llama.cpp."""
+    """builder/runtime/gguf_check.py's report: the bundle's GGUF files answering inside llama.cpp."""
 
     ok: bool
     runtime: str  # "llama-cpp-python X.Y.Z"

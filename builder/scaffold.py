@@ -9,27 +9,28 @@ from pathlib import Path
 
 import yaml
 
-from builder.chat import default_system_prompt, tokenizer_declarations
+from builder.chat import default_system_prompt
 from builder.errors import OutputError, SourceError
 from builder.inspection import (
     CHECKPOINT_FOLDER,
     ChosenCheckpoint,
     choose_checkpoint,
     describe_count,
-    hub_model_id,
     parameter_count,
 )
-from builder.plan import POSITION_LIMIT_KEYS, code_files
+from builder.refusals import POSITION_LIMIT_KEYS
 from builder.sources import (
     VOCABULARY_FILE_NAMES,
     AdapterCheckpoint,
     BaseModelFolder,
     TokenizerFolder,
+    code_files,
     read_adapter_checkpoint,
     read_base_model,
     read_tokenizer_folder,
 )
-from builder.spec import NAME_PATTERN, GenerationSpec
+from builder.spec import NAME_PATTERN, GenerationSpec, hub_model_id
+from builder.tokenizer_files import tokenizer_declarations
 
 PLACEHOLDER_PROMPT = "Replace this with a question from your fine-tuning data"
 # General skills a fine-tune may lose (the seed's medical model answered a greeting with medical advice).

@@ -7,15 +7,11 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from builder.chat import TEMPLATE_TOKEN_KEYS, ChatFacts
+from builder.chat import QWEN_V1_DEFAULT_SYSTEM, ChatFacts
 from builder.errors import SpecError
+from builder.runtimes import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+from builder.tokenizer_files import TEMPLATE_TOKEN_KEYS
 
-# The LoRA ranks vLLM's --max-lora-rank accepts (vllm/config: possible_max_ranks; recent versions add 1, which
-# older ones refuse, so an adapter of rank 1 gets 8, accepted by every version).
-VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-# Qwen-v1's remote code builds its prompt in make_context (qwen_generation_utils.py): ChatML whose system
-# message is always there, "You are a helpful assistant." by default (modeling_qwen.py, chat(system=...)).
-QWEN_V1_DEFAULT_SYSTEM = "You are a helpful assistant."
 # What the probes' renderings get for today's date (transformers' strftime_now): a prompt holding it changes daily,
 # which a Modelfile's fixed text cannot follow.
 CLOCK_MARK = "MODELPACK_TODAY"
@@ -314,11 +310,6 @@ def render_modelfile(*, name: str, gguf_type: str, template: OllamaTemplate, cha
 
 def _comment(*paragraphs: str) -> list[str]:
     return [f"# {line}" for paragraph in paragraphs for line in textwrap.wrap(paragraph, 110)]
-
-
-def vllm_max_lora_rank(rank: int) -> int | None:
-    """The smallest --max-lora-rank vLLM accepts that holds `rank`; None above the largest (512)."""
-    return next((accepted for accepted in VLLM_MAX_LORA_RANKS if accepted >= rank), None)
 
 
 @dataclass(frozen=True)

@@ -389,6 +389,14 @@ def read_tokenizer_folder(path: Path) -> TokenizerFolder:
     return TokenizerFolder(path=path, tokenizer_files=files + code)
 
 
+def code_files(base: BaseModelFolder, tokenizer: AdapterCheckpoint | TokenizerFolder | None) -> tuple[Path, ...]:
+    """The model's own code: the base's auto_map modules, and tokenizer code that the shipped tokenizer's folder
+    (a checkpoint, or tokenizer.path) brings along."""
+    carried = [p for p in tokenizer.tokenizer_files if p.suffix == ".py"] if tokenizer else []
+    names = {p.name for p in carried}
+    return tuple(sorted([*(p for p in base.remote_code_files if p.name not in names), *carried], key=lambda p: p.name))
+
+
 def tokenizer_vocabulary_size(files: tuple[Path, ...]) -> tuple[int, str] | None:
     """How many token ids the tokenizer files define (the highest id + 1) and the file that defines the highest.
 

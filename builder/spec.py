@@ -34,6 +34,16 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 HUB_MODEL_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
+
+
+def hub_model_id(value: object) -> str | None:
+    """`org/name` as the Hub spells model ids; a folder path (of this or any machine) is not one."""
+    text = str(value or "")
+    if not re.fullmatch(HUB_MODEL_ID, text) or Path(text).expanduser().exists() or ".." in text:
+        return None
+    return text
+
+
 _VARIABLE_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # A spec is a few hundred values; aliases that expand past this many are a "billion laughs" document, refused
 # before anything is built from it (PyYAML itself would expand it without limit).

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from builder.errors import OutputError
+from builder.formatting import describe_bytes
 from builder.interrupts import interrupts_recorded, raise_if_interrupted
 from builder.manifest import MANIFEST, written_by_modelpack
 from builder.trust import SIGNATURE
@@ -149,7 +150,7 @@ def remove_stale_staging(dest: Path, *, progress: Callable[[str], None]) -> None
         if stale.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
             size = sum(p.lstat().st_size for p in entry.rglob("*"))
             shutil.rmtree(entry)
-            progress(f"removed stale staging folder {entry.name} ({_size(size)}) left by an interrupted build")
+            progress(f"removed stale staging folder {entry.name} ({describe_bytes(size)}) left by an interrupted build")
 
 
 def check_disk_space(dest: Path, needed: int) -> None:
@@ -157,8 +158,8 @@ def check_disk_space(dest: Path, needed: int) -> None:
     free = shutil.disk_usage(dest.parent).free
     if free < needed:
         raise OutputError(
-            f"output {dest}: the bundle needs {_size(needed)} but {dest.parent} has {_size(free)} free; "
-            "free space or pass -o to build elsewhere"
+            f"output {dest}: the bundle needs {describe_bytes(needed)} but {dest.parent} has {describe_bytes(free)} "
+            "free; free space or pass -o to build elsewhere"
         )
 
 
@@ -265,7 +266,8 @@ def _describe_output_error(error: OSError, dest: Path, needed: int) -> str | Non
         else:
             what = f"the filesystem of {dest.parent} is full"
         return (
-            f"{what} while writing {target}; the bundle needs {_size(needed)}: free space or pass -o to build elsewhere"
+            f"{what} while writing {target}; the bundle needs {describe_bytes(needed)}: free space or pass -o to "
+            "build elsewhere"
         )
     if code in (errno.EEXIST, errno.ENOTDIR):
         blocker = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), where)
@@ -376,9 +378,3 @@ def _name_max(folder: Path) -> int:
         return os.pathconf(folder, "PC_NAME_MAX")
     except OSError:
         return 255
-
-
-def _size(nbytes: int) -> str:
-    if nbytes >= 1e9:
-        return f"{nbytes / 1e9:.2f} GB"
-    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} KB"

@@ -15,15 +15,16 @@ from builder.manifest import MANIFEST, read_manifest, sha256_file
 # is then replaced by the digest (same length): checking undoes exactly that replacement, so every byte of them but
 # the digest is covered, and the digest they show must be the bundle's own. SIGNATURE is model_signing's file, the
 # one a bundle may hold beside manifest.json that the manifest cannot list.
-from builder.templates.runtime import bundle_check
-from builder.templates.runtime.bundle_check import DIGEST_CARRIERS, DIGEST_PLACEHOLDER, SIGNATURE
+from builder.runtime import bundle_check
+from builder.runtime.bundle_check import DIGEST_CARRIERS, DIGEST_PLACEHOLDER, SIGNATURE
+from builder.runtime.load import CHECK_MODULE
 
 # Files of a bundle that run when it is loaded with trust_remote_code: model code, unless it is the bundle's own.
 CODE_SUFFIXES = (".py", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")
 LOADER = "load.py"
-# The bundle's own runtime, copied from templates/runtime/ (exact names at the bundle's top level): the loader and
-# the verification runtime `load.py --verify` runs. Not model code, so they need no --trust-remote-code.
-BUNDLE_RUNTIME = (LOADER, "bundle_check.py")
+# The bundle's own runtime, copied from builder/runtime/ (exact names at the bundle's top level): the loader and
+# the verification runtime `load.py --verify` imports by name. Not model code, so they need no --trust-remote-code.
+BUNDLE_RUNTIME = (LOADER, f"{CHECK_MODULE}.py")
 
 
 @dataclass(frozen=True)

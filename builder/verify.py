@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,19 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import builder
-from builder.errors import BundleError, VerificationError
-from builder.interrupts import raise_if_interrupted
+from builder.configs import adapter_config
+from builder.errors import VerificationError
+from builder.formatting import dump_json
+from builder.interrupts import interrupts_deferred, raise_if_interrupted
 from builder.manifest import read_manifest, sha256_file
 from builder.report import VerificationReport, read_equivalence, read_gguf_check, read_runtime_report
 
 # The runtime's marker before its own progress lines (bundle_check.progress, which equivalence.py uses too).
-from builder.templates.runtime.bundle_check import PROGRESS_MARKER
-from builder.templates.runtime.load import FACTS_FILE
+from builder.runtime.bundle_check import PROGRESS_MARKER
+from builder.runtime.load import FACTS_FILE
+from builder.sources import read_json
+from builder.subprocesses import describe_crash, die_with_parent, model_code_env, verifying_python
 from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
+from builder.verification_cost import VerificationCost, verification_cost
 
 # Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
-EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "equivalence.py"))
-GGUF_CHECK_SCRIPT = Path(str(importlib.resources.files("builder.templates") / "runtime" / "gguf_check.py"))
+EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.runtime") / "equivalence.py"))
+GGUF_CHECK_SCRIPT = Path(str(importlib.resources.files("builder.runtime") / "gguf_check.py"))
 
 
 @dataclass(frozen=True)
@@ -47,67 +50,6 @@ class ReferenceSources:
     adapters: tuple[ReferenceAdapter, ...]
 
 
-@dataclass(frozen=True)
-class VerificationCost:
-    """What verification will run, counted from the spec (or the bundle's facts) before anything loads.
-
-    Each model load is a process of its own, run one after the other, so one model is in memory at a time: the
-    bundle (answers, timed for its speed; serving checks; its logits over its answers when the equivalence check
-    follows), then the reference the equivalence check compares those logits with.
-    """
-
-    loads: tuple[str, ...]
-    answers: int  # prompts + probes
-    max_new_tokens: int
-    compare_base: bool  # the base answers too (in the equivalence step)
-    adapters_alone: int  # with compare_base and several adapters: each adapter answers alone too (same step)
-    kept_logits_bytes: int | None  # the bundle's logits over its answers, on disk between the two steps
-
-    @property
-    def generated_tokens(self) -> int:
-        """An upper bound: an answer ends early at the end-of-turn token."""
-        passes = 1 + self.compare_base + self.adapters_alone
-        return self.answers * self.max_new_tokens * passes
-
-    def describe(self) -> str:
-        loads = len(self.loads)
-        parts = [f"{self.answers} answers x {self.max_new_tokens} by the bundle"]
-        if self.compare_base:
-            parts.append(f"{self.answers} x {self.max_new_tokens} by the base alone")
-        if self.adapters_alone:
-            parts.append(f"{self.answers} x {self.max_new_tokens} by each of the {self.adapters_alone} adapters alone")
-        text = (f"verification: {loads} model load{'s' * (loads > 1)}, one model in memory at a time "
-                f"({'; '.join(self.loads)}); up to {self.generated_tokens} generated tokens ({', '.join(parts)})")
-        if loads > 1:
-            kept = f", up to {_size(self.kept_logits_bytes)} of logits kept on disk between them" \
-                if self.kept_logits_bytes is not None else ""
-            text += f"; {self.answers} answers scored by both models{kept}"
-        return text
-
-
-def verification_cost(*, mode: str, answers: int, max_new_tokens: int, compare_base: bool, equivalence: bool,
-                      vocab_rows: int | None, logits_itemsize: int, adapters: int = 1) -> VerificationCost:
-    """The loads and tokens of verify_bundle, from what the spec asks.
-
-    With several adapters the reference is always the source base with every adapter in peft (also in separate
-    mode: the bundle's adapter is their concatenation), and compare_base has each adapter answer alone as well.
-
-    The kept logits are one row per position that predicts an answer token (the prompt's last token and up to
-    max_new_tokens answer tokens), over the whole vocabulary, in the model's dtype.
-    """
-    loads = ["the bundle (its own load.py --verify)"]
-    alone = adapters if compare_base and equivalence and adapters > 1 else 0
-    if equivalence:
-        base = ", the base answers" if compare_base else ""
-        each = ", each adapter's answers alone" if alone else ""
-        loads.append(f"base + {adapters} adapters through peft (the unmerged reference{base}{each})" if adapters > 1
-                     else f"base + adapter through peft (the unmerged reference{base})" if mode == "merge"
-                     else f"the bundle again, merged in memory after scoring (the reference{base})")
-    kept = answers * (max_new_tokens + 1) * vocab_rows * logits_itemsize if equivalence and vocab_rows else None
-    return VerificationCost(loads=tuple(loads), answers=answers, max_new_tokens=max_new_tokens,
-                            compare_base=compare_base and equivalence, adapters_alone=alone, kept_logits_bytes=kept)
-
-
 def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool, adapters: int) -> VerificationCost:
     """verification_cost from what the bundle records: its facts (prompts, mode, dtype) and config.json, and the
     number of source adapters the reference loads."""
@@ -121,13 +63,6 @@ def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool,
         vocab_rows=rows if isinstance(rows, int) else None, logits_itemsize=getattr(torch, facts["dtype"]).itemsize,
         adapters=adapters,
     )
-
-
-def _size(nbytes: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if nbytes >= size:
-            return f"{nbytes / size:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
@@ -228,7 +163,7 @@ def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_
 
 def _check_gguf(bundle: Path, manifest: dict, report: VerificationReport, python: str, workdir: str,
                 progress: Callable[[str], None]) -> None:
-    """The bundle's GGUF files answering the verification prompts inside llama.cpp (templates/runtime/gguf_check.py),
+    """The bundle's GGUF files answering the verification prompts inside llama.cpp (builder/runtime/gguf_check.py),
     added to the report; reported as skipped, with the command that installs it, where the verifying interpreter has
     no llama-cpp-python."""
     files = gguf_files(manifest)
@@ -286,8 +221,6 @@ def _reference_base(base: Path, parent: Path) -> Path:
 def _reference_adapter(adapter: Path, folder: Path) -> Path:
     """The source adapter as every supported peft reads it: its weights (linked) and its config without the
     default-valued keys that peft < 0.14 rejects, as the bundle's own adapter_config.json is written."""
-    from builder.configs import adapter_config, dump_json
-    from builder.sources import read_json
 
     folder.mkdir()
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
@@ -305,12 +238,14 @@ def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str
     The full output goes to a log; when the step fails, the log is kept and the error names
     where the failure happened instead of printing the traceback.
     """
-    process = subprocess.Popen(command, cwd=workdir, env=model_code_env(workdir), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
-                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    with interrupts_deferred():  # a Ctrl-C while the process forks is raised just below, where it is killed
+        process = subprocess.Popen(command, cwd=workdir, env=model_code_env(workdir), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                                   preexec_fn=die_with_parent if sys.platform == "linux" else None)
     lines: list[str] = []
     assert process.stdout is not None
     try:
+        raise_if_interrupted()
         for line in process.stdout:
             raise_if_interrupted()
             lines.append(line.rstrip())
@@ -328,48 +263,6 @@ def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str
             f.write(" ".join(command) + "\n\n" + "\n".join(lines) + "\n")
         raise VerificationError(f"{what}: {describe_crash(lines, returncode)}; it ran with {command[0]}, and its "
                                 f"full output is in {log}")
-
-
-def model_code_env(workdir: str) -> dict[str, str]:
-    """The environment of a process that runs model code for modelpack: offline, unable to import modelpack's
-    sources, writing no bytecode, with a modules cache of its own in workdir (nothing another model left in the
-    user's cache is picked up)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-           "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: Linux sends it SIGKILL when modelpack dies, even by SIGKILL, so a killed build
-    leaves no verification running on a staging folder the next build removes."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-# A frame of a Python traceback: `  File "/path/modeling_qwen.py", line 44, in <module>`.
-_FRAME = re.compile(r'^\s*File "(?P<file>.+)", line (?P<line>\d+), in (?P<function>.+)$')
-
-
-def describe_crash(lines: list[str], returncode: int) -> str:
-    """One sentence for a verification process that ended without a report: the exception's last line and the
-    frame it came from, preferring the model's own code (imported under transformers_modules) over library frames."""
-    errors = [line for line in lines if line.startswith("error: ")]
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
-    if not starts:
-        return errors[-1].removeprefix("error: ") if errors else f"the process exited with code {returncode}"
-    block = lines[starts[-1]:]
-    frames = [match for line in block if (match := _FRAME.match(line))]
-    exception = next((line for line in reversed(block) if line and not line[0].isspace()), "")
-    model_frames = [f for f in frames if "transformers_modules" in Path(f["file"]).parts]
-    candidates = model_frames or frames
-    if not candidates:
-        return exception
-    frame = candidates[-1]
-    owner = "the model's own code" if model_frames else "library code"
-    return f"{exception} (raised in {owner}: {Path(frame['file']).name} line {frame['line']}, in {frame['function']})"
 
 
 def recorded_sources(bundle: Path, manifest: dict) -> tuple[ReferenceSources | None, str | None]:
@@ -390,14 +283,3 @@ def recorded_sources(bundle: Path, manifest: dict) -> tuple[ReferenceSources | N
     return ReferenceSources(base, tuple(ReferenceAdapter(path, weight) for _, path, weight in adapters)), None
 
 
-def verifying_python(python: str | os.PathLike | None) -> str:
-    """The interpreter that runs model code: the given one, checked to exist, else the one running modelpack."""
-    if python is None:
-        return sys.executable
-    path = Path(python)
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise BundleError(f"verification interpreter {path}: not an executable file; point it at a Python, "
-                          "e.g. /path/to/venv/bin/python")
-    # Absolute (the subprocess runs elsewhere) but not resolved: a virtualenv's bin/python is a symlink, and
-    # only under its own path does it find the venv's packages.
-    return os.path.abspath(path)

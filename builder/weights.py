@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import os
 import queue
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from builder.errors import SourceError
+from builder.formatting import dump_json
 from builder.merge_device import BLOCK_ROW_MULTIPLE, MergedBlock, MergeDevice, merge_device_for, read_factors
 from builder.plan import BuildPlan, ShardPlan, TensorPlan
 from builder.safetensors_io import ShardWriter, TensorLocation, read_into, tensor_bytes
@@ -95,7 +95,7 @@ def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda
             "metadata": {"total_size": plan.weight_bytes},
             "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
         }
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (staging / "model.safetensors.index.json").write_text(dump_json(index))
     return WrittenWeights(written=hashes, sources=sources)
 
 

@@ -176,11 +176,11 @@ def assert_user_error(result, exit_code: int, *culprits: str) -> None:
 
 
 # The Python that ships inside bundles (and the equivalence script), as in the repository.
-RUNTIME = Path(__file__).resolve().parents[1] / "templates" / "runtime"
+RUNTIME = Path(__file__).resolve().parents[1] / "builder" / "runtime"
 
 
 def import_file(path: Path, name: str | None = None):
-    """A Python file imported by path as a fresh module (a bundle's load.py, or the runtime in templates/runtime)."""
+    """A Python file imported by path as a fresh module (a bundle's load.py, or the runtime in builder/runtime)."""
     import importlib.util
     import sys
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 
@@ -32,16 +31,9 @@ def bundle_generation_config(
     base_config: dict | None = None,
     end_of_turn_id: int | None = None,
 ) -> dict:
-    """The one place this module calls generation_config: adapt it here when its signature changes.
-
-    It reads two things of the plan, the spec's generation overrides and the base's config.json, so the plan is
-    a stand-in holding a real (validated) GenerationSpec and a config dict.
-    """
-    plan = SimpleNamespace(
-        spec=SimpleNamespace(generation=GenerationSpec(**(spec or {}))),
-        base=SimpleNamespace(config=base_config or {}),
-    )
-    return generation_config(plan, base_generation, end_of_turn_id)  # type: ignore[arg-type]
+    """The one place this module calls generation_config, with the overrides of a real (validated) GenerationSpec."""
+    return generation_config(base_generation, overrides=GenerationSpec(**(spec or {})).overrides(),
+                             model_config=base_config or {}, end_of_turn_id=end_of_turn_id)
 
 
 def test_base_values_are_kept_and_transformers_version_dropped():

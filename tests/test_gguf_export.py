@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from builder import gguf_export
+from builder import gguf_export, gguf_facts
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
 from builder.errors import VerificationError
@@ -23,10 +23,10 @@ from builder.gguf_export import (
     StreamedTensor,
     converted_blocks,
     interleave_rotary_halves,
-    pre_tokenizer,
     tensor_type,
     tiktoken_merge,
 )
+from builder.gguf_facts import pre_tokenizer
 from builder.manifest import sha256_file
 from builder.safetensors_io import read_safetensors_header
 from builder.trust import bundle_digest, require_integrity
@@ -46,8 +46,8 @@ SAMPLES = ["Hello world, this is a tiny corpus.", "我家宝宝六个月，吃�
            "<|im_start|>user\n什么是机器学习？<|im_end|>\n<|im_start|>assistant\n"]
 # tokenizer.json pre_tokenizer sections as Qwen2.5 and Llama 3 publish them.
 QWEN2_PRE = {"type": "Sequence", "pretokenizers": [
-    {"type": "Split", "pattern": {"Regex": gguf_export._CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                                  + gguf_export._REST}, "behavior": "Isolated", "invert": False},
+    {"type": "Split", "pattern": {"Regex": gguf_facts._CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                                  + gguf_facts._REST}, "behavior": "Isolated", "invert": False},
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
 LLAMA3_PRE = json.loads(json.dumps(QWEN2_PRE).replace(r"\\p{N}|", r"\\p{N}{1,3}|"))
 

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import EXIT_INVALID_INPUT, SourceError, SpecError
-from builder.plan import describe_plan
 from builder.spec import load_spec
 from helpers import RUNTIME, bundle_tensors, import_file, write_spec
 
@@ -271,7 +270,7 @@ def test_a_two_adapter_build_is_verified_against_the_composition(tmp_path, model
                                        "compare_base": True})
     plan = plan_from_spec(spec)
     # The base and each adapter alone answer both prompts too, in the reference's process.
-    assert describe_plan(plan).splitlines()[-1].startswith(
+    assert plan.verification_cost.describe().startswith(
         "verification: 2 model loads, one model in memory at a time (the bundle (its own load.py --verify); base + 2 "
         "adapters through peft (the unmerged reference, the base answers, each adapter's answers alone)); up to 64 "
         "generated tokens (2 answers x 8 by the bundle, 2 x 8 by the base alone, 2 x 8 by each of the 2 adapters "

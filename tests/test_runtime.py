@@ -1,4 +1,4 @@
-"""The Python that ships inside bundles (templates/runtime/), unit by unit: no model is loaded here."""
+"""The Python that ships inside bundles (builder/runtime/), unit by unit: no model is loaded here."""
 
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def test_the_runtime_is_copied_byte_for_byte_with_the_facts_beside_it(tmp_path):
     # Only the bundle's own runtime ships (equivalence.py and gguf_check.py run from modelpack), and trust exempts
     # exactly it.
     assert set(files) == {*BUNDLE_RUNTIME, load.FACTS_FILE}
-    assert {p.name for p in RUNTIME.glob("*.py")} - {"equivalence.py", "gguf_check.py"} == set(BUNDLE_RUNTIME)
+    assert {p.name for p in RUNTIME.glob("*.py")} - {"__init__.py", "equivalence.py", "gguf_check.py"} == set(
+        BUNDLE_RUNTIME)
     for name in BUNDLE_RUNTIME:
         assert files[name] == (RUNTIME / name).read_bytes()
     (tmp_path / load.FACTS_FILE).write_bytes(files[load.FACTS_FILE])

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from builder.build import build_bundle, plan_from_spec
-from builder.plan import describe_plan
-from builder.verify import ReferenceAdapter, ReferenceSources, verification_cost, verify_bundle
+from builder.console import verification_checks
+from builder.verification_cost import verification_cost
+from builder.verify import ReferenceAdapter, ReferenceSources, verify_bundle
 from helpers import make_adapter, make_base_model, subprocess_env, write_spec
 
 # A Qwen2 of 49M parameters: 197 MB in float32, large enough that a second copy in a process shows far above the
@@ -42,12 +43,12 @@ def test_the_dry_run_states_what_verification_will_load_and_generate(tmp_path, m
     base = models("qwen2", tied=True, dtype=torch.float32)
     spec = write_spec(tmp_path, base, adapters(base), verify={
         "max_new_tokens": 4, "prompts": [{"prompt": "你好"}], "probes": [{"prompt": "hi"}], "compare_base": True})
-    lines = describe_plan(plan_from_spec(spec)).splitlines()
-    assert lines[-1] == (
+    rows = dict(verification_checks(plan_from_spec(spec), verification=True))
+    assert "verification: " + rows["verify: cost"] == (
         "verification: 2 model loads, one model in memory at a time (the bundle (its own load.py --verify); "
         "base + adapter through peft (the unmerged reference, the base answers)); up to 16 generated tokens "
         "(2 answers x 4 by the bundle, 2 x 4 by the base alone); 2 answers scored by both "
-        "models, up to 16.6 KB of logits kept on disk between them (skipped with --no-verify)"
+        "models, up to 16.6 KB of logits kept on disk between them"
     )
 
 

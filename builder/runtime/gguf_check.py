@@ -31,11 +31,13 @@ For every GGUF file and every verification prompt and probe (with the bundle's s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -151,6 +153,31 @@ def machine_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
+    """Models loaded meanwhile keep their weights in llama.cpp's plain CPU layout (use_extra_bufts off).
+
+    Its default repacks Q8_0 weights into interleaved blocks for AVX-512 kernels, and llama.cpp 0.3.36's repacked
+    batch matmul crashes (SIGSEGV) on the shipped demo's Q8_0 file on a 2-core AVX-512 machine (one-token batches
+    and the plain layout both answer). The layout changes which kernel multiplies, not the file's values, and the
+    check is of the file. Llama() takes no such argument: it reads the defaults
+    from llama_cpp.llama_model_default_params, which is replaced while the model loads.
+    """
+    bindings = llama_cpp.llama_cpp
+    defaults = bindings.llama_model_default_params
+
+    def plain_defaults():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = plain_defaults
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = defaults
+
+
 def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: str, system: str | None,
                max_new_tokens: int, tokenizer, check) -> dict:
     """Load one GGUF in llama.cpp and answer every prompt greedily with its embedded chat template."""
@@ -166,8 +193,9 @@ def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: 
     n_ctx = 2 * max(len(p.bundle_ids) for p in prompts) + max_new_tokens
     started = time.perf_counter()
     # logits_all: every position's logits, to score the bundle's answer where the two part.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
-                          logits_all=True, verbose=False)
+    with plain_cpu_buffers(llama_cpp):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
+                              logits_all=True, verbose=False)
     load_seconds = time.perf_counter() - started
     template = llm.metadata.get("tokenizer.chat_template")
     if template is None:
