@@ -10,10 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from builder.adapter_match import (
-    ADAPTER_PREFIX,
     AdapterMatch,
     LoraDelta,
     match_adapter,
@@ -21,7 +18,6 @@ from builder.adapter_match import (
     with_tied_head,
 )
 from builder.errors import SourceError
-from builder.safetensors_io import read_tensor
 from builder.sources import AdapterCheckpoint, BaseModelFolder
 
 
@@ -197,35 +193,6 @@ def _target_modules(base: BaseModelFolder, modules: set[str]) -> list[str] | str
     if {m for m in base_modules if m.rsplit(".", 1)[-1] in names} == modules:
         return names
     return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
-
-
-def concatenated_tensors(concat: Concatenation) -> dict[str, torch.Tensor]:
-    """The concatenated adapter's tensors in float32, keyed as peft saves them (weights folded into A, as peft's
-    cat does)."""
-    tensors = {}
-    for module, parts in concat.modules.items():
-        a_parts, b_parts = [], []
-        for delta in parts:
-            assert delta.a is not None  # refuse_inexact_concatenation refused lora_bias
-            a_parts.append(read_tensor(delta.a).float() * delta.scaling)
-            b_parts.append(read_tensor(delta.b).float())
-        a, b = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
-        padding = concat.rank - a.shape[0]
-        a = torch.cat([a, a.new_zeros(padding, a.shape[1])], dim=0)
-        b = torch.cat([b, b.new_zeros(b.shape[0], padding)], dim=1)
-        names = ("lora_embedding_A", "lora_embedding_B") if parts[0].kind == "embedding" \
-            else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{ADAPTER_PREFIX}{module}.{names[0]}"] = a.contiguous()
-        tensors[f"{ADAPTER_PREFIX}{module}.{names[1]}"] = b.contiguous()
-    return tensors
-
-
-def write_concatenated_adapter(concat: Concatenation, folder: Path) -> None:
-    """adapter/adapter_model.safetensors of the concatenated adapter (small: the adapters' factors side by side)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(concatenated_tensors(concat), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def tokenizer_adapter(adapters: tuple[WeightedAdapter, ...]) -> AdapterCheckpoint | None:

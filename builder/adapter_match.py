@@ -221,7 +221,9 @@ def _token_indices(adapter: AdapterCheckpoint, module: str, values: TensorLocati
 
 def _check_layout(location: TensorLocation, weights: str, key: str) -> None:
     if not location.dtype.is_floating_point:
-        raise SourceError(f"{weights}: tensor {key!r} has dtype {location.dtype}; expected floating point weights")
+        raise SourceError(
+            f"{weights}: tensor {key!r} has dtype torch.{location.dtype.name}; expected floating point weights"
+        )
 
 
 def _check_target_modules(

@@ -12,31 +12,24 @@ from typing import Literal
 
 import builder
 from builder import configs
-from builder.adapter_compose import WeightedAdapter, write_concatenated_adapter
+from builder.adapter_compose import WeightedAdapter
+from builder.card import render_card
 from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
 from builder.formatting import dump_json
-from builder.gguf_export import export_gguf
 from builder.gguf_facts import gguf_path
 from builder.manifest import find_machine_paths, sha256_file, write_manifest
-from builder.merge_device import require_merge_device
 from builder.plan import BuildPlan, plan_build
-from builder.render import (
-    RenderContext,
-    build_context,
-    installed_versions,
-    render_card,
-    render_requirements,
-    render_runtime,
-)
+from builder.refusals import require_merge_device
+from builder.render import RenderContext, build_context, installed_versions, render_requirements, render_runtime
 from builder.report import VerificationReport, failure_message
 from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder
 from builder.spec import load_spec
 from builder.staging import check_output_location, publish, staged_output
 from builder.subprocesses import verifying_python
-from builder.trust import DIGEST_PLACEHOLDER, seal
+from builder.trust import seal
 from builder.verify import ReferenceAdapter, ReferenceSources, verify_bundle
-from builder.weights import copy_side_files, write_weights
+from builder.weights import copy_side_files, write_concatenated_adapter, write_weights
 
 # Receives one line per step of the build, for the terminal.
 Progress = Callable[[str], None]
@@ -89,8 +82,8 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
     started = time.perf_counter()
     with staged_output(dest, force=force, needed=plan.disk_needed, progress=progress) as staging:
         progress(f"writing {len(plan.shards)} weight file(s), {plan.weight_bytes / 1e6:.1f} MB ({plan.mode})")
-        # The other files are written while the weights stream (neither reads what the other writes): the chat
-        # facts import transformers' template engine, seconds that would otherwise follow the weights.
+        # The other files are written while the weights stream (neither reads what the other writes): copying the
+        # tokenizer and rendering the chat facts then costs no time after the weights.
         with ThreadPoolExecutor(1, thread_name_prefix="modelpack-files") as pool:
             files = pool.submit(_write_files, plan, staging)
 
@@ -157,6 +150,9 @@ def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFac
 
 def _export_gguf(plan: BuildPlan, staging: Path, chat: ChatFacts, *, progress: Progress) -> None:
     """The GGUF files, from the merged weights and tokenizer files already staged (export.gguf)."""
+    # Imported here: gguf and numpy are the exporter's alone, and every light command imports this module.
+    from builder.gguf_export import export_gguf
+
     assert plan.spec.export.gguf is not None
     names = {t: gguf_path(plan.spec.name, t) for t in plan.spec.export.gguf.types}
     progress(f"exporting GGUF: {', '.join(names.values())}")
@@ -178,11 +174,12 @@ def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | Non
         trust_remote_code=spec.base.trust_remote_code,
         # Hashed by this process as it wrote them; the check still covers listing, sizes and links.
         known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()},
+        staged=True,
         progress=progress,
     )
     message = failure_message(verification)
     if message:
-        raise VerificationError(message)
+        raise VerificationError(message, report=verification)
     return verification
 
 
@@ -194,8 +191,7 @@ def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance
     the versions it ran with); the files verified before are unchanged, so their hashes are reused.
     """
     spec = plan.spec
-    if verification is not None:
-        verification["digest"] = DIGEST_PLACEHOLDER  # the final manifest's digest, written by seal() below
+    if verification is not None:  # its digest is the placeholder, replaced by the final one by seal() below
         _write(staging / "verification.json", dump_json(verification))
     _write(staging / "README.md", render_card(context, verification=verification))
     environment = verification["environment"] if verification else None

@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.chat_template import compile_chat_template
 from builder.errors import SourceError
 from builder.subprocesses import describe_crash, model_code_env
 from builder.tokenizer_files import tokenizer_declarations
@@ -59,14 +60,12 @@ def end_of_turn_token(template: str, special_tokens: dict[str, int], template_va
     """The special token the chat template puts right after an assistant reply (ChatML: <|im_end|>).
 
     Rendered in transformers' own template environment (its `{% generation %}` tag, loop controls, `strftime_now`,
-    `tojson`), so a template that works in transformers and vLLM works here.
+    `tojson`; see chat_template.py), so a template that works in transformers and vLLM works here.
     """
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
     try:
-        rendered = _compile_jinja_template(template).render(messages=messages, add_generation_prompt=False,
-                                                            **template_vars)
+        rendered = compile_chat_template(template).render(messages=messages, add_generation_prompt=False,
+                                                          **template_vars)
     except Exception as exc:  # a template error is the user's to fix: say where it came from
         raise SourceError(f"chat template cannot be rendered: {exc}") from exc
     after = rendered.split(_SENTINEL, 1)[-1] if _SENTINEL in rendered else ""
@@ -80,12 +79,10 @@ def default_system_prompt(template: str, template_vars: dict[str, str]) -> str |
     Found by rendering a conversation with a marked system message and one without: the text the template puts
     where the marked message was is its default. A template that cannot render both ways has none worth stating.
     """
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
     marker = "MODELPACK_SYSTEM_PROMPT"
     user = {"role": "user", "content": _SENTINEL}
     try:
-        compiled = _compile_jinja_template(template)
+        compiled = compile_chat_template(template)
         with_system = compiled.render(messages=[{"role": "system", "content": marker}, user],
                                       add_generation_prompt=False, **template_vars)
         without = compiled.render(messages=[user], add_generation_prompt=False, **template_vars)

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from builder.errors import EXIT_INTERRUPTED, EXIT_VERIFICATION_FAILED, ModelpackError, VerificationError
+import builder
+from builder.errors import EXIT_INTERRUPTED, ModelpackError, VerificationError
 from builder.formatting import dump_json
 
 app = typer.Typer(
@@ -24,6 +25,25 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only (a
 AsJson = Annotated[bool, typer.Option("--json", help="print one JSON result on stdout (errors too)")]
 
 
+@app.callback(invoke_without_command=True)
+def modelpack(
+    context: typer.Context,
+    show_version: Annotated[bool, typer.Option("--version", help="print modelpack's version and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --version: print it as one JSON object")] = False,
+) -> None:
+    """Options of `modelpack` itself, before any command: --version (with --json, as JSON)."""
+    if show_version:
+        if as_json:
+            _print_json({"ok": True, "modelpack_version": builder.__version__})
+        else:
+            typer.echo(f"modelpack {builder.__version__}")
+        raise typer.Exit()
+    if context.invoked_subcommand is None:
+        context.fail("Missing command.")
+    if as_json:
+        context.fail(f"--json goes after the command: modelpack {context.invoked_subcommand} ... --json")
+
+
 def _console(quiet: bool = False):
     from builder.console import Console
 
@@ -34,12 +54,16 @@ def _print_json(result: dict) -> None:
     typer.echo(dump_json(result), nl=False)
 
 
-def user_errors_exit(command):
+def user_errors_exit(command=None, *, report_is_result: bool = False):
     """The one error handler: a ModelpackError prints as one message and exits with its code (with --json, also as
     one JSON object on stdout, so a pipeline reading stdout sees every outcome).
 
+    report_is_result: the command's --json result is the verification report (verify), so a failed verification
+    prints the report its error carries, as a passed one prints; any other error prints {ok, exit_code, error}.
     Anything else is our bug and keeps its traceback (exit 1).
     """
+    if command is None:
+        return functools.partial(user_errors_exit, report_is_result=report_is_result)
 
     @functools.wraps(command)
     def run(*args, **kwargs):
@@ -48,7 +72,9 @@ def user_errors_exit(command):
         except ModelpackError as error:
             typer.echo(f"error: {error.message}", err=True)
             if kwargs.get("as_json"):
-                _print_json({"ok": False, "exit_code": error.exit_code, "error": error.message})
+                report = error.report if isinstance(error, VerificationError) and report_is_result else None
+                _print_json(dict(report) if report is not None
+                            else {"ok": False, "exit_code": error.exit_code, "error": error.message})
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:  # the staging folder is already gone; the destination is as it was
             typer.echo("interrupted: nothing was published", err=True)
@@ -147,7 +173,7 @@ def build(
 
 
 @app.command()
-@user_errors_exit
+@user_errors_exit(report_is_result=True)
 def verify(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
     digest: Annotated[str | None, typer.Option(
@@ -180,16 +206,14 @@ def verify(
                              python=python, device=device, max_memory=max_memory, progress=console.say)
     if report_path:
         report_path.write_text(dump_json(report), encoding="utf-8")
+    if not as_json:
+        console.show(report_table(report))
     message = failure_message(report)
-    if as_json:
-        _print_json({"bundle": str(bundle), **report})
-        if message:
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(EXIT_VERIFICATION_FAILED)
-        return
-    console.show(report_table(report))
     if message:
-        raise VerificationError(message)
+        raise VerificationError(message, report=report)
+    if as_json:
+        _print_json(dict(report))
+        return
     anchor = " (signature)" if public_key else " (digest)" if digest else ""
     typer.echo(f"{bundle}: verification passed ({len(report['prompts'])} prompts, {len(report['probes'])} probes), "
                f"{report['digest']}{anchor}")

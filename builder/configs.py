@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from builder.dtypes import BFLOAT16, FLOAT16, FLOAT32, Dtype
 
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # Qwen-v1 style configs pick the load dtype from boolean flags; they must agree with the weights.
-DTYPE_FLAGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_FLAGS = {"bf16": BFLOAT16, "fp16": FLOAT16, "fp32": FLOAT32}
 # Sampling-only settings that transformers rejects when do_sample is false.
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 # adapter_config.json keys that peft 0.13 (the oldest peft a bundle supports) knows; it refuses any other key.
@@ -18,17 +17,16 @@ PEFT_0_13_LORA_KEYS = frozenset({
 })
 
 
-def model_config(base_config: dict, out_dtype: torch.dtype, *, untie_embeddings: bool, vocab_size: int | None) -> dict:
+def model_config(base_config: dict, out_dtype: Dtype, *, untie_embeddings: bool, vocab_size: int | None) -> dict:
     """config.json with the output dtype recorded under the key(s) transformers 4.x and 5.x read."""
     config = dict(base_config)
     if untie_embeddings:
         config["tie_word_embeddings"] = False
     if vocab_size is not None:  # the adapter saved resized embeddings
         config["vocab_size"] = vocab_size
-    name = DTYPE_NAMES[out_dtype]
-    config["torch_dtype"] = name
+    config["torch_dtype"] = out_dtype.name
     if "dtype" in config:
-        config["dtype"] = name
+        config["dtype"] = out_dtype.name
     for flag, dtype in DTYPE_FLAGS.items():
         if flag in config:
             config[flag] = dtype == out_dtype

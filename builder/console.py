@@ -152,7 +152,7 @@ def plan_tables(plan: BuildPlan, *, verification: bool) -> list[RenderableType]:
             counts[tensor.action] += 1
             totals[tensor.action] += 1
         files.add_row(shard.filename, describe_bytes(shard.nbytes), str(counts["merge"]), str(counts["copy"]),
-                      str(counts["cast"]), f"weights ({plan.mode}, {str(plan.out_dtype).removeprefix('torch.')})")
+                      str(counts["cast"]), f"weights ({plan.mode}, {plan.out_dtype.name})")
     for copy in plan.copies:
         files.add_row(copy.dest, describe_bytes(copy.source.stat().st_size), "", "", "", copy.role)
     files.add_row("load.py, README.md, manifest.json, ...", "< 1 MB", "", "", "", "written by modelpack")
@@ -221,7 +221,7 @@ def plan_json(plan: BuildPlan, *, verification: bool) -> dict:
     actions = [t.action for s in plan.shards for t in s.tensors]
     return {
         "ok": True, "bundle": str(plan.spec.output.dir), "mode": plan.mode,
-        "dtype": str(plan.out_dtype).removeprefix("torch."),
+        "dtype": plan.out_dtype.name,
         "files": {**{s.filename: s.nbytes for s in plan.shards},
                   **{c.dest: c.source.stat().st_size for c in plan.copies}},
         "tensors": {"merged": actions.count("merge"), "copied": actions.count("copy"), "cast": actions.count("cast")},

@@ -1,6 +1,10 @@
-"""User-facing errors: one type, carrying the message and the process exit code."""
+"""User-facing errors: one type, carrying the message, the process exit code and the data of what failed."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -35,7 +39,16 @@ class SourceError(ModelpackError):
 
 class OutputError(ModelpackError):
     """The output folder cannot be written or replaced: it overlaps a source, is held by another build, is not a
-    bundle that --force may replace, or its filesystem refuses the write (full, read-only, permissions, name)."""
+    bundle that --force may replace, or its filesystem refuses the write (full, read-only, permissions, name).
+
+    path: what was refused (the destination, or the file or folder a failed write named); errno: the OSError's code
+    when the filesystem refused the write (errno.ENOSPC, errno.EACCES, ...), None for a refusal of modelpack's own.
+    """
+
+    def __init__(self, message: str, *, path: Path | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
 
 
 class BundleError(ModelpackError):
@@ -43,6 +56,15 @@ class BundleError(ModelpackError):
 
 
 class VerificationError(ModelpackError):
-    """The built bundle failed a verification check."""
+    """The built bundle failed a verification check, or could not be checked.
+
+    report: the verification report (report.VerificationReport) when the checks ran and some failed; None when the
+    bundle was refused before any check ran (its files, digest or signature) or a check could not run. A Mapping
+    here because this module sits below the report's types.
+    """
 
     exit_code = EXIT_VERIFICATION_FAILED
+
+    def __init__(self, message: str, *, report: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report

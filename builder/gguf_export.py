@@ -16,12 +16,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
-from builder.chat import QWEN_V1_DEFAULT_SYSTEM, ChatFacts
+from builder.chat import ChatFacts
 from builder.errors import SourceError
 from builder.gguf_facts import (
+    embedded_chat_template,
     gguf_architecture,
     gguf_model_arch,
     gguf_tensor_name,
@@ -165,7 +165,7 @@ def converted_blocks(tensor: GgufTensor) -> Iterator[np.ndarray]:
     rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
     for start in range(0, source.shape[0], rows):
         block = read_tensor_rows(source, start, min(source.shape[0], start + rows))
-        yield gguf.quants.quantize(block.to(torch.float32).numpy(), tensor.qtype)
+        yield gguf.quants.quantize(block.float().numpy(), tensor.qtype)
 
 
 class StreamedTensor:
@@ -298,29 +298,6 @@ def vocabulary_from_tiktoken(ranks: dict[bytes, int], rows: int) -> GgufVocabula
             left, right = tiktoken_merge(ranks, token, rank)
             merges.append(f"{text(left)} {text(right)}")
     return GgufVocabulary(tokens, types, merges, QWEN_V1_PRE_TOKENIZER)
-
-
-# Qwen v1 has no Jinja chat template: its remote code builds ChatML in make_context (qwen_generation_utils.py), always
-# with a system message, "You are a helpful assistant." unless the caller gives one. This template writes that prompt.
-QWEN_V1_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def embedded_chat_template(chat: ChatFacts, generation_config: dict | None) -> str | None:
-    """tokenizer.chat_template: the bundle's chat template; for a model that names its prompt format instead (Qwen v1:
-    `chat_format: chatml`), the Jinja template of the prompt its own code builds."""
-    if chat.template is not None:
-        return chat.template
-    if (generation_config or {}).get("chat_format") == "chatml":
-        return QWEN_V1_CHAT_TEMPLATE.replace("default_system", json.dumps(QWEN_V1_DEFAULT_SYSTEM))
-    return None
 
 
 # --- the file --------------------------------------------------------------------------------------------------

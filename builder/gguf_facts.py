@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from builder.chat import QWEN_V1_DEFAULT_SYSTEM, ChatFacts
 from builder.errors import SourceError, SpecError
 
 if TYPE_CHECKING:
@@ -39,6 +40,29 @@ SPLIT_PRE_TOKENIZERS = {
 }
 # Rotary scaling kinds the converter writes as metadata alone; Llama 3's also needs a rope_freqs tensor.
 METADATA_ROPE_SCALING = ("linear", "yarn")
+
+
+# Qwen v1 has no Jinja chat template: its remote code builds ChatML in make_context (qwen_generation_utils.py), always
+# with a system message, "You are a helpful assistant." unless the caller gives one. This template writes that prompt.
+QWEN_V1_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def embedded_chat_template(chat: ChatFacts, generation_config: dict | None) -> str | None:
+    """tokenizer.chat_template: the bundle's chat template; for a model that names its prompt format instead (Qwen v1:
+    `chat_format: chatml`), the Jinja template of the prompt its own code builds."""
+    if chat.template is not None:
+        return chat.template
+    if (generation_config or {}).get("chat_format") == "chatml":
+        return QWEN_V1_CHAT_TEMPLATE.replace("default_system", json.dumps(QWEN_V1_DEFAULT_SYSTEM))
+    return None
 
 
 def gguf_path(name: str, gguf_type: str) -> str:

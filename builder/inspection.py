@@ -164,7 +164,7 @@ def model_facts(base: BaseModelFolder, *, skip_code: bool = False) -> ModelFacts
         token = end_of_turn_token(declared.template, declared.special_ids, declared.template_tokens)
     else:  # a remote-code model names its prompt format instead (Qwen-v1: chat_format chatml)
         token = CHAT_FORMAT_END_OF_TURN.get(str((base.generation_config or {}).get("chat_format")))
-    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in base.tensors.values() if t.dtype.is_floating_point)
+    dtypes = Counter(t.dtype.name for t in base.tensors.values() if t.dtype.is_floating_point)
     return ModelFacts(
         architecture=(base.config.get("architectures") or ["?"])[0],
         model_type=base.config["model_type"],

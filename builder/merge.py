@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+# Tensor methods only, but for DoRA's norm: validate and --dry-run import this module (through build.py) and must not
+# pay for torch's import; a build that merges has imported torch by the time these functions run.
+if TYPE_CHECKING:
+    import torch
 
 
 def linear_lora_delta(a: torch.Tensor, b: torch.Tensor, *, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
@@ -47,6 +52,8 @@ def merge_dora_delta(
     weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *, out_dtype: torch.dtype, fan_in_fan_out: bool
 ) -> torch.Tensor:
     """DoRA on a Linear/Conv1D: W' = m / ||W + dW|| * (W + dW), the norm taken per output feature, rounded once."""
+    import torch
+
     merged = weight.to(out_dtype).float() + delta
     oriented = merged.T if fan_in_fan_out else merged
     factor = magnitude.float() / torch.linalg.norm(oriented, dim=1)
@@ -57,6 +64,8 @@ def merge_dora_embedding_delta(
     weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """DoRA on an Embedding: the norm is taken per embedding dimension, over the whole vocabulary."""
+    import torch
+
     merged = weight.to(out_dtype).float() + delta
     factor = magnitude.float() / torch.linalg.norm(merged.T, dim=1)
     return (factor.view(1, -1) * merged).to(out_dtype)

@@ -3,11 +3,10 @@ math."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import torch
 
 from builder.adapter_compose import (
     Concatenation,
@@ -17,6 +16,7 @@ from builder.adapter_compose import (
     tokenizer_adapter,
 )
 from builder.adapter_match import TIED_HEAD, AdapterMatch, LoraDelta, TokenRows, tied_embedding_name
+from builder.dtypes import FLOAT32, OUTPUT_DTYPES, Dtype
 from builder.errors import SourceError
 from builder.gguf_facts import estimated_gguf_bytes, refuse_unexportable
 from builder.refusals import refuse_chatless, refuse_oversized_tokenizer, refuse_unpackageable
@@ -26,7 +26,6 @@ from builder.sources import AdapterCheckpoint, BaseModelFolder, TokenizerFolder,
 from builder.spec import Spec
 from builder.verification_cost import VerificationCost, verification_cost
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The disk-space bound for what is written after the plan: fourteen small files (configs, chat template, card,
 # requirements, manifest, report, index, the runtime's two files and its facts), well under 1 MB together.
 RENDERED_FILES, RENDERED_BYTES, FILESYSTEM_BLOCK = 14, 1 << 20, 4096
@@ -38,7 +37,7 @@ class TensorPlan:
 
     name: str
     source: TensorLocation
-    out_dtype: torch.dtype
+    out_dtype: Dtype
     deltas: tuple[LoraDelta, ...] = ()
     token_rows: TokenRows | None = None
     # The spec composes several adapters: the LoRA updates are summed in float32 and rounded once (an embedding's
@@ -83,7 +82,7 @@ class BuildPlan:
     spec_file: Path
     base: BaseModelFolder
     adapters: tuple[WeightedAdapter, ...]
-    out_dtype: torch.dtype
+    out_dtype: Dtype
     shards: tuple[ShardPlan, ...]
     copies: tuple[FileCopy, ...]
     untie_embeddings: bool = False
@@ -142,15 +141,16 @@ class BuildPlan:
         )
 
 
-def output_dtype(spec_dtype: str, base: BaseModelFolder) -> torch.dtype:
+def output_dtype(spec_dtype: str, base: BaseModelFolder) -> Dtype:
     """The spec's dtype, or with `auto` the base's own (its config, else its tensors' float dtype)."""
     if spec_dtype != "auto":
-        return DTYPES[spec_dtype]
+        return OUTPUT_DTYPES[spec_dtype]
     declared = base.config.get("torch_dtype") or base.config.get("dtype")
-    if declared in DTYPES:
-        return DTYPES[declared]
-    float_dtypes = [t.dtype for t in base.tensors.values() if t.dtype.is_floating_point]
-    return max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
+    if declared in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[declared]
+    # The most common one; a tie goes to the first in the base's tensors, whatever the process's string hashing.
+    float_dtypes = Counter(t.dtype for t in base.tensors.values() if t.dtype.is_floating_point)
+    return float_dtypes.most_common(1)[0][0] if float_dtypes else FLOAT32
 
 
 def split_into_shards(
@@ -259,7 +259,7 @@ def _warnings(base: BaseModelFolder, adapters: tuple[WeightedAdapter, ...], *, u
     return tuple(warnings)
 
 
-def _tensor_plan(name: str, location: TensorLocation, match: AdapterMatch, out_dtype: torch.dtype, *,
+def _tensor_plan(name: str, location: TensorLocation, match: AdapterMatch, out_dtype: Dtype, *,
                  summed: bool) -> TensorPlan:
     replacement = match.replacements.get(name)
     source = replacement.location if replacement else location

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.adapter_compose import WeightedAdapter, tokenizer_adapter
-from builder.errors import OutputError, SourceError
+from builder.errors import ModelpackError, OutputError, SourceError
 from builder.sources import AdapterCheckpoint, BaseModelFolder, TokenizerFolder, code_files, tokenizer_vocabulary_size
 from builder.spec import Spec
 from builder.tokenizer_files import tokenizer_declarations
@@ -119,4 +119,17 @@ def refuse_unimportable_folder_name(folder: Path) -> None:
             f"output folder {folder.name!r} contains '.', and a bundle with remote code cannot: transformers 4.x "
             f"imports the model's code as the package transformers_modules.<folder name>, which a dot breaks; "
             f"name it e.g. {folder.name.replace('.', '-')!r}"
+        )
+
+
+def require_merge_device(requested: str) -> None:
+    """Refuse, before any work, a merge device this machine does not have (output.merge_device: cuda)."""
+    if requested != "cuda":
+        return
+    import torch  # only a spec that asks for a GPU pays for torch's import: only torch can say whether it sees one
+
+    if not torch.cuda.is_available():
+        raise ModelpackError(
+            f"the merge device is cuda (output.merge_device or --merge-device), but torch {torch.__version__} sees "
+            "no CUDA GPU on this machine; use cpu, or auto to merge on a GPU only where there is one"
         )

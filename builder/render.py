@@ -1,26 +1,25 @@
-"""The bundle's own files from one context: the runtime (copied) and its facts (JSON), card and requirements (Jinja)."""
+"""The bundle's own files from one context: the runtime (copied) and its facts (JSON), requirements (Jinja), and
+the Jinja environment every template prints in (the card's rows are card.py's)."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.resources
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import PureWindowsPath
+from typing import TYPE_CHECKING
 
-from huggingface_hub import ModelCardData
 from jinja2 import Environment, FunctionLoader, StrictUndefined
 from packaging.utils import canonicalize_name
 
 import builder
 from builder.adapter_compose import WeightedAdapter
 from builder.chat import ChatFacts
-from builder.configs import DTYPE_NAMES
 from builder.formatting import dump_json
-from builder.gguf_export import embedded_chat_template
+from builder.gguf_facts import embedded_chat_template
 from builder.plan import BuildPlan
 from builder.remote_code import distribution_name, third_party_imports
-from builder.report import VerificationReport
 from builder.runtime.load import FACTS_FILE
 from builder.serving import (
     OllamaTemplate,
@@ -32,7 +31,10 @@ from builder.serving import (
     serving_commands,
 )
 from builder.spec import hub_model_id
-from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER
+from builder.trust import BUNDLE_RUNTIME
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # Packages a bundle needs at load time; peft only when the adapter stays separate.
 RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
@@ -44,22 +46,25 @@ FACT_FIELDS = (
 
 
 @dataclass(frozen=True)
-class AdapterFacts:
-    rank: str
+class AdapterCardView:
+    """One adapter as the model card shows it, each value as printed; max_rank is what serving needs of it."""
+
+    rank: str  # r and every rank_pattern value
     alpha: str
     scaling: str
     max_rank: int
-    target_modules: list[str]
+    target_modules: str
     modules: int
     recorded_base: str
     checkpoint: str
     key: str = "adapter"  # adapters[i] for one of several
-    weight: float = 1.0
+    weight: str = "1"  # the spec's weight, as %g prints it
 
 
 @dataclass(frozen=True)
 class RenderContext:
-    """Everything the templates may use; StrictUndefined makes any other name an error."""
+    """The bundle's facts its files are rendered from: the runtime's facts (FACT_FIELDS), the card's (card.py), the
+    Modelfile and requirements."""
 
     name: str
     mode: str
@@ -77,8 +82,8 @@ class RenderContext:
     end_of_turn_token: str | None
     generation: dict
     card: dict
-    adapter: AdapterFacts
-    adapters: list[AdapterFacts]  # one per adapter when the spec composes several, else empty
+    adapter: AdapterCardView
+    adapters: list[AdapterCardView]  # one per adapter when the spec composes several, else empty
     composed_rank: int | None  # separate mode with several adapters: the concatenated adapter's rank
     weight_files: list[str]
     weight_size: str
@@ -89,8 +94,8 @@ class RenderContext:
     modelfile: str | None  # gguf/Modelfile, with a GGUF export
 
 
-def adapter_facts(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterFacts:
-    """The card's facts of one adapter: its config, and the updates the plan merges from it (scaling without its
+def adapter_card_view(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterCardView:
+    """The card's view of one adapter: its config, and the updates the plan merges from it (scaling without its
     weight, which is shown on its own)."""
     config = weighted.checkpoint.config
     concatenated = plan.concatenation.modules.values() if plan.concatenation else []
@@ -100,23 +105,24 @@ def adapter_facts(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterFacts:
     alphas = sorted({config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()})
     scalings = sorted({round(d.scaling / d.weight, 6) for d in deltas})
     targets = config.get("target_modules") or []
-    return AdapterFacts(
+    return AdapterCardView(
         rank=", ".join(map(str, ranks)),
         alpha=", ".join(map(str, alphas)),
         scaling=", ".join(f"{s:g}" for s in scalings) or "n/a (kept separate)",
         max_rank=max(ranks),
-        target_modules=[targets] if isinstance(targets, str) else sorted(targets),
+        # a string is peft's regex over module paths, shown as written
+        target_modules=targets if isinstance(targets, str) else ", ".join(sorted(targets)),
         modules=len({d.module for d in deltas}) if deltas else len(weighted.checkpoint.tensors) // 2,
         recorded_base=recorded_base_name(config.get("base_model_name_or_path")),
         checkpoint=weighted.checkpoint.path.name,
         key=weighted.key,
-        weight=weighted.weight,
+        weight=f"{weighted.weight:g}",
     )
 
 
 def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> RenderContext:
     spec = plan.spec
-    facts = [adapter_facts(plan, weighted) for weighted in plan.adapters]
+    facts = [adapter_card_view(plan, weighted) for weighted in plan.adapters]
     composed_rank = plan.concatenation.rank if plan.concatenation else None
     trust_remote_code = spec.base.trust_remote_code and bool(plan.code_files)
     # GGUF files are exported from merged weights only.
@@ -136,7 +142,7 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
     return RenderContext(
         name=spec.name,
         mode=spec.output.mode,
-        dtype=DTYPE_NAMES[plan.out_dtype],
+        dtype=plan.out_dtype.name,
         trust_remote_code=trust_remote_code,
         remote_code_files=[p.name for p in plan.code_files],
         remote_code_imports=third_party_imports(c.source for c in plan.copies if c.dest.endswith(".py")),
@@ -189,6 +195,7 @@ def _template_source(name: str) -> str:
 
 
 def _table_cell(value: object) -> str:
+    """A value inside a Markdown table cell: a | would end the cell, a line break the row."""
     return str(value).replace("|", "\\|").replace("\n", "<br>")
 
 
@@ -200,6 +207,11 @@ _ENV = Environment(
     lstrip_blocks=True,
 )
 _ENV.filters["cell"] = _table_cell
+
+
+def render_template(name: str, context: DataclassInstance) -> str:
+    """templates/NAME printed from one prepared context (a dataclass): each of its fields is a name there."""
+    return _ENV.get_template(name).render({field.name: getattr(context, field.name) for field in fields(context)})
 
 
 def runtime_source(name: str) -> bytes:
@@ -218,29 +230,6 @@ def render_runtime(context: RenderContext) -> dict[str, bytes]:
     files = {name: runtime_source(name) for name in BUNDLE_RUNTIME}
     files[FACTS_FILE] = render_facts(context).encode("utf-8")
     return files
-
-
-def render_card(context: RenderContext, *, verification: VerificationReport | None) -> str:
-    # huggingface_hub's own card metadata type: the Hub's field names, and None fields left out.
-    front_matter = ModelCardData(
-        base_model=context.base_model_id,
-        # The Hub's relation names: a separate adapter is an "adapter"; weights with the LoRA merged in are a
-        # fine-tune of the base (the Hub's "merge" means merging several models).
-        base_model_relation=(("adapter" if context.mode == "separate" else "finetune")
-                             if context.base_model_id else None),
-        library_name="peft" if context.mode == "separate" else "transformers",
-        license=context.card["license"] or "other",
-        language=context.card["language"] or None,
-        tags=list(dict.fromkeys([*context.card["tags"], "lora", "modelpack"])),
-        pipeline_tag="text-generation",
-    )
-    return _ENV.get_template("README.md.jinja").render(
-        **asdict(context),
-        front_matter=front_matter.to_yaml() + "\n",
-        verification=verification,
-        # The digest exists only once manifest.json is final; trust.seal writes it over the placeholder.
-        digest=DIGEST_PLACEHOLDER,
-    )
 
 
 def render_requirements(context: RenderContext, *, environment: dict | None, extra_packages: list[str]) -> str:
@@ -264,11 +253,29 @@ def render_requirements(context: RenderContext, *, environment: dict | None, ext
             packages.append((distribution, version))
         else:
             unpinned.append(distribution)
-    # A local version label (torch's "+cpu", "+cu130") names a build pip cannot fetch by that pin.
-    packages = [(p, v.split("+", 1)[0]) for p, v in packages]
-    return _ENV.get_template("requirements.txt.jinja").render(
-        packages=packages, unpinned=unpinned, versions=versions, verified=environment is not None
-    )
+    return render_template("requirements.txt.jinja", Requirements(
+        checked="verified" if environment is not None else "built",
+        python=versions["python"],
+        # A local version label (torch's "+cpu", "+cu130") names a build pip cannot fetch by that pin.
+        pins=[Pin(p, v.split("+", 1)[0]) for p, v in packages],
+        unpinned=unpinned,
+    ))
+
+
+@dataclass(frozen=True)
+class Pin:
+    package: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What templates/requirements.txt.jinja prints."""
+
+    checked: str  # how the versions were seen: "verified" with, or only "built" with (--no-verify)
+    python: str
+    pins: list[Pin]
+    unpinned: list[str]  # imported by the model's code, not installed where the bundle was checked
 
 
 def remote_code_distributions(import_names: list[str]) -> dict[str, list]:

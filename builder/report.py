@@ -18,7 +18,9 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 @with_config(_STRICT)
-class Expectation(TypedDict):
+class RecordedExpectation(TypedDict):
+    """The spec's expectation of an answer (spec.Expectation) as the runtime records it beside the answer."""
+
     contains: list[str]
     not_contains: list[str]
     equals: str | None
@@ -29,7 +31,7 @@ class Expectation(TypedDict):
 class PromptResult(TypedDict):
     prompt: str
     answer: str
-    expect: Expectation
+    expect: RecordedExpectation
     failures: list[str]
     ok: bool
     base_answer: NotRequired[str]  # with verify.compare_base: the base model's answer to the same prompt
@@ -38,7 +40,9 @@ class PromptResult(TypedDict):
 
 
 @with_config(_STRICT)
-class Integrity(TypedDict):
+class FilesCheck(TypedDict):
+    """Every file of the bundle against manifest.json (trust.Integrity, as the report records it)."""
+
     ok: bool
     files: int | None  # None when the runtime was told the files were already checked
     problems: list[str]
@@ -91,10 +95,17 @@ class Equivalence(TypedDict):
     significant_disagreements: int
     prompts: list[EquivalencePrompt]
     reference: str
-    base_answers: NotRequired[dict[str, str]]  # moved onto each PromptResult when modelpack reads it
-    adapter_answers: NotRequired[list[dict[str, str]]]  # one per adapter, in the spec's order; moved likewise
     seconds: NotRequired[float]  # the equivalence process, start to report
     peak_rss_gb: NotRequired[float | None]  # its peak resident memory: the reference alone, never with the bundle
+
+
+@with_config(_STRICT)
+class EquivalenceReport(Equivalence):
+    """What builder/runtime/equivalence.py writes: the comparison, and the reference's own answers, which
+    verification.json shows beside the bundle's answer to each prompt instead (verification_report)."""
+
+    base_answers: NotRequired[dict[str, str]]  # with verify.compare_base: prompt -> the base model's answer
+    adapter_answers: NotRequired[list[dict[str, str]]]  # several adapters: prompt -> answer, one per adapter
 
 
 @with_config(_STRICT)
@@ -162,7 +173,7 @@ class RuntimeReport(TypedDict):
 
     bundle: str
     ok: bool
-    integrity: Integrity
+    integrity: FilesCheck
     serving: Serving
     prompts: list[PromptResult]
     probes: list[PromptResult]
@@ -182,7 +193,7 @@ class VerificationReport(RuntimeReport):
 
 
 _RUNTIME = TypeAdapter(RuntimeReport)
-_EQUIVALENCE = TypeAdapter(Equivalence)
+_EQUIVALENCE = TypeAdapter(EquivalenceReport)
 _GGUF = TypeAdapter(GgufCheck)
 _REPORT = TypeAdapter(VerificationReport)
 
@@ -193,7 +204,7 @@ def read_runtime_report(data: object, *, python: str) -> RuntimeReport:
     return _validated(_RUNTIME, data, f"the report of load.py --verify (run with {python})")
 
 
-def read_equivalence(data: object, *, python: str) -> Equivalence:
+def read_equivalence(data: object, *, python: str) -> EquivalenceReport:
     return _validated(_EQUIVALENCE, data, f"the report of the equivalence check (run with {python})")
 
 
@@ -214,7 +225,53 @@ def _validated(adapter: TypeAdapter, data: object, what: str) -> Any:
         raise VerificationError(f"{what} does not have the expected shape: {problems}") from None
 
 
-EMPTY_EXPECTATION: Expectation = {"contains": [], "not_contains": [], "equals": None, "regex": None}
+def verification_report(runtime: RuntimeReport, *, files: FilesCheck, digest: str, remote_code: dict[str, str],
+                        skipped: list[Skipped], gguf: GgufCheck | None,
+                        equivalence: EquivalenceReport | None) -> VerificationReport:
+    """verification.json, whole, from its parts: the runtime's report with modelpack's own check of the files in
+    place of the runtime's, each answer beside the reference's answers to its prompt, the digest it records (the
+    bundle's, or the placeholder a build seals later), what was not checked, and `ok` only when every part passed."""
+    report: VerificationReport = {
+        "bundle": runtime["bundle"],
+        "ok": runtime["ok"] and all(part["ok"] for part in (gguf, equivalence) if part is not None),
+        "integrity": files,
+        "serving": runtime["serving"],
+        "prompts": [_beside_reference(result, equivalence) for result in runtime["prompts"]],
+        "probes": [_beside_reference(result, equivalence) for result in runtime["probes"]],
+        "environment": runtime["environment"],
+        "runtime": runtime["runtime"],
+        "digest": digest,
+        "remote_code": remote_code,
+        "skipped": skipped,
+    }
+    if gguf is not None:
+        report["gguf"] = gguf
+    if equivalence is not None:
+        report["equivalence"] = _comparison(equivalence)
+    return report
+
+
+def _beside_reference(result: PromptResult, equivalence: EquivalenceReport | None) -> PromptResult:
+    """A bundle's answer with the reference's answers to the same prompt: the base alone, each adapter alone."""
+    prompt = result["prompt"]
+    beside = result.copy()
+    if equivalence is not None and "base_answers" in equivalence:
+        beside["base_answer"] = equivalence["base_answers"][prompt]
+    if equivalence is not None and "adapter_answers" in equivalence:  # keyed as the spec and the card name them
+        beside["adapter_answers"] = {f"adapters[{i}]": alone[prompt]
+                                     for i, alone in enumerate(equivalence["adapter_answers"])}
+    return beside
+
+
+def _comparison(equivalence: EquivalenceReport) -> Equivalence:
+    """The equivalence check's comparison alone: its answers are shown beside the bundle's (_beside_reference)."""
+    comparison = equivalence.copy()
+    comparison.pop("base_answers", None)
+    comparison.pop("adapter_answers", None)
+    return comparison
+
+
+EMPTY_EXPECTATION: RecordedExpectation = {"contains": [], "not_contains": [], "equals": None, "regex": None}
 
 
 def failure_message(report: VerificationReport) -> str | None:
@@ -265,15 +322,27 @@ def gguf_problems(file: GgufFile, answer: GgufAnswer, bundle_answer: str) -> lis
     return problems
 
 
+def gguf_equal_answers(file: GgufFile) -> int:
+    """How many of a GGUF's answers equal the bundle's (required of a file in the bundle's dtype, `exact`)."""
+    return sum(a["equal"] for a in file["answers"])
+
+
+def gguf_prompt_tokens(file: GgufFile) -> str:
+    """equal: llama.cpp tokenized every rendered prompt as the bundle's tokenizer does; else DIFFERENT."""
+    return "equal" if all(a["prompt_difference"] is None for a in file["answers"]) else "DIFFERENT"
+
+
+def gguf_expectations(file: GgufFile) -> str:
+    """met: every answer of the file met the spec's expectations; else MISSED."""
+    return "met" if not any(a["failures"] for a in file["answers"]) else "MISSED"
+
+
 def gguf_summary(file: GgufFile) -> str:
     """One line for a GGUF file: answers equal to the bundle's, what that means for its type, the prompt tokens."""
-    answers = file["answers"]
-    equal = sum(a["equal"] for a in answers)
     rule = ("required but at near ties: the bundle's own dtype" if file["exact"]
             else f"reported, not required: {file['type']} rounds the bundle's weights")
-    tokens = "equal" if all(a["prompt_difference"] is None for a in answers) else "DIFFERENT"
-    return (f"{equal} of {len(answers)} answers equal to the bundle's ({rule}); prompt tokens {tokens}; "
-            f"expectations {'met' if not any(a['failures'] for a in answers) else 'MISSED'}")
+    return (f"{gguf_equal_answers(file)} of {len(file['answers'])} answers equal to the bundle's ({rule}); prompt "
+            f"tokens {gguf_prompt_tokens(file)}; expectations {gguf_expectations(file)}")
 
 
 def gguf_parting(part: AnswerParting) -> str:
@@ -296,28 +365,28 @@ def answer_speed(runtime: Runtime) -> str:
 
 def report_table(report: VerificationReport) -> Table:
     """The terminal summary of a verification report: one row per check and per prompt."""
-    table = Table(title=f"verification of {report['bundle']}: {'passed' if report['ok'] else 'FAILED'}")
+    table = Table(title=f"verification of {report['bundle']}: {report_verdict(report)}")
     for column in ("check", "result", "detail"):
         table.add_column(column, overflow="fold")
     integrity = report["integrity"]
-    table.add_row("integrity", _verdict(integrity["ok"]), f"{integrity['files']} files against manifest.json")
+    table.add_row("integrity", check_verdict(integrity["ok"]), f"{integrity['files']} files against manifest.json")
     for name, digest in report["remote_code"].items():
         table.add_row("model code", "runs", f"{name} sha256:{digest[:16]}…")
     serving = report["serving"]
-    table.add_row("serving", _verdict(serving["ok"]),
+    table.add_row("serving", check_verdict(serving["ok"]),
                   "; ".join(serving["problems"]) or "eos ids, chat template, vocabulary")
     for warning in serving["warnings"]:
         table.add_row("serving", "warning", warning)
     equivalence = report.get("equivalence")
     if equivalence:
         table.add_row(
-            "equivalence", _verdict(equivalence["ok"]),
+            "equivalence", check_verdict(equivalence["ok"]),
             f"max |delta logit| {equivalence['max_abs_logit_diff']:.3g} over {equivalence['positions']} positions, "
             f"greedy agreement {equivalence['greedy_agreement']:.1%} ({equivalence['dtype']}; {equivalence['rule']})",
         )
     gguf = report.get("gguf")
     for file in gguf["files"] if gguf else []:
-        table.add_row(f"gguf {file['type']}", _verdict(file["ok"]),
+        table.add_row(f"gguf {file['type']}", check_verdict(file["ok"]),
                       f"{file['file']} in llama.cpp: {gguf_summary(file)}")
         for answer in file["answers"]:
             part = answer["difference"]
@@ -340,11 +409,30 @@ def report_table(report: VerificationReport) -> Table:
                 detail += f"  (base: {result['base_answer'][:40]})"
             for key, alone in result.get("adapter_answers", {}).items():
                 detail += f"  ({key} alone: {alone[:40]})"
-            checked = kind == "prompt" or result["expect"] != EMPTY_EXPECTATION
-            verdict = _verdict(result["ok"]) if checked else "recorded"
+            checked = expectations_checked(result, probe=kind == "probe")
+            verdict = check_verdict(result["ok"]) if checked else "recorded"
             table.add_row(kind, verdict, detail + ("" if result["ok"] else f"  [{'; '.join(result['failures'])}]"))
     return table
 
 
-def _verdict(ok: bool) -> str:
+def report_verdict(report: VerificationReport) -> str:
+    """The whole verification's verdict, as the terminal and the card show it."""
+    return "passed" if report["ok"] else "FAILED"
+
+
+def check_verdict(ok: bool) -> str:
+    """One check's verdict, as the terminal and the card show it."""
     return "ok" if ok else "FAILED"
+
+
+def expectations_checked(result: PromptResult, *, probe: bool) -> bool:
+    """A prompt's answer is always checked; a probe's only against expectations the spec gave it, else it is
+    recorded (a general-skill probe shows what the model does, and nothing is required of it)."""
+    return not probe or result["expect"] != EMPTY_EXPECTATION
+
+
+def answer_verdict(result: PromptResult, *, probe: bool) -> str:
+    """An answer's verdict against its expectations: ok, FAILED: the unmet ones, or recorded (expectations_checked)."""
+    if not expectations_checked(result, probe=probe):
+        return "recorded"
+    return "ok" if result["ok"] else "FAILED: " + "; ".join(result["failures"])

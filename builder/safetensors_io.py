@@ -10,34 +10,16 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from builder.dtypes import SAFETENSORS_DTYPES, Dtype, readable
 from builder.errors import SourceError
 
-# safetensors dtype names -> torch attribute names. Float8 and the unsigned types appear in current checkpoints
-# (FP8 weights, packed quantisation data); torch < 2.3 has no uint16/32/64, so there such files are refused.
-_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)
-}
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# torch is imported by the two functions that make tensors: headers and the writer need none of it, and validate,
+# inspect and build --dry-run read headers too, answering in well under a second.
+if TYPE_CHECKING:
+    import torch
+
 # A header larger than this is not a safetensors file (the format's own limit is 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
 _REDOWNLOAD = "the file is damaged or was not written by safetensors; re-download or re-save it"
@@ -49,7 +31,7 @@ class TensorLocation:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype: Dtype
     shape: tuple[int, ...]
     start: int
     end: int
@@ -140,10 +122,11 @@ def _tensor_location(path: Path, name: str, info: object, data_start: int) -> Te
         raise damaged(f"lacks {' and '.join(missing)}")
     dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if dtype is None:
+    if dtype is None or not readable(dtype):
+        reads = ", ".join(known.safetensors for known in SAFETENSORS_DTYPES.values() if readable(known))
         raise SourceError(
             f"{path}: tensor {name!r} has dtype {_short(dtype_name)}, which modelpack cannot read "
-            f"(it reads {', '.join(SAFETENSORS_DTYPES)}); convert the tensor to one of these and re-save the file"
+            f"(it reads {reads}); convert the tensor to one of these and re-save the file"
         )
     if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
         raise damaged(f"has shape {_short(shape)}, not a list of non-negative integers")
@@ -219,6 +202,8 @@ def _short(value: object) -> str:
 
 def read_tensor(location: TensorLocation) -> torch.Tensor:
     """Read one tensor's bytes into a fresh CPU tensor (the only copy held)."""
+    import torch
+
     buffer = bytearray(location.nbytes)
     with open(location.file, "rb") as f:
         f.seek(location.start)
@@ -229,8 +214,8 @@ def read_tensor(location: TensorLocation) -> torch.Tensor:
                 raise SourceError(f"{location.file}: unexpected end of file reading tensor {location.name!r}")
             view = view[n:]
     if location.nbytes == 0:
-        return torch.empty(location.shape, dtype=location.dtype)
-    return torch.frombuffer(buffer, dtype=location.dtype).reshape(location.shape)
+        return torch.empty(location.shape, dtype=location.dtype.torch)
+    return torch.frombuffer(buffer, dtype=location.dtype.torch).reshape(location.shape)
 
 
 def read_tensor_rows(location: TensorLocation, row_start: int, row_end: int) -> torch.Tensor:
@@ -261,7 +246,7 @@ class TensorEntry:
     """One tensor a shard will hold: its name, output dtype and shape, known before any bytes move."""
 
     name: str
-    dtype: torch.dtype
+    dtype: Dtype
     shape: tuple[int, ...]
 
     @property
@@ -269,7 +254,7 @@ class TensorEntry:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
 
 
 def encode_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
@@ -278,7 +263,7 @@ def encode_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes
     offset = 0
     for entry in entries:
         header[entry.name] = {
-            "dtype": TORCH_TO_SAFETENSORS[entry.dtype],
+            "dtype": entry.dtype.safetensors,
             "shape": list(entry.shape),
             "data_offsets": [offset, offset + entry.nbytes],
         }
@@ -382,4 +367,6 @@ class ShardWriter:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's raw little-endian bytes, without a copy when it is contiguous."""
+    import torch
+
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data  # ndarray.data: memoryview(array)

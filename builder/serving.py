@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from builder.chat import QWEN_V1_DEFAULT_SYSTEM, ChatFacts
+from builder.chat_template import compile_chat_template
 from builder.errors import SpecError
 from builder.runtimes import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 from builder.tokenizer_files import TEMPLATE_TOKEN_KEYS
@@ -168,10 +169,8 @@ class _TemplateRenderer:
     """The bundle's chat template in transformers' own template environment, with its token variables."""
 
     def __init__(self, chat: ChatFacts):
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
         assert chat.template is not None
-        self.compiled = _compile_jinja_template(chat.template)
+        self.compiled = compile_chat_template(chat.template)
         self.tokens = {}
         for key in TEMPLATE_TOKEN_KEYS:
             value = (chat.tokenizer_config or {}).get(key)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import atexit
+import functools
+import importlib.util
 import json
 import math
 import re
@@ -236,21 +239,57 @@ def _checked_base_config(config: dict, where: Path) -> dict:
                 'such as ["Qwen2ForCausalLM"]'
             )
         return config
-    # Imported here: only configs lacking `architectures` need transformers' table of model classes.
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     auto_map = config.get("auto_map")
     remote = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
     if isinstance(remote, str) and remote:
         architecture = remote.rsplit(".", 1)[-1]
-    elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    elif model_type in causal_lm_classes():
+        architecture = causal_lm_classes()[model_type]
     else:
         raise SourceError(
             f'{where}: has no "architectures" and transformers knows no causal language model for model_type '
             f'{model_type!r}; add "architectures": ["<the model class that loads it>"] to config.json'
         )
     return {**config, "architectures": [architecture]}
+
+
+@functools.cache
+def causal_lm_classes() -> dict[str, str]:
+    """model_type -> the class transformers loads it with as a causal LM: its MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.
+
+    Read as the literal the installed transformers' modeling_auto.py writes, not imported: importing transformers
+    takes seconds (torch comes with it) for one lookup, and a copy kept here would drift from the library the
+    bundle is built with. Should a release stop writing the table as a literal, the library is imported after all.
+    """
+    package = importlib.util.find_spec("transformers")
+    folder = package.submodule_search_locations if package else None
+    table = causal_lm_literal(Path(folder[0]) / "models" / "auto" / "modeling_auto.py") if folder else None
+    if table is None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        table = dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return table
+
+
+def causal_lm_literal(source: Path) -> dict[str, str] | None:
+    """`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES = OrderedDict([(model_type, class name), ...])` in a Python file, read
+    without running it; None when the file does not write the table that way."""
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    table = next((node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and [getattr(t, "id", None) for t in node.targets] == ["MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"]), None)
+    if not (isinstance(table, ast.Call) and len(table.args) == 1):
+        return None
+    try:
+        pairs = ast.literal_eval(table.args[0])
+    except ValueError:  # not a literal
+        return None
+    if not (isinstance(pairs, list) and all(isinstance(p, tuple) and len(p) == 2
+                                            and all(isinstance(x, str) for x in p) for p in pairs)):
+        return None
+    return dict(pairs)
 
 
 def _check_adapter_values(config: dict, where: Path) -> None:

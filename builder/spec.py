@@ -208,6 +208,17 @@ class OutputSpec(_Section):
     )
 
 
+# Of what a spec can set, transformers' strict check (GenerationConfig.validate(strict=True), as of 5.25) refuses a
+# sampling knob set away from its neutral value while do_sample is false; the rest the fields' bounds cover. Checked
+# here with its words, without transformers (whose import brings torch's seconds into `validate`);
+# tests/test_light_commands.py compares the verdicts and messages with transformers' on every combination of values.
+_GREEDY_NEUTRAL: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+_GREEDY_CONFLICT = ("- `{flag}`: `do_sample` is not set to `True`. However, `{flag}` is set to `{value}` -- this flag "
+                    "is only used in sample-based generation modes. You should set `do_sample=True` or unset `{flag}`.")
+_PRETRAINED_NOTE = ("If you're using a pretrained model, note that some of these attributes may be set through the "
+                    "model's `generation_config.json` file.")
+
+
 class GenerationSpec(_Section):
     """Overrides for the bundle's generation_config.json; an unset field keeps the base's value."""
 
@@ -221,23 +232,14 @@ class GenerationSpec(_Section):
     @model_validator(mode="after")
     def _transformers_accepts(self) -> GenerationSpec:
         values = self.overrides()
-        if not values:
-            return self
-        # Imported here: transformers pulls in torch (~1 s), and only specs with overrides need it.
-        from transformers import GenerationConfig
-
-        # Unset do_sample means the base decides; judge the sampling knobs as if it samples,
+        # Unset do_sample means the base decides; the sampling knobs are judged as if it samples,
         # since rejecting `temperature` alone would refuse a valid override of a sampling base.
-        judged = {"do_sample": True} | values
-        config = GenerationConfig()
-        # Set attributes after construction: the constructor's lenient validation would log
-        # the very problem the strict check below reports.
-        for key, value in judged.items():
-            setattr(config, key, value)
-        try:
-            config.validate(strict=True, user_set_attributes=set(values))
-        except ValueError as err:
-            raise ValueError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
+        if values.get("do_sample") is not False:
+            return self
+        conflicts = [_GREEDY_CONFLICT.format(flag=key, value=values[key])
+                     for key, neutral in _GREEDY_NEUTRAL.items() if key in values and values[key] != neutral]
+        if conflicts:
+            raise ValueError(" ".join(["GenerationConfig is invalid:", *conflicts, _PRETRAINED_NOTE]))
         return self
 
     def overrides(self) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def check_output_location(dest: Path, *, sources: dict[str, Path], spec_file: Pa
     Decided on resolved paths, so a symlink cannot hide an overlap (`-o` and `output.dir` alike).
     """
     if "\0" in str(dest):
-        raise OutputError(f"output {str(dest)!r} contains a NUL character, which no filesystem accepts in a name")
+        raise OutputError(f"output {str(dest)!r} contains a NUL character, which no filesystem accepts in a name",
+                          path=dest)
     resolved = dest.resolve()
     shown = str(dest) if resolved == dest else f"{dest} (resolved: {resolved})"
     for folder, what in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
@@ -56,14 +57,14 @@ def check_output_location(dest: Path, *, sources: dict[str, Path], spec_file: Pa
             relation = "is" if resolved == folder else "holds"
             raise OutputError(
                 f"output {shown} {relation} {what} {folder}, which a build must never replace; "
-                "point output.dir (or -o) at a folder of its own for the bundle"
+                "point output.dir (or -o) at a folder of its own for the bundle", path=dest,
             )
     for key, source in sources.items():
         real = source.resolve()
         if resolved == real or real in resolved.parents or resolved in real.parents:
-            raise OutputError(f"output {shown} overlaps the {key} folder {real}; build somewhere else")
+            raise OutputError(f"output {shown} overlaps the {key} folder {real}; build somewhere else", path=dest)
     if resolved in spec_file.resolve().parents:
-        raise OutputError(f"output {shown} holds the spec file {spec_file}; build somewhere else")
+        raise OutputError(f"output {shown} holds the spec file {spec_file}; build somewhere else", path=dest)
 
 
 def check_destination(dest: Path, *, force: bool) -> None:
@@ -71,15 +72,16 @@ def check_destination(dest: Path, *, force: bool) -> None:
     if dest.is_symlink():
         raise OutputError(
             f"output {dest} is a symbolic link (to {os.readlink(dest)}); modelpack replaces only a folder it built: "
-            "remove the link or choose another output"
+            "remove the link or choose another output", path=dest,
         )
     if not dest.exists():
         return
     if not dest.is_dir():
-        raise OutputError(f"output {dest} exists and is not a folder; remove it or choose another output")
+        raise OutputError(f"output {dest} exists and is not a folder; remove it or choose another output", path=dest)
     if not force:
         raise OutputError(
-            f"output {dest} already exists; pass --force to replace it (it is kept until the new one is ready)"
+            f"output {dest} already exists; pass --force to replace it (it is kept until the new one is ready)",
+            path=dest,
         )
     entries = sorted(os.listdir(dest))
     if not entries:
@@ -89,7 +91,7 @@ def check_destination(dest: Path, *, force: bool) -> None:
         raise OutputError(
             f"--force replaces only a bundle modelpack built or an empty folder, and output {dest} is neither: "
             f"it has no manifest.json written by modelpack and holds {_some(entries)}; "
-            "move them away or choose another output"
+            "move them away or choose another output", path=dest,
         )
     # Files the manifest does not list were put there by someone else: --force must not delete them.
     files = manifest.get("files")
@@ -99,7 +101,7 @@ def check_destination(dest: Path, *, force: bool) -> None:
     if unlisted:
         raise OutputError(
             f"--force would delete files modelpack did not write: the bundle {dest} holds {_some(unlisted)}, "
-            "which its manifest.json does not list; move them out of it first"
+            "which its manifest.json does not list; move them out of it first", path=dest,
         )
 
 
@@ -123,7 +125,7 @@ def destination_lock(dest: Path) -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise OutputError(
-                f"another modelpack build (pid {holder}) is writing {dest}; wait for it or build elsewhere"
+                f"another modelpack build (pid {holder}) is writing {dest}; wait for it or build elsewhere", path=dest,
             ) from None
         if _is_at(fd, path):
             break
@@ -159,7 +161,7 @@ def check_disk_space(dest: Path, needed: int) -> None:
     if free < needed:
         raise OutputError(
             f"output {dest}: the bundle needs {describe_bytes(needed)} but {dest.parent} has {describe_bytes(free)} "
-            "free; free space or pass -o to build elsewhere"
+            "free; free space or pass -o to build elsewhere", path=dest,
         )
 
 
@@ -242,21 +244,21 @@ def output_errors(dest: Path, *, needed: int) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        message = _describe_output_error(error, dest, needed)
-        if message is None:
+        paths = [Path(os.fsdecode(p)) for p in (error.filename, error.filename2) if isinstance(p, (str, bytes))]
+        ours = [p for p in paths if _is_output_path(p, dest)]
+        # Without a path (a failed write() names no file), only these errors are surely about the output.
+        if not ours and error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
             raise
-        raise OutputError(message) from error
+        where = ours[0] if ours else dest.parent
+        target = str(where) if ours else f"the bundle for {dest}"
+        raise OutputError(_describe_output_error(error, dest, needed, where=where, target=target), path=where,
+                          errno=error.errno) from error
 
 
-def _describe_output_error(error: OSError, dest: Path, needed: int) -> str | None:
-    paths = [Path(os.fsdecode(p)) for p in (error.filename, error.filename2) if isinstance(p, (str, bytes))]
-    ours = [p for p in paths if _is_output_path(p, dest)]
+def _describe_output_error(error: OSError, dest: Path, needed: int, *, where: Path, target: str) -> str:
+    """One sentence for a refused write of the output: what happened to `where` (named in it as `target`), and
+    the fix."""
     code = error.errno
-    # Without a path (a failed write() names no file), only these errors are surely about the output.
-    if not ours and code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-        return None
-    where = ours[0] if ours else dest.parent
-    target = str(where) if ours else f"the bundle for {dest}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         usage = os.statvfs(dest.parent)
         if code == errno.EDQUOT:

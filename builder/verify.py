@@ -15,23 +15,42 @@ from pathlib import Path
 
 import builder
 from builder.configs import adapter_config
+from builder.dtypes import BY_NAME
 from builder.errors import VerificationError
 from builder.formatting import dump_json
 from builder.interrupts import interrupts_deferred, raise_if_interrupted
 from builder.manifest import read_manifest, sha256_file
-from builder.report import VerificationReport, read_equivalence, read_gguf_check, read_runtime_report
+from builder.report import (
+    EquivalenceReport,
+    GgufCheck,
+    PromptResult,
+    Skipped,
+    VerificationReport,
+    read_equivalence,
+    read_gguf_check,
+    read_runtime_report,
+    verification_report,
+)
 
 # The runtime's marker before its own progress lines (bundle_check.progress, which equivalence.py uses too).
 from builder.runtime.bundle_check import PROGRESS_MARKER
 from builder.runtime.load import FACTS_FILE
 from builder.sources import read_json
 from builder.subprocesses import describe_crash, die_with_parent, model_code_env, verifying_python
-from builder.trust import bundle_digest, require_consent_to_code, require_integrity, require_signature
+from builder.trust import (
+    DIGEST_PLACEHOLDER,
+    bundle_digest,
+    require_consent_to_code,
+    require_integrity,
+    require_signature,
+)
 from builder.verification_cost import VerificationCost, verification_cost
 
 # Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
 EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.runtime") / "equivalence.py"))
 GGUF_CHECK_SCRIPT = Path(str(importlib.resources.files("builder.runtime") / "gguf_check.py"))
+# Why equivalence was not checked, when the caller had no sources to give (reverify_bundle says where they went).
+NO_SOURCES = "the source base and adapter are not available"
 
 
 @dataclass(frozen=True)
@@ -53,30 +72,33 @@ class ReferenceSources:
 def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool, adapters: int) -> VerificationCost:
     """verification_cost from what the bundle records: its facts (prompts, mode, dtype) and config.json, and the
     number of source adapters the reference loads."""
-    import torch
-
     facts = json.loads((bundle / FACTS_FILE).read_text(encoding="utf-8"))
     rows = json.loads((bundle / "config.json").read_text(encoding="utf-8")).get("vocab_size")
     return verification_cost(
         mode=facts["mode"], answers=len(facts["prompts"]) + len(facts["probes"]),
         max_new_tokens=facts["verify_max_new_tokens"], compare_base=compare_base, equivalence=equivalence,
-        vocab_rows=rows if isinstance(rows, int) else None, logits_itemsize=getattr(torch, facts["dtype"]).itemsize,
+        vocab_rows=rows if isinstance(rows, int) else None, logits_itemsize=BY_NAME[facts["dtype"]].itemsize,
         adapters=adapters,
     )
 
 
 def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
-                  sources: ReferenceSources | None = None, compare_base: bool = False, max_memory: str | None = None,
-                  trust_remote_code: bool = False, expected_digest: str | None = None,
-                  known_sha256: dict[str, str] | None = None,
+                  sources: ReferenceSources | None = None,
+                  sources_unavailable: str = NO_SOURCES,
+                  compare_base: bool = False, max_memory: str | None = None, trust_remote_code: bool = False,
+                  expected_digest: str | None = None, known_sha256: dict[str, str] | None = None, staged: bool = False,
                   progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """Check the bundle's files in this process, then run `load.py --verify` in a subprocess that cannot import
-    modelpack, then (with the sources) the equivalence check; return the combined JSON report.
+    modelpack, then its GGUF files in llama.cpp, then (with the sources) the equivalence check; return the report,
+    assembled from their parts.
 
     Nothing from the bundle runs before its files matched manifest.json (and the expected digest, when given), and
     a bundle that ships model code runs only with trust_remote_code. `python` is the interpreter that loads the
     model (default: this one), e.g. the deployment's virtualenv when the model's own code needs other library
-    versions. The report is returned whether or not the checks passed; `failure_message` says what failed.
+    versions. Without sources, the report names sources_unavailable as the reason equivalence was not checked.
+    staged: a build's staging folder, whose manifest.json is written again once the card and this report are added,
+    so the report records DIGEST_PLACEHOLDER, which trust.seal replaces with the final digest. The report is
+    returned whether or not the checks passed; `failure_message` says what failed.
     """
     python = verifying_python(python)
     manifest = read_manifest(bundle)
@@ -101,45 +123,27 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
              workdir, report_path, progress, what=f"verification could not load the bundle {bundle}")
         progress(f"verification step 1 done in {time.perf_counter() - started:.1f}s")
         runtime_report = read_runtime_report(json.loads(report_path.read_text(encoding="utf-8")), python=python)
-        report: VerificationReport = {
-            **runtime_report,
-            "integrity": {"ok": integrity.ok, "files": integrity.files, "problems": integrity.problems,
-                          "checked_by": f"modelpack {builder.__version__}"},
-            "digest": bundle_digest(bundle),
-            "remote_code": code,
-            "skipped": [],
-        }
-        _check_gguf(bundle, manifest, report, python, workdir, progress)
-        if sources is None:
-            report["skipped"].append(
-                {"check": "equivalence", "reason": "the source base and adapter are not available"}
-            )
-            return report
-        equivalence_path = Path(workdir) / "equivalence.json"
-        adapters = [arg for i, source in enumerate(sources.adapters) for arg in (
-            "--adapter", str(_reference_adapter(source.path, Path(workdir) / f"reference-adapter-{i}")),
-            "--adapter-weight", repr(source.weight))]
-        base = _reference_base(sources.base, Path(workdir) / "reference")
-        progress(f"verification step 2 of {len(cost.loads)}: {cost.loads[1]}")
-        command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(base),
-                   *adapters, "--answer-logits", str(answer_logits), "--report",
-                   str(equivalence_path), "--device", device, *spread]
-        started = time.perf_counter()
-        _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, progress,
-             what="the equivalence check could not load the bundle and its sources")
-        progress(f"verification step 2 done in {time.perf_counter() - started:.1f}s")
-        equivalence = read_equivalence(json.loads(equivalence_path.read_text(encoding="utf-8")), python=python)
-    base_answers = equivalence.pop("base_answers", None)
-    adapter_answers = equivalence.pop("adapter_answers", None)
-    for result in report["prompts"] + report["probes"]:
-        if base_answers is not None:
-            result["base_answer"] = base_answers[result["prompt"]]
-        if adapter_answers is not None:  # keyed as the spec and the card's adapter table name them
-            result["adapter_answers"] = {f"adapters[{i}]": alone[result["prompt"]]
-                                         for i, alone in enumerate(adapter_answers)}
-    report["equivalence"] = equivalence
-    report["ok"] = report["ok"] and equivalence["ok"]
-    return report
+        gguf, gguf_skipped = _check_gguf(bundle, manifest, runtime_report["prompts"] + runtime_report["probes"],
+                                         python, workdir, progress)
+        equivalence = None
+        if sources is not None:
+            progress(f"verification step 2 of {len(cost.loads)}: {cost.loads[1]}")
+            started = time.perf_counter()
+            equivalence = _check_equivalence(bundle, sources, answer_logits, compare_base=compare_base,
+                                             python=python, device=device, spread=spread, workdir=workdir,
+                                             progress=progress)
+            progress(f"verification step 2 done in {time.perf_counter() - started:.1f}s")
+    return verification_report(
+        runtime_report,
+        files={"ok": integrity.ok, "files": integrity.files, "problems": integrity.problems,
+               "checked_by": f"modelpack {builder.__version__}"},
+        digest=DIGEST_PLACEHOLDER if staged else bundle_digest(bundle),
+        remote_code=code,
+        skipped=[*gguf_skipped, *([] if sources is not None else [
+            Skipped(check="equivalence", reason=sources_unavailable)])],
+        gguf=gguf,
+        equivalence=equivalence,
+    )
 
 
 def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_key: Path | None = None,
@@ -147,46 +151,59 @@ def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_
                     max_memory: str | None = None,
                     progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """A received bundle: its signature (when a key is given), then verify_bundle against the sources manifest.json
-    names when they are on this machine (else equivalence is reported as skipped)."""
+    names when they are on this machine (else equivalence is reported as skipped, saying why)."""
     if public_key is not None:
         progress("checking the signature")
         require_signature(bundle, public_key)
     sources, unavailable = recorded_sources(bundle, read_manifest(bundle))
-    report = verify_bundle(bundle, python=python, device=device, sources=sources, max_memory=max_memory,
-                           trust_remote_code=trust_remote_code, expected_digest=expected_digest, progress=progress)
-    if unavailable:
-        report["skipped"] = [s for s in report["skipped"] if s["check"] != "equivalence"] + [
-            {"check": "equivalence", "reason": unavailable}
-        ]
-    return report
+    return verify_bundle(bundle, python=python, device=device, sources=sources,
+                         sources_unavailable=unavailable or NO_SOURCES, max_memory=max_memory,
+                         trust_remote_code=trust_remote_code, expected_digest=expected_digest, progress=progress)
 
 
-def _check_gguf(bundle: Path, manifest: dict, report: VerificationReport, python: str, workdir: str,
-                progress: Callable[[str], None]) -> None:
+def _check_gguf(bundle: Path, manifest: dict, answers: list[PromptResult], python: str, workdir: str,
+                progress: Callable[[str], None]) -> tuple[GgufCheck | None, list[Skipped]]:
     """The bundle's GGUF files answering the verification prompts inside llama.cpp (builder/runtime/gguf_check.py),
-    added to the report; reported as skipped, with the command that installs it, where the verifying interpreter has
-    no llama-cpp-python."""
+    compared with the bundle's answers; reported as skipped, with the command that installs it, where the verifying
+    interpreter has no llama-cpp-python."""
     files = gguf_files(manifest)
     if not files:
-        return
+        return None, []
     if subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(not importlib.util.find_spec('llama_cpp'))"],
                       env=model_code_env(workdir), capture_output=True).returncode != 0:
-        report["skipped"].append({"check": "gguf", "reason": (
+        return None, [Skipped(check="gguf", reason=(
             f"llama-cpp-python is not installed in {python}, so {len(files)} GGUF file(s) were not run in llama.cpp; "
             f"install it with `{python} -m pip install '{llama_cpp_requirement()}'` (pip builds llama.cpp from "
             "source, several minutes) and verify again"
-        )})
-        return
+        ))]
     progress("gguf: answering the verification prompts in llama.cpp")
-    answers = Path(workdir) / "gguf-answers.json"
-    entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in report["prompts"] + report["probes"]]
-    answers.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    answers_path = Path(workdir) / "gguf-answers.json"
+    entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in answers]
+    answers_path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
     output = Path(workdir) / "gguf.json"
-    _run([python, str(GGUF_CHECK_SCRIPT), "--bundle", str(bundle), "--answers", str(answers), "--report", str(output),
-          *files], workdir, output, progress, what="the GGUF check could not run the bundle's GGUF files in llama.cpp")
-    gguf = read_gguf_check(json.loads(output.read_text(encoding="utf-8")), python=python)
-    report["gguf"] = gguf
-    report["ok"] = report["ok"] and gguf["ok"]
+    _run([python, str(GGUF_CHECK_SCRIPT), "--bundle", str(bundle), "--answers", str(answers_path), "--report",
+          str(output), *files], workdir, output, progress,
+         what="the GGUF check could not run the bundle's GGUF files in llama.cpp")
+    return read_gguf_check(json.loads(output.read_text(encoding="utf-8")), python=python), []
+
+
+def _check_equivalence(bundle: Path, sources: ReferenceSources, answer_logits: Path, *, compare_base: bool,
+                       python: str, device: str, spread: list[str], workdir: str,
+                       progress: Callable[[str], None]) -> EquivalenceReport:
+    """The source base and adapters through peft (the unmerged reference), compared with the bundle's logits over
+    its own answers (builder/runtime/equivalence.py); with compare_base, also the base's and each adapter's own
+    answers."""
+    equivalence_path = Path(workdir) / "equivalence.json"
+    adapters = [arg for i, source in enumerate(sources.adapters) for arg in (
+        "--adapter", str(_reference_adapter(source.path, Path(workdir) / f"reference-adapter-{i}")),
+        "--adapter-weight", repr(source.weight))]
+    base = _reference_base(sources.base, Path(workdir) / "reference")
+    command = [python, str(EQUIVALENCE_SCRIPT), "--bundle", str(bundle), "--base", str(base),
+               *adapters, "--answer-logits", str(answer_logits), "--report",
+               str(equivalence_path), "--device", device, *spread]
+    _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, progress,
+         what="the equivalence check could not load the bundle and its sources")
+    return read_equivalence(json.loads(equivalence_path.read_text(encoding="utf-8")), python=python)
 
 
 def gguf_files(manifest: dict) -> list[str]:

@@ -1,5 +1,5 @@
 """Writing a plan's weights: stream each base tensor, merge its LoRA deltas on the CPU or a GPU, write shards;
-copy side files."""
+copy side files; write separate mode's concatenated adapter."""
 
 from __future__ import annotations
 
@@ -12,14 +12,22 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from builder.adapter_compose import Concatenation
+from builder.adapter_match import ADAPTER_PREFIX
 from builder.errors import SourceError
 from builder.formatting import dump_json
-from builder.merge_device import BLOCK_ROW_MULTIPLE, MergedBlock, MergeDevice, merge_device_for, read_factors
+from builder.merge_blocks import BLOCK_ROW_MULTIPLE, MergedBlock, read_factors
 from builder.plan import BuildPlan, ShardPlan, TensorPlan
-from builder.safetensors_io import ShardWriter, TensorLocation, read_into, tensor_bytes
+from builder.safetensors_io import ShardWriter, TensorLocation, read_into, read_tensor, tensor_bytes
+
+# torch comes in with the merge device, when write_weights starts: build.py imports this module for validate and
+# --dry-run too, which must not pay for it.
+if TYPE_CHECKING:
+    import torch
+
+    from builder.merge_device import MergeDevice
 
 # A merged tensor moves through the pipeline in row blocks whose float32 working copy stays under this size, so
 # memory is bounded by a few blocks, not by the largest tensor (a 7B embedding is 2 GB in fp32).
@@ -70,6 +78,8 @@ def write_weights(plan: BuildPlan, staging: Path, *, on_bytes: Progress = lambda
     build runs at the speed of its slowest stage (the disk or a hash). Memory stays at a few pieces per queue;
     no file is read twice: the base's and the adapters' weight files are hashed from the bytes the merge reads.
     """
+    from builder.merge_device import merge_device_for
+
     device = merge_device_for(plan.merge_device)
     keep_freed_memory()
     digests = {path: SourceDigest(path) for path in plan.base.weight_files}
@@ -255,7 +265,7 @@ def merge_pieces(device: MergeDevice, inbox: Pipe, outbox: Pipe, adapter_digests
         assert factors is not None
         start, end = piece.rows
         shape = (end - start, *tensor.source.shape[1:]) if tensor.source.shape else ()
-        source = buffer.view(tensor.source.dtype).reshape(shape)
+        source = buffer.view(tensor.source.dtype.torch).reshape(shape)
         outbox.put(device.merge(tensor, factors, source, start, end))
     outbox.put(_END)
     for digest in adapter_digests.values():
@@ -371,3 +381,34 @@ def copy_side_files(plan: BuildPlan, staging: Path) -> list[str]:
         shutil.copyfile(copy.source, dest)
         written.append(copy.dest)
     return written
+
+
+def concatenated_tensors(concat: Concatenation) -> dict[str, torch.Tensor]:
+    """The concatenated adapter's tensors in float32, keyed as peft saves them (weights folded into A, as peft's
+    cat does)."""
+    import torch
+
+    tensors = {}
+    for module, parts in concat.modules.items():
+        a_parts, b_parts = [], []
+        for delta in parts:
+            assert delta.a is not None  # refuse_inexact_concatenation refused lora_bias
+            a_parts.append(read_tensor(delta.a).float() * delta.scaling)
+            b_parts.append(read_tensor(delta.b).float())
+        a, b = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+        padding = concat.rank - a.shape[0]
+        a = torch.cat([a, a.new_zeros(padding, a.shape[1])], dim=0)
+        b = torch.cat([b, b.new_zeros(b.shape[0], padding)], dim=1)
+        names = ("lora_embedding_A", "lora_embedding_B") if parts[0].kind == "embedding" \
+            else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{ADAPTER_PREFIX}{module}.{names[0]}"] = a.contiguous()
+        tensors[f"{ADAPTER_PREFIX}{module}.{names[1]}"] = b.contiguous()
+    return tensors
+
+
+def write_concatenated_adapter(concat: Concatenation, folder: Path) -> None:
+    """adapter/adapter_model.safetensors of the concatenated adapter (small: the adapters' factors side by side)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(concatenated_tensors(concat), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from builder.dtypes import BY_NAME, Dtype
 from fixtures.qwen_v1.make_qwen_v1 import make_qwen_v1_model, write_trainer_checkpoint_tokenizer_files
 
 CHATML_TEMPLATE = (
@@ -20,6 +21,20 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Qwen2-Instruct's chat template, as published: it adds a default system prompt.
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Meta-Llama-3-8B-Instruct's chat template, as published.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -136,6 +151,9 @@ def write_spec(folder: Path, base_dir: Path, adapter_dir: Path, /, **sections) -
     return path
 
 
+def dtype_of(dtype: torch.dtype) -> Dtype:
+    """modelpack's dtype value for a torch dtype (torch.bfloat16 -> BF16), for plans and headers built in tests."""
+    return BY_NAME[str(dtype).removeprefix("torch.")]
 
 
 def bundle_tensors(bundle: Path) -> dict[str, torch.Tensor]:

@@ -12,8 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import builder
 from builder.build import plan_from_spec
 from builder.cli import app
+from builder.report import failure_message, read_verification
 from builder.spec import spec_json_schema
 from helpers import make_base_model, write_spec
 
@@ -233,6 +235,21 @@ def test_json_results_for_ci(tmp_path, sources):
     assert json.loads(refused.stdout)["exit_code"] == 3
 
 
+def test_a_failed_verification_goes_through_the_one_error_handler_with_its_report(tmp_path, sources):
+    spec = write_spec(tmp_path, *sources, verify={"prompts": [{"prompt": "你好", "expect": {"equals": "impossible"}}]})
+    failed = run("build", spec, "--json")
+    assert failed.exit_code == 3
+    error = json.loads(failed.stdout)
+    assert set(error) == {"ok", "exit_code", "error"} and error["ok"] is False and error["exit_code"] == 3
+    assert error["error"].startswith("verification failed:\n  prompt '你好': expected equals 'impossible'")
+    assert run("build", spec, "--no-verify").exit_code == 0
+    verified = run("verify", tmp_path / "dist" / "tiny-med", "--json")  # verify's result is the report, failed too
+    assert verified.exit_code == 3
+    report = read_verification(json.loads(verified.stdout))
+    assert report["ok"] is False and report["bundle"] == "tiny-med" and report["equivalence"]["ok"]
+    assert verified.stderr.endswith(f"\nerror: {failure_message(report)}\n")  # after the progress lines
+
+
 def test_no_color_turns_colour_off_on_a_terminal(monkeypatch):
     import io
 
@@ -245,6 +262,30 @@ def test_no_color_turns_colour_off_on_a_terminal(monkeypatch):
     assert not Console(stream=Terminal()).rich.no_color
     monkeypatch.setenv("NO_COLOR", "1")
     assert Console(stream=Terminal()).rich.no_color
+
+
+@pytest.mark.parametrize("args", [["--version", "--json"], ["--json", "--version"]])
+def test_version_as_text_and_as_json(args):
+    result = run("--version")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, f"modelpack {builder.__version__}\n", "")
+    result = run(*args)
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout == f'{{\n  "ok": true,\n  "modelpack_version": "{builder.__version__}"\n}}\n'
+
+
+def test_json_before_the_command_says_where_it_goes(tmp_path, sources):
+    result = run("--json", "validate", write_spec(tmp_path, *sources))
+    assert result.exit_code == 2
+    assert "--json goes after the command: modelpack validate ... --json" in " ".join(result.stderr.split())
+
+
+def modelpack_options() -> list[list[str]]:
+    """The options of `modelpack` itself (before any command), each as its spellings."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    context = group.make_context("modelpack", [], resilient_parsing=True)
+    return [p.opts for p in group.get_params(context) if p.param_type_name == "option" and p.opts != ["--help"]]
 
 
 def cli_commands() -> dict[str, list[list[str]]]:
@@ -272,8 +313,11 @@ def test_every_command_help_has_an_example():
 def test_readme_command_table_matches_the_cli():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Commands\n", 1)[1].split("\n## ", 1)[0]
-    rows = {usage.split()[1]: usage for usage in re.findall(r"^\| `(modelpack [^`]*)` \|", section, re.MULTILINE)}
-    commands = cli_commands()
+    rows = {}
+    for usage in re.findall(r"^\| `(modelpack [^`]*)` \|", section, re.MULTILINE):
+        word = usage.split()[1]
+        rows["" if word.startswith("-") else word] = usage  # `modelpack --version`: the options of modelpack itself
+    commands = {"": modelpack_options(), **cli_commands()}
     assert sorted(rows) == sorted(commands), "README's command table and the CLI name different commands"
     for name, options in commands.items():
         shown = re.findall(r"(?<![\w-])--?[a-z][\w-]*", rows[name])

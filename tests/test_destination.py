@@ -5,6 +5,7 @@ no traceback, the sources and the destination unchanged, no staging folder or lo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 from builder import staging
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
+from builder.errors import OutputError
 from helpers import assert_user_error, make_adapter, make_base_model, tree_snapshot, write_spec
 
 NAME = "tiny-med"
@@ -393,6 +395,24 @@ def test_an_immutable_parent_folder_is_exit_2(fs_case):
     assert_user_error(result, 2, f"operation not permitted writing {fs_case.out}/.{NAME}.modelpack-lock",
                       f"{fs_case.out} may be immutable")
     assert [state(p) for p in fs_case.watched] == fs_case.before
+
+
+@pytest.mark.parametrize("code, named, path", [
+    (errno.EACCES, "{dest}/.tmp", "{dest}/.tmp"),  # a path the write named
+    (errno.ENOSPC, None, "{parent}"),  # a failed write() names no file: the destination's folder
+])
+def test_an_output_error_carries_the_path_and_errno_it_is_about(tmp_path, code, named, path):
+    dest = tmp_path / "out" / NAME
+    dest.parent.mkdir()  # a full disk is described from its folder's statvfs
+    with pytest.raises(OutputError) as caught, staging.output_errors(dest, needed=1000):
+        raise OSError(code, os.strerror(code), *([named.format(dest=dest)] if named else []))
+    assert caught.value.path == Path(path.format(dest=dest, parent=dest.parent))
+    assert caught.value.errno == code
+
+
+def test_an_error_of_another_path_is_no_output_error(tmp_path):
+    with pytest.raises(PermissionError), staging.output_errors(tmp_path / "out" / NAME, needed=1000):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "source" / "config.json"))
 
 
 @needs_namespaces

@@ -17,7 +17,8 @@ import builder.weights
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
 from builder.errors import SourceError
-from builder.merge_device import CpuMerge, MergedBlock
+from builder.merge_blocks import MergedBlock
+from builder.merge_device import CpuMerge
 from builder.weights import plan_pieces, write_weights
 from helpers import assert_user_error, bundle_tensors, make_adapter, make_base_model, write_spec
 
@@ -130,7 +131,7 @@ class CountingCpuMerge(CpuMerge):
 def test_pipeline_holds_a_bounded_number_of_pieces_and_overlaps_the_stages(tmp_path, wide_sources, monkeypatch):
     """Reading runs ahead of writing (the stages overlap), by at most the queues' depth, whatever the model size."""
     device = CountingCpuMerge()
-    monkeypatch.setattr(builder.weights, "merge_device_for", lambda requested: device)
+    monkeypatch.setattr(builder.merge_device, "merge_device_for", lambda requested: device)
     monkeypatch.setattr(builder.weights, "BLOCK_BYTES", 1)
     monkeypatch.setattr(builder.weights, "COPY_CHUNK_BYTES", 4096)
     plan = plan_from_spec(write_spec(tmp_path, *wide_sources))

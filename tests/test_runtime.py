@@ -159,8 +159,8 @@ def test_summary_lines_of_a_verify_report():
 
 
 def test_the_runtime_is_copied_byte_for_byte_with_the_facts_beside_it(tmp_path):
-    adapter = render.AdapterFacts(rank="8", alpha="16", scaling="2", max_rank=8, target_modules=["q_proj"], modules=1,
-                                  recorded_base="base", checkpoint="checkpoint-1")
+    adapter = render.AdapterCardView(rank="8", alpha="16", scaling="2", max_rank=8, target_modules="q_proj",
+                                     modules=1, recorded_base="base", checkpoint="checkpoint-1")
     context = render.RenderContext(**FACTS, base_name="base", base_model_id=None, generation={}, card={},
                                    adapter=adapter, adapters=[], composed_rank=None, weight_files=["model.safetensors"],
                                    weight_size="1 MB", build_date="2025-01-01", serving=[], ollama=None, modelfile=None)

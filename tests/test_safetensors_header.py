@@ -17,13 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save
 
-from builder.safetensors_io import (
-    SAFETENSORS_DTYPES,
-    ShardWriter,
-    TensorEntry,
-    encode_header,
-    tensor_bytes,
-)
+from builder.dtypes import FLOAT32, SAFETENSORS_DTYPES
+from builder.safetensors_io import ShardWriter, TensorEntry, encode_header, tensor_bytes
+from helpers import dtype_of
 
 METADATA = {"format": "pt"}
 
@@ -53,7 +49,7 @@ def safetensors_order(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def entries(tensors: dict[str, torch.Tensor], order: list[str]) -> list[TensorEntry]:
-    return [TensorEntry(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order]
+    return [TensorEntry(name, dtype_of(tensors[name].dtype), tuple(tensors[name].shape)) for name in order]
 
 
 def write_shard(path, tensors: dict[str, torch.Tensor], order: list[str], *, chunk_rows: int | None = None) -> str:
@@ -98,7 +94,7 @@ CASES = {
 
 def test_header_bytes_pinned():
     """One small case byte for byte: length 88 little-endian, compact JSON, three spaces to reach 8-byte alignment."""
-    header = encode_header([TensorEntry("a", torch.float32, (1,))], METADATA)
+    header = encode_header([TensorEntry("a", FLOAT32, (1,))], METADATA)
     json_text = b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
     assert len(json_text) == 85
     assert header == b"\x58\x00\x00\x00\x00\x00\x00\x00" + json_text + b"   "
@@ -169,7 +165,7 @@ def test_shard_writer_in_plan_order_reads_back_equal(tmp_path, case):
 @pytest.mark.parametrize("name", sorted(SAFETENSORS_DTYPES))
 def test_dtype_names_are_safetensors_own(tmp_path, name):
     """Every dtype modelpack writes gets the name safetensors writes for it, and reads back as that dtype."""
-    dtype = SAFETENSORS_DTYPES[name]
+    dtype = SAFETENSORS_DTYPES[name].torch
     tensors = {"t": sample(dtype, (2, 3))}
     try:
         reference = save(tensors, metadata=METADATA)

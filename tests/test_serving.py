@@ -29,6 +29,8 @@ from builder.serving import (
 from helpers import (
     CHATML_TEMPLATE,
     GO_MISSING,
+    LLAMA3_TEMPLATE,
+    QWEN2_TEMPLATE,
     import_file,
     ollama_prompts,
     ollama_renderer,
@@ -39,19 +41,6 @@ from helpers import (
 )
 
 # Qwen2-7B-Instruct's chat template, as published: ChatML with a default system message.
-QWEN2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# Meta-Llama-3-8B-Instruct's chat template, as published.
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
 # Zephyr's: a role line per message, no format modelpack translates.
 ZEPHYR_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"

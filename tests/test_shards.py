@@ -11,6 +11,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from builder.plan import ShardPlan, TensorPlan, split_into_shards
 from builder.safetensors_io import TensorLocation
+from helpers import dtype_of
 
 NOWHERE = Path("base/model.safetensors")  # never opened: the splitter sees names, dtypes and shapes only
 
@@ -22,8 +23,8 @@ def tensor(name: str, nbytes: int, *, dtype: torch.dtype = torch.float32, source
     shape = (nbytes // itemsize,)
     source_dtype = source_dtype or dtype
     source_bytes = shape[0] * torch.empty((), dtype=source_dtype).element_size()
-    location = TensorLocation(name, NOWHERE, source_dtype, shape, 0, source_bytes)
-    return TensorPlan(name=name, source=location, out_dtype=dtype)
+    location = TensorLocation(name, NOWHERE, dtype_of(source_dtype), shape, 0, source_bytes)
+    return TensorPlan(name=name, source=location, out_dtype=dtype_of(dtype))
 
 
 def names(shards: tuple[ShardPlan, ...]) -> list[list[str]]:

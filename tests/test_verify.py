@@ -13,7 +13,8 @@ import builder
 from builder.build import build_bundle, plan_from_spec
 from builder.errors import BundleError, VerificationError
 from builder.manifest import write_manifest
-from builder.report import failure_message, read_verification
+from builder.report import failure_message, read_verification, verification_report
+from builder.trust import DIGEST_PLACEHOLDER
 from builder.verify import verify_bundle
 from helpers import write_spec
 
@@ -153,6 +154,9 @@ def test_a_merge_with_wrong_scaling_fails_equivalence(tmp_path, models, adapters
         build_bundle(plan_from_spec(spec), verify=True, device="cpu")
     assert "equivalence: prompt '你好': max |delta logit|" in caught.value.message
     assert "from base + adapter through peft, unmerged" in caught.value.message
+    report = caught.value.report  # the error carries the report: the build's, sealed later, names no digest yet
+    assert report is not None and not report["ok"] and not report["equivalence"]["ok"]
+    assert report["digest"] == DIGEST_PLACEHOLDER and failure_message(report) == caught.value.message
 
 
 def test_equivalence_passes_and_base_answers_are_recorded(tmp_path, models, adapters):
@@ -183,3 +187,34 @@ def test_dora_adapter_in_separate_mode_gets_a_vllm_warning(tmp_path, models, ada
 def test_a_report_of_another_shape_is_named_not_a_key_error():
     with pytest.raises(VerificationError, match="verification.json does not have the expected shape: .*integrity"):
         read_verification({"bundle": "x", "ok": True})
+
+
+def test_the_report_is_assembled_whole_from_its_parts():
+    answer = {"prompt": "你好", "answer": "hi", "failures": [], "ok": True,
+              "expect": {"contains": [], "not_contains": [], "equals": None, "regex": None}}
+    runtime = {"bundle": "tiny", "ok": True, "integrity": {"ok": True, "files": None, "problems": []},
+               "serving": {"ok": True, "problems": [], "warnings": []}, "prompts": [answer], "probes": [],
+               "environment": {"torch": "2.9.0"},
+               "runtime": {"load_seconds": 0.1, "tokens_per_second": None, "placement": {"parameters": {"cpu": 1}}}}
+    equivalence = {"ok": True, "dtype": "float32", "rule": "exact", "max_abs_logit_diff": 0.0, "positions": 3,
+                   "greedy_agreement": 1.0, "significant_disagreements": 0, "prompts": [], "reference": "peft",
+                   "seconds": 1.5, "base_answers": {"你好": "base"}, "adapter_answers": [{"你好": "a"}, {"你好": "b"}]}
+    gguf = {"ok": False, "runtime": "llama-cpp-python 0.3.36", "threads": 2, "files": []}
+    skipped = [{"check": "vllm", "reason": "not installed"}]
+    files = {"ok": True, "files": 9, "problems": [], "checked_by": "modelpack 0.1.0"}
+    report = verification_report(runtime, files=files, digest=DIGEST_PLACEHOLDER, remote_code={}, skipped=skipped,
+                                 gguf=gguf, equivalence=equivalence)
+    # verification.json's keys in the order it has always had them
+    assert list(report) == ["bundle", "ok", "integrity", "serving", "prompts", "probes", "environment", "runtime",
+                            "digest", "remote_code", "skipped", "gguf", "equivalence"]
+    assert report["ok"] is False  # the GGUF check failed
+    assert report["integrity"] is files and report["skipped"] == skipped and report["digest"] == DIGEST_PLACEHOLDER
+    # the reference's answers beside the bundle's, keyed as the spec names the adapters; the comparison without them
+    assert report["prompts"] == [{**answer, "base_answer": "base",
+                                  "adapter_answers": {"adapters[0]": "a", "adapters[1]": "b"}}]
+    assert list(report["equivalence"]) == [key for key in equivalence if not key.endswith("_answers")]
+    assert "base_answer" not in runtime["prompts"][0] and "base_answers" in equivalence  # its parts are unchanged
+    assert read_verification(report) == report
+    alone = verification_report(runtime, files=files, digest="sha256:" + "0" * 64, remote_code={}, skipped=[],
+                                gguf=None, equivalence=None)
+    assert alone["ok"] and "gguf" not in alone and "equivalence" not in alone and alone["prompts"] == [answer]

@@ -1,0 +1,324 @@
+"""The model card (README.md): its rows and sentences, built from the bundle's facts and verification report, which
+templates/README.md.jinja only prints.
+
+Every verdict (passed, ok, FAILED, met, recorded, ...) comes from report.py, where the terminal's table gets it too;
+this module only lays the report out as the card shows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from huggingface_hub import ModelCardData
+
+from builder.render import AdapterCardView, RenderContext, render_template
+from builder.report import (
+    AnswerParting,
+    Equivalence,
+    GgufCheck,
+    PromptResult,
+    Skipped,
+    VerificationReport,
+    answer_verdict,
+    check_verdict,
+    gguf_equal_answers,
+    gguf_expectations,
+    gguf_prompt_tokens,
+    report_verdict,
+)
+from builder.serving import OllamaTemplate, ServingCommand
+from builder.trust import DIGEST_PLACEHOLDER
+
+
+@dataclass(frozen=True)
+class ServingSection:
+    """One runtime's part of the card's Serving section."""
+
+    runtime: str
+    command: str | None  # None when the runtime cannot serve the bundle (its notes say why)
+    ollama_format: str | None  # Ollama with a Modelfile TEMPLATE: the prompt format it was translated from
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class EquivalenceLine:
+    """The equivalence check in the card's words, its numbers as printed."""
+
+    reference: str
+    max_abs_logit_diff: str
+    positions: int
+    greedy_agreement: str  # a percentage
+    dtype: str
+    rule: str
+
+
+@dataclass(frozen=True)
+class GgufRow:
+    file: str
+    verdict: str
+    equal_answers: str  # "4 of 5 (required)": required of a file in the bundle's own dtype, else reported
+    prompt_tokens: str
+    expectations: str
+
+
+@dataclass(frozen=True)
+class PartingScore:
+    """How much llama.cpp preferred its own token where a GGUF's answer parts from the bundle's."""
+
+    gguf: str  # the token, quoted
+    bundle: str
+    margin: str
+    tolerance: str
+
+
+@dataclass(frozen=True)
+class GgufParting:
+    """A GGUF file's answer that parts from the bundle's, and where."""
+
+    file: str
+    prompt: str
+    answer: str
+    position: int
+    score: PartingScore | None  # None where the parting cannot be scored
+
+
+@dataclass(frozen=True)
+class GgufSection:
+    runtime: str
+    threads: int
+    files: list[GgufRow]
+    partings: list[GgufParting]
+
+
+@dataclass(frozen=True)
+class AnswerRow:
+    """One prompt or probe as the card's answer tables show it."""
+
+    kind: str  # prompt | probe
+    prompt: str
+    answer: str
+    base_answer: str | None  # with verify.compare_base
+    alone: list[str]  # several adapters: each one's answer alone, in the spec's order
+    expectations: str  # report.answer_verdict
+
+
+@dataclass(frozen=True)
+class CompositionTable:
+    """Several adapters: every prompt and probe answered by the base, each adapter alone, and the bundle."""
+
+    columns: list[str]  # one heading per adapter
+    rows: list[AnswerRow]
+
+
+@dataclass(frozen=True)
+class AnswerTables:
+    """One adapter: the prompts' answers and verdicts, then the probes' answers."""
+
+    with_base: bool  # a column of the base model's answers
+    prompts: list[AnswerRow]
+    probes: list[AnswerRow]
+
+
+@dataclass(frozen=True)
+class VerificationSection:
+    transformers: str
+    torch: str
+    verdict: str
+    files_checked: int | None  # None when the runtime was told the files were already checked
+    equivalence: EquivalenceLine | None
+    gguf: GgufSection | None
+    skipped: list[Skipped]
+    # Exactly one of the two answer layouts.
+    composition: CompositionTable | None
+    answers: AnswerTables | None
+    serving_problems: list[str]
+    serving_warnings: list[str]
+
+
+@dataclass(frozen=True)
+class CardContext:
+    """Everything templates/README.md.jinja prints: text, rows to loop over, and flags to test, nothing to compute."""
+
+    front_matter: str
+    name: str
+    description: str
+    separate: bool  # the adapter is kept beside the base weights, else merged into them
+    dtype: str
+    weight_files: str  # "2 safetensors files"
+    weight_size: str
+    modelpack_version: str
+    build_date: str
+    trust_remote_code: bool
+    remote_code_files: str
+    intended_use: str | None
+    loader_packages: str
+    serving: list[ServingSection]
+    ollama_notes: list[str]
+    without_chat_template: bool
+    chat_format: str | None  # generation_config.json's, for a model without a chat template
+    eos_token_id: str | None  # likewise
+    adapter: AdapterCardView
+    adapters: list[AdapterCardView]  # several composed adapters, else empty (the card shows `adapter`)
+    composed_rank: int | None
+    generation_defaults: str
+    system_prompt: str | None
+    verification: VerificationSection | None  # None: built with --no-verify
+    digest: str
+    limitations: str
+
+
+def render_card(context: RenderContext, *, verification: VerificationReport | None) -> str:
+    """README.md, the model card: what the bundle is, how to load and serve it, its adapters, what verification
+    found, and how to receive it."""
+    return render_template("README.md.jinja", card_context(context, verification=verification))
+
+
+def card_context(context: RenderContext, *, verification: VerificationReport | None) -> CardContext:
+    """The card's rows and sentences: the bundle's facts and, when it was verified, what verification found."""
+    card = context.card
+    generation = context.generation
+    weight_files = len(context.weight_files)
+    return CardContext(
+        front_matter=front_matter(context),
+        name=context.name,
+        description=card["description"] or f"A fine-tuned version of {context.base_name} with a LoRA adapter.",
+        separate=context.mode == "separate",
+        dtype=context.dtype,
+        weight_files=f"{weight_files} safetensors file{'s' if weight_files > 1 else ''}",
+        weight_size=context.weight_size,
+        modelpack_version=context.modelpack_version,
+        build_date=context.build_date,
+        trust_remote_code=context.trust_remote_code,
+        remote_code_files=", ".join(context.remote_code_files),
+        intended_use=card["intended_use"],
+        loader_packages="torch, transformers and peft" if context.mode == "separate" else "torch and transformers",
+        serving=serving_sections(context.serving, context.ollama),
+        ollama_notes=ollama_notes(context.ollama),
+        without_chat_template=not context.has_chat_template,
+        chat_format=str(generation["chat_format"]) if "chat_format" in generation else None,
+        eos_token_id=str(generation["eos_token_id"]) if generation.get("eos_token_id") is not None else None,
+        adapter=context.adapter,
+        adapters=context.adapters,
+        composed_rank=context.composed_rank,
+        generation_defaults=", ".join(f"`{key}={value}`" for key, value in generation.items()),
+        system_prompt=context.system_prompt,
+        verification=verification_section(verification, context.adapters) if verification is not None else None,
+        # The digest exists only once manifest.json is final; trust.seal writes it over the placeholder.
+        digest=DIGEST_PLACEHOLDER,
+        limitations=card["limitations"] or "Not stated in the spec.",
+    )
+
+
+def front_matter(context: RenderContext) -> str:
+    """The card's YAML metadata, in huggingface_hub's own card type: the Hub's field names, None fields left out."""
+    separate = context.mode == "separate"
+    return ModelCardData(
+        base_model=context.base_model_id,
+        # The Hub's relation names: a separate adapter is an "adapter"; weights with the LoRA merged in are a
+        # fine-tune of the base (the Hub's "merge" means merging several models).
+        base_model_relation=("adapter" if separate else "finetune") if context.base_model_id else None,
+        library_name="peft" if separate else "transformers",
+        license=context.card["license"] or "other",
+        language=context.card["language"] or None,
+        tags=list(dict.fromkeys([*context.card["tags"], "lora", "modelpack"])),
+        pipeline_tag="text-generation",
+    ).to_yaml() + "\n"
+
+
+def serving_sections(commands: list[ServingCommand], ollama: OllamaTemplate | None) -> list[ServingSection]:
+    """Each runtime's command and notes; Ollama's says what its Modelfile holds when it has a TEMPLATE."""
+    translated = ollama.format if ollama is not None and ollama.template is not None else None
+    return [ServingSection(c.runtime, c.command, translated if c.runtime == "Ollama" else None, c.notes)
+            for c in commands]
+
+
+def ollama_notes(ollama: OllamaTemplate | None) -> list[str]:
+    """The caveats of the Modelfile's TEMPLATE, or why it has none, one sentence each."""
+    if ollama is None:
+        return []
+    if ollama.template is not None:
+        return [f"Ollama template: {note}." for note in ollama.notes]
+    return [f"Ollama: {note}; `gguf/Modelfile` has no TEMPLATE, so Ollama picks a template from the GGUF's embedded "
+            "chat template by itself." for note in ollama.notes]
+
+
+def verification_section(report: VerificationReport, adapters: list[AdapterCardView]) -> VerificationSection:
+    """What verification found, laid out for the card; adapters: the composed ones (empty for one adapter)."""
+    prompts, probes = report["prompts"], report["probes"]
+    answered = prompts + probes
+    compared_alone = bool(answered) and "adapter_answers" in answered[0]
+    equivalence = report.get("equivalence")
+    gguf = report.get("gguf")
+    return VerificationSection(
+        transformers=report["environment"]["transformers"],
+        torch=report["environment"]["torch"],
+        verdict=report_verdict(report),
+        files_checked=report["integrity"]["files"],
+        equivalence=equivalence_line(equivalence) if equivalence is not None else None,
+        gguf=gguf_section(gguf) if gguf is not None else None,
+        skipped=report["skipped"],
+        composition=composition_table(prompts, probes, adapters) if compared_alone else None,
+        answers=None if compared_alone else AnswerTables(
+            with_base=bool(answered) and "base_answer" in answered[0],
+            prompts=[answer_row(r, probe=False) for r in prompts],
+            probes=[answer_row(r, probe=True) for r in probes],
+        ),
+        serving_problems=report["serving"]["problems"],
+        serving_warnings=report["serving"]["warnings"],
+    )
+
+
+def equivalence_line(equivalence: Equivalence) -> EquivalenceLine:
+    return EquivalenceLine(
+        reference=equivalence["reference"],
+        max_abs_logit_diff=f"{equivalence['max_abs_logit_diff']:.3g}",
+        positions=equivalence["positions"],
+        greedy_agreement=f"{100 * equivalence['greedy_agreement']:.1f}",
+        dtype=equivalence["dtype"],
+        rule=equivalence["rule"],
+    )
+
+
+def gguf_section(gguf: GgufCheck) -> GgufSection:
+    """One row per GGUF file, then each answer that parts from the bundle's."""
+    rows = [GgufRow(
+        file=f["file"],
+        verdict=check_verdict(f["ok"]),
+        equal_answers=f"{gguf_equal_answers(f)} of {len(f['answers'])} ({'required' if f['exact'] else 'reported'})",
+        prompt_tokens=gguf_prompt_tokens(f),
+        expectations=gguf_expectations(f),
+    ) for f in gguf["files"]]
+    partings = [GgufParting(f["file"], a["prompt"], a["answer"], a["difference"]["position"],
+                            parting_score(a["difference"]))
+                for f in gguf["files"] for a in f["answers"] if a["difference"] is not None]
+    return GgufSection(gguf["runtime"], gguf["threads"], rows, partings)
+
+
+def parting_score(part: AnswerParting) -> PartingScore | None:
+    if part["margin"] is None:
+        return None
+    return PartingScore(gguf=f'"{part["gguf"]}"', bundle=f'"{part["bundle"]}"', margin=f"{part['margin']:.3g}",
+                        tolerance=f"{part['tolerance']:.3g}")
+
+
+def composition_table(prompts: list[PromptResult], probes: list[PromptResult],
+                      adapters: list[AdapterCardView]) -> CompositionTable:
+    """Several adapters: each answer beside the base's and each adapter's alone (report.PromptResult.adapter_answers,
+    keyed as `adapters` are)."""
+    return CompositionTable(
+        columns=[f"`{a.key}` alone (weight {a.weight})" for a in adapters],
+        rows=[answer_row(r, probe=False, adapters=adapters) for r in prompts]
+        + [answer_row(r, probe=True, adapters=adapters) for r in probes],
+    )
+
+
+def answer_row(result: PromptResult, *, probe: bool, adapters: list[AdapterCardView] | None = None) -> AnswerRow:
+    alone = result.get("adapter_answers", {})
+    return AnswerRow(
+        kind="probe" if probe else "prompt",
+        prompt=result["prompt"],
+        answer=result["answer"],
+        base_answer=result.get("base_answer"),
+        alone=[alone[a.key] for a in adapters or []],
+        expectations=answer_verdict(result, probe=probe),
+    )
