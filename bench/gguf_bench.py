@@ -44,7 +44,8 @@ def write_qwen2_tokenizer(folder: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from builder.gguf_export import SPLIT_PRE_TOKENIZERS, read_tiktoken_ranks, vocabulary_from_tiktoken
+    from builder.gguf_export import read_tiktoken_ranks, vocabulary_from_tiktoken
+    from builder.gguf_facts import SPLIT_PRE_TOKENIZERS
 
     sys.path.insert(0, str(REPO / "tests"))
     from fixtures.qwen_v1.make_qwen_v1 import find_qwen_tiktoken

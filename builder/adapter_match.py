@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from builder.errors import SourceError
@@ -234,21 +238,96 @@ def _check_target_modules(
     peft's rule: a string is a regex matched against the whole module path; a list entry matches a path equal to it
     or ending in "." + it. Module paths are the base's tensor names without their last part.
     """
+    modules = {prefix for name in tensors for prefix in _dotted_prefixes(name)}
+    check_patterns_in_time(adapter.config, sorted(modules), adapter.path / "adapter_config.json")
     targets = adapter.config.get("target_modules")
     # "all-linear" is expanded by peft to every linear layer; no list (or an empty one) means the adapter is
     # driven by other keys (trainable tokens, modules_to_save), which the tensors check.
     if not targets or targets == "all-linear":
         return
-    modules = {prefix for name in tensors for prefix in _dotted_prefixes(name)}
-    if isinstance(targets, str):
-        found = any(re.fullmatch(targets, module) for module in modules)
-    else:
-        found = any(module.endswith("." + t) or module == t for module in modules for t in targets)
-    if not found:
+    matched = [module for module in sorted(modules) if _targeted(targets, module)]
+    if not matched:
         raise SourceError(
             f"{adapter.path / 'adapter_config.json'}: target_modules {targets!r} match no module of the base model at "
             f"{base.path}, so peft cannot load this adapter; check that base.path is the model it was trained on"
         )
+    # peft wraps every module the rule matches, leaf or not, and can wrap only layers with a weight matrix (Linear,
+    # Conv1D, Embedding): a decoder block or a norm matched would make the bundle's own load.py fail in separate
+    # mode, and means the adapter was not trained on this rule as written.
+    excluded = adapter.config.get("exclude_modules")
+    unwrappable = [module for module in matched if len(getattr(tensors.get(f"{module}.weight"), "shape", ())) != 2
+                   and not (excluded and _targeted(excluded, module))]
+    if unwrappable:
+        raise SourceError(
+            f"{adapter.path / 'adapter_config.json'}: target_modules {targets!r} match "
+            f"{', '.join(unwrappable[:3])}{' ...' if len(unwrappable) > 3 else ''}, which peft cannot wrap (only "
+            "layers with a weight matrix: Linear, Conv1D, Embedding); name the layers themselves, e.g. q_proj, v_proj"
+        )
+
+
+def _targeted(targets: str | list, module: str) -> bool:
+    """peft's rule: a string is a regex matched against the whole module path; a list entry matches a path equal
+    to it or ending in "." + it."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
+
+
+# How long all of one adapter config's patterns may take to match every module name of the base, as peft matches
+# them; real patterns take microseconds per name (a 72B model has about 1,000 modules).
+PATTERN_SECONDS = 2.0
+
+
+def check_patterns_in_time(config: dict, modules: list[str], where: Path) -> None:
+    """Every regular expression of an adapter config matched against every module name as peft matches it, within
+    PATTERN_SECONDS; a pattern that does not finish is refused (exit 2) before any process starts, since peft and
+    transformers would run the same match with Python's `re` in the verification process and in load.py.
+
+    sources.regex_problem already refused the constructs known to backtrack badly; this catches what a static rule
+    cannot see. The limit is a SIGALRM timer (Python's `re` checks for signals while it backtracks), so only where
+    one can be set: the main thread of a POSIX process.
+    """
+    patterns = [(f"target_modules {config['target_modules'][:80]!r}", config["target_modules"], re.fullmatch)
+                ] if isinstance(config.get("target_modules"), str) else []
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(key) or {}:
+            patterns.append((f"{key} key {pattern[:80]!r}", rf"(.*\.)?({pattern})$", re.match))
+    layers = config.get("layers_pattern")
+    for pattern in [layers] if isinstance(layers, str) else layers or []:
+        patterns.append((f"layers_pattern {pattern[:80]!r}", rf".*\.{pattern}\.(\d+)\.", re.match))
+    for what, pattern, match in patterns:
+        try:
+            with _time_limit(PATTERN_SECONDS):
+                for module in modules:
+                    match(pattern, module)
+        except _PatternTimeout:
+            raise SourceError(
+                f"{where}: {what} did not finish matching the base's {len(modules)} module names within "
+                f"{PATTERN_SECONDS:g} s (peft and transformers match it the same way); rewrite it as a list of "
+                "module names or a simpler pattern"
+            ) from None
+
+
+class _PatternTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise _PatternTimeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _dotted_prefixes(name: str) -> list[str]:

@@ -18,11 +18,18 @@ from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
 from builder.formatting import dump_json
 from builder.gguf_facts import gguf_path
-from builder.manifest import find_machine_paths, sha256_file, write_manifest
+from builder.manifest import bundle_files, find_machine_paths, machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
 from builder.refusals import require_merge_device
-from builder.render import RenderContext, build_context, installed_versions, render_requirements, render_runtime
-from builder.report import VerificationReport, failure_message
+from builder.render import (
+    RenderContext,
+    base_model_id,
+    build_context,
+    installed_versions,
+    render_requirements,
+    render_runtime,
+)
+from builder.report import VerificationReport, bundle_record, failure_message, skipped_failure
 from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder
 from builder.spec import load_spec
 from builder.staging import check_output_location, publish, staged_output
@@ -41,6 +48,7 @@ class BuildResult:
     plan: BuildPlan
     verification: VerificationReport | None
     digest: str
+    run_file: Path | None = None  # the run's report beside the bundle (run_file_path), with verification
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -65,12 +73,20 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None,
     return plan_build(spec, base, adapters, spec_file=spec_path.resolve(), tokenizer=tokenizer)
 
 
+def run_file_path(dest: Path) -> Path:
+    """Where a build writes its run's report: beside the bundle, never in it. It holds what changes from run to
+    run (verification's timings, speed and memory, the build's phases), which would otherwise change the bundle's
+    bytes and digest, and which integrity (no unlisted file in a bundle) would refuse inside it."""
+    return dest.with_name(f"{dest.name}.run.json")
+
+
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
-                 progress: Progress = lambda line: None,
+                 strict: bool = False, progress: Progress = lambda line: None,
                  weights_progress: Callable[[int], None] = lambda nbytes: None) -> BuildResult:
     """The build's phases, in a staging folder beside the destination (see staging.staged_output): write the
     weights, write the other files, export GGUF (with export.gguf), verify, finalise (card, requirements, report,
-    manifest, digest), publish. weights_progress receives the bytes of each chunk of weights as it is written."""
+    manifest, digest), publish. weights_progress receives the bytes of each chunk of weights as it is written.
+    strict: a check that did not run (report.Skipped) fails verification, as a failed one does (exit 3)."""
     spec = plan.spec
     dest = spec.output.dir
     check_output_location(
@@ -106,14 +122,28 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
         verification = None
         if verify:
             verify_started = time.perf_counter()
-            verification = _verify(plan, staging, manifest, device=device, progress=progress)
+            verification = _verify(plan, staging, manifest, device=device, strict=strict, progress=progress)
             timings["verify"] = time.perf_counter() - verify_started
 
         digest = _finalise(plan, staging, context, provenance, manifest, verification)
         publish(staging, dest)
+        timings["total"] = time.perf_counter() - started
+        run_file = _write_run_file(dest, digest, verification, timings) if verification is not None else None
     progress(f"bundle digest: {digest} (give it to the receivers: modelpack verify BUNDLE --digest {digest})")
-    timings["total"] = time.perf_counter() - started
-    return BuildResult(bundle=dest, plan=plan, verification=verification, digest=digest, timings=timings)
+    return BuildResult(bundle=dest, plan=plan, verification=verification, digest=digest, run_file=run_file,
+                       timings=timings)
+
+
+def _write_run_file(dest: Path, digest: str, verification: VerificationReport, timings: dict[str, float]) -> Path:
+    """The run's report beside the published bundle (run_file_path), written while the destination lock is held:
+    the full verification report, figures included, with the digest it verified and the build's phases."""
+    path = run_file_path(dest)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(dump_json({"bundle": dest.name, "digest": digest,
+                                    "timings": {k: round(v, 2) for k, v in timings.items()},
+                                    "verification": {**verification, "digest": digest}}), encoding="utf-8")
+    temporary.replace(path)
+    return path
 
 
 def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFacts]:
@@ -133,13 +163,14 @@ def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFac
             _write(staging / "tokenizer_config.json",
                    dump_json(configs.tokenizer_config(chat.tokenizer_config, chat.template)))
         _write(staging / "chat_template.jinja", chat.template)
+    adapter_base = base_model_id(plan) or plan.spec.name  # what adapter_config.json names as its base
     if plan.concatenation is not None:
         write_concatenated_adapter(plan.concatenation, staging / "adapter")
         _write(staging / "adapter" / "adapter_config.json",
-               dump_json(configs.adapter_config(plan.concatenation.config)))
+               dump_json(configs.adapter_config(plan.concatenation.config, base=adapter_base)))
     elif plan.mode == "separate":
         _write(staging / "adapter" / "adapter_config.json",
-               dump_json(configs.adapter_config(plan.adapters[0].checkpoint.config)))
+               dump_json(configs.adapter_config(plan.adapters[0].checkpoint.config, base=adapter_base)))
     context = build_context(plan, generation=generation, chat=chat)
     for name, content in render_runtime(context).items():
         (staging / name).write_bytes(content)
@@ -159,9 +190,10 @@ def _export_gguf(plan: BuildPlan, staging: Path, chat: ChatFacts, *, progress: P
     export_gguf(plan, staging, chat, {t: staging / name for t, name in names.items()})
 
 
-def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None,
+def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None, strict: bool,
             progress: Progress) -> VerificationReport:
-    """Reload-and-chat verification of the staged bundle; a failed check stops the build (exit 3)."""
+    """Reload-and-chat verification of the staged bundle; a failed check (with strict, also one that did not run)
+    stops the build (exit 3)."""
     spec = plan.spec
     progress("verifying: loading the bundle in a fresh offline process")
     verification = verify_bundle(
@@ -177,7 +209,7 @@ def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | Non
         staged=True,
         progress=progress,
     )
-    message = failure_message(verification)
+    message = failure_message(verification) or (skipped_failure(verification) if strict else None)
     if message:
         raise VerificationError(message, report=verification)
     return verification
@@ -192,13 +224,22 @@ def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance
     """
     spec = plan.spec
     if verification is not None:  # its digest is the placeholder, replaced by the final one by seal() below
-        _write(staging / "verification.json", dump_json(verification))
-    _write(staging / "README.md", render_card(context, verification=verification))
+        _write(staging / "verification.json", dump_json(bundle_record(verification)))
+    # What the final manifest will list: every file now, and the two written below.
+    listed = len({*bundle_files(staging), "README.md", "requirements.txt"})
+    exported = [staging / gguf_path(spec.name, t) for t in spec.export.gguf.types] if spec.export.gguf else []
+    gguf_bytes = {path.name: path.stat().st_size for path in exported if path.is_file()}
+    _write(staging / "README.md", render_card(context, verification=verification, files_listed=listed,
+                                              gguf_bytes=gguf_bytes))
     environment = verification["environment"] if verification else None
     _write(staging / "requirements.txt",
            render_requirements(context, environment=environment, extra_packages=_extra_packages(plan)))
-    offenders = find_machine_paths(staging, [spec.base.path, *(a.path for a in spec.adapter_sources),
-                                             plan.spec_file.parent])
+    offenders = find_machine_paths(staging, machine_paths(
+        [spec.base.path, *(a.path for a in spec.adapter_sources), plan.spec_file.parent,
+         *([spec.tokenizer.path] if spec.tokenizer else []), staging, spec.output.dir],
+        python=verifying_python(spec.verify.python)),
+        # tokenizer_config.json and chat_template.jinja are written again by the build (_write_files): scanned.
+        copied={c.dest for c in plan.copies} - {"tokenizer_config.json", "chat_template.jinja"})
     if offenders:
         raise SourceError("the bundle would name paths of this machine:\n  " + "\n  ".join(offenders))
     write_manifest(staging, provenance, known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()})

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from huggingface_hub import ModelCardData
+from packaging.version import Version
 
+from builder.dtypes import BY_NAME
+from builder.formatting import describe_bytes
 from builder.render import AdapterCardView, RenderContext, render_template
 from builder.report import (
     AnswerParting,
@@ -38,6 +41,28 @@ class ServingSection:
     command: str | None  # None when the runtime cannot serve the bundle (its notes say why)
     ollama_format: str | None  # Ollama with a Modelfile TEMPLATE: the prompt format it was translated from
     notes: list[str]
+    port: int | None
+    model: str | None  # the `model` requests name
+    health: str | None
+    request: str | None
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One way to run the bundle: its weights and the attention cache, as the card's Memory table prints them."""
+
+    variant: str
+    weights: str
+    kv_per_token: str
+    kv_at_context: str
+    total_at_context: str
+
+
+@dataclass(frozen=True)
+class MemorySection:
+    context_length: int | None
+    rows: list[MemoryRow]
+    approximations: list[str]
 
 
 @dataclass(frozen=True)
@@ -124,7 +149,7 @@ class VerificationSection:
     transformers: str
     torch: str
     verdict: str
-    files_checked: int | None  # None when the runtime was told the files were already checked
+    files_listed: int  # every file manifest.json lists, as `modelpack inspect` counts them
     equivalence: EquivalenceLine | None
     gguf: GgufSection | None
     skipped: list[Skipped]
@@ -144,14 +169,15 @@ class CardContext:
     description: str
     separate: bool  # the adapter is kept beside the base weights, else merged into them
     dtype: str
+    dtype_keyword: str  # from_pretrained's dtype argument in the transformers the bundle was verified with
     weight_files: str  # "2 safetensors files"
     weight_size: str
     modelpack_version: str
-    build_date: str
     trust_remote_code: bool
     remote_code_files: str
     intended_use: str | None
     loader_packages: str
+    memory: MemorySection
     serving: list[ServingSection]
     ollama_notes: list[str]
     without_chat_template: bool
@@ -167,13 +193,26 @@ class CardContext:
     limitations: str
 
 
-def render_card(context: RenderContext, *, verification: VerificationReport | None) -> str:
-    """README.md, the model card: what the bundle is, how to load and serve it, its adapters, what verification
-    found, and how to receive it."""
-    return render_template("README.md.jinja", card_context(context, verification=verification))
+# transformers renamed from_pretrained's torch_dtype= to dtype= in 4.56 (torch_dtype= warns in 5).
+DTYPE_KEYWORD_SINCE = Version("4.56")
 
 
-def card_context(context: RenderContext, *, verification: VerificationReport | None) -> CardContext:
+def render_card(context: RenderContext, *, verification: VerificationReport | None, files_listed: int,
+                gguf_bytes: dict[str, int] | None = None) -> str:
+    """README.md, the model card: what the bundle is, how to load, size and serve it, its adapters, what verification
+    found, and how to receive it. files_listed: how many files the final manifest lists; gguf_bytes: the size of each
+    GGUF file (its name in gguf/)."""
+    return render_template("README.md.jinja", card_context(context, verification=verification,
+                                                           files_listed=files_listed, gguf_bytes=gguf_bytes))
+
+
+def dtype_keyword(transformers_version: str) -> str:
+    """`dtype` from transformers 4.56 on, `torch_dtype` before (a Qwen v1 bundle verified on 4.49)."""
+    return "dtype" if Version(transformers_version) >= DTYPE_KEYWORD_SINCE else "torch_dtype"
+
+
+def card_context(context: RenderContext, *, verification: VerificationReport | None,
+                 files_listed: int, gguf_bytes: dict[str, int] | None = None) -> CardContext:
     """The card's rows and sentences: the bundle's facts and, when it was verified, what verification found."""
     card = context.card
     generation = context.generation
@@ -184,14 +223,17 @@ def card_context(context: RenderContext, *, verification: VerificationReport | N
         description=card["description"] or f"A fine-tuned version of {context.base_name} with a LoRA adapter.",
         separate=context.mode == "separate",
         dtype=context.dtype,
+        # The version the bundle was verified with, else the builder's (requirements.txt pins the same one).
+        dtype_keyword=dtype_keyword(verification["environment"]["transformers"] if verification is not None
+                                    else context.transformers_version),
         weight_files=f"{weight_files} safetensors file{'s' if weight_files > 1 else ''}",
         weight_size=context.weight_size,
         modelpack_version=context.modelpack_version,
-        build_date=context.build_date,
         trust_remote_code=context.trust_remote_code,
         remote_code_files=", ".join(context.remote_code_files),
         intended_use=card["intended_use"],
         loader_packages="torch, transformers and peft" if context.mode == "separate" else "torch and transformers",
+        memory=memory_section(context, gguf_bytes or {}),
         serving=serving_sections(context.serving, context.ollama),
         ollama_notes=ollama_notes(context.ollama),
         without_chat_template=not context.has_chat_template,
@@ -202,7 +244,8 @@ def card_context(context: RenderContext, *, verification: VerificationReport | N
         composed_rank=context.composed_rank,
         generation_defaults=", ".join(f"`{key}={value}`" for key, value in generation.items()),
         system_prompt=context.system_prompt,
-        verification=verification_section(verification, context.adapters) if verification is not None else None,
+        verification=(verification_section(verification, context.adapters, files_listed=files_listed)
+                      if verification is not None else None),
         # The digest exists only once manifest.json is final; trust.seal writes it over the placeholder.
         digest=DIGEST_PLACEHOLDER,
         limitations=card["limitations"] or "Not stated in the spec.",
@@ -214,21 +257,47 @@ def front_matter(context: RenderContext) -> str:
     separate = context.mode == "separate"
     return ModelCardData(
         base_model=context.base_model_id,
-        # The Hub's relation names: a separate adapter is an "adapter"; weights with the LoRA merged in are a
-        # fine-tune of the base (the Hub's "merge" means merging several models).
-        base_model_relation=("adapter" if separate else "finetune") if context.base_model_id else None,
-        library_name="peft" if separate else "transformers",
+        # The Hub's relation names: weights with the LoRA merged in are a fine-tune of the base (the Hub's "merge"
+        # means merging several models). A separate bundle's root is the base itself (cast at most), which no
+        # relation names, and its adapter sits in adapter/, not at the root where the Hub's "adapter" relation and
+        # library_name peft would look for adapter_config.json: the root loads with transformers, adapter/ with peft.
+        base_model_relation="finetune" if context.base_model_id and not separate else None,
+        library_name="transformers",
         license=context.card["license"] or "other",
         language=context.card["language"] or None,
-        tags=list(dict.fromkeys([*context.card["tags"], "lora", "modelpack"])),
+        tags=list(dict.fromkeys([*context.card["tags"], "lora", *(["peft"] if separate else []), "modelpack"])),
         pipeline_tag="text-generation",
     ).to_yaml() + "\n"
 
 
+# llama.cpp keeps its attention cache in f16 unless told otherwise (--cache-type-k/-v).
+GGUF_KV_ITEMSIZE = 2
+
+
+def memory_section(context: RenderContext, gguf_bytes: dict[str, int]) -> MemorySection:
+    """Weights plus the attention cache of one sequence, per token and at the model's context length: the bundle's
+    safetensors (cache in its dtype, as vLLM's `--kv-cache-dtype auto` keeps it), then each GGUF file (cache in f16,
+    llama.cpp's default)."""
+    kv = context.kv
+    variants = [(f"safetensors, {context.dtype}", context.weight_bytes, BY_NAME[context.dtype].itemsize)]
+    variants += [(f"`gguf/{name}`", size, GGUF_KV_ITEMSIZE) for name, size in gguf_bytes.items()]
+    rows = []
+    for variant, weights, itemsize in variants:
+        per_token, at_context = kv.bytes_per_token(itemsize), kv.bytes_at_context(itemsize)
+        rows.append(MemoryRow(
+            variant, describe_bytes(weights),
+            describe_bytes(per_token) if per_token is not None else "unknown",
+            describe_bytes(at_context) if at_context is not None else "unknown",
+            describe_bytes(weights + at_context) if at_context is not None else "unknown"))
+    return MemorySection(kv.context_length, rows, list(kv.approximations))
+
+
 def serving_sections(commands: list[ServingCommand], ollama: OllamaTemplate | None) -> list[ServingSection]:
-    """Each runtime's command and notes; Ollama's says what its Modelfile holds when it has a TEMPLATE."""
+    """Each runtime's command, port, request and health check, and notes; Ollama's says what its Modelfile holds
+    when it has a TEMPLATE."""
     translated = ollama.format if ollama is not None and ollama.template is not None else None
-    return [ServingSection(c.runtime, c.command, translated if c.runtime == "Ollama" else None, c.notes)
+    return [ServingSection(c.runtime, c.command, translated if c.runtime == "Ollama" else None, c.notes, c.port,
+                           c.model, c.health, c.request)
             for c in commands]
 
 
@@ -242,7 +311,8 @@ def ollama_notes(ollama: OllamaTemplate | None) -> list[str]:
             "chat template by itself." for note in ollama.notes]
 
 
-def verification_section(report: VerificationReport, adapters: list[AdapterCardView]) -> VerificationSection:
+def verification_section(report: VerificationReport, adapters: list[AdapterCardView], *,
+                         files_listed: int) -> VerificationSection:
     """What verification found, laid out for the card; adapters: the composed ones (empty for one adapter)."""
     prompts, probes = report["prompts"], report["probes"]
     answered = prompts + probes
@@ -253,7 +323,7 @@ def verification_section(report: VerificationReport, adapters: list[AdapterCardV
         transformers=report["environment"]["transformers"],
         torch=report["environment"]["torch"],
         verdict=report_verdict(report),
-        files_checked=report["integrity"]["files"],
+        files_listed=files_listed,
         equivalence=equivalence_line(equivalence) if equivalence is not None else None,
         gguf=gguf_section(gguf) if gguf is not None else None,
         skipped=report["skipped"],

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
 import builder
-from builder.errors import EXIT_INTERRUPTED, ModelpackError, VerificationError
+from builder.errors import EXIT_INTERRUPTED, ModelpackError, SpecError, VerificationError
 from builder.formatting import dump_json
+from builder.json_outputs import JSON_SCHEMA_VERSION
+from builder.runtime.load import DEVICE_PATTERN, DEVICES
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Package a base model and a LoRA adapter into a verified, self-contained bundle.\n\n"
     "Exit codes: 0 success, 1 unexpected error (a bug: please report it), 2 invalid spec or input, "
-    "3 verification failed, 130 interrupted (Ctrl-C).",
+    "3 verification failed (with --strict, also a check that did not run), 130 interrupted (Ctrl-C).",
 )
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only (and the result)")]
 AsJson = Annotated[bool, typer.Option("--json", help="print one JSON result on stdout (errors too)")]
+Strict = Annotated[bool, typer.Option(
+    "--strict", help="a check that did not run (no llama.cpp, no sources, ...) fails verification (exit 3)")]
 
 
 @app.callback(invoke_without_command=True)
@@ -51,7 +56,20 @@ def _console(quiet: bool = False):
 
 
 def _print_json(result: dict) -> None:
-    typer.echo(dump_json(result), nl=False)
+    """One --json result on stdout, with the version of its shape."""
+    typer.echo(dump_json({"schema_version": JSON_SCHEMA_VERSION, **result}), nl=False)
+
+
+def _checked_device(device: str | None, option: str) -> str | None:
+    """A verification device, refused before any work (torch would refuse it only after the model loaded)."""
+    if device is not None and not re.fullmatch(DEVICE_PATTERN, device):
+        raise SpecError(f"{option} {device!r} is not a device: {DEVICES}")
+    return device
+
+
+def _not_run(checks: list[str]) -> str:
+    """The final line's part naming the checks that did not run, so "verified" never hides one."""
+    return f"; not run: {', '.join(checks)} (see the report)" if checks else ""
 
 
 def user_errors_exit(command=None, *, report_is_result: bool = False):
@@ -94,6 +112,7 @@ def init(
         "-o", "--output", help="the spec file to write (default: specs/NAME.yaml)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing spec file")] = False,
     quiet: Quiet = False,
+    as_json: AsJson = False,
 ) -> None:
     """Draft a commented spec from a training run's checkpoint and its base model.
 
@@ -106,6 +125,11 @@ def init(
     console = _console(quiet)
     console.say(f"checkpoint: {draft.checkpoint.path} ({draft.checkpoint.reason})")
     console.say(f"base: {draft.base} ({draft.base_reason})")
+    if as_json:
+        chosen = draft.checkpoint
+        _print_json({"ok": True, "spec": str(draft.spec_file), "base": str(draft.base),
+                     "checkpoint": {"path": str(chosen.path), "rule": chosen.rule, "reason": chosen.reason}})
+        return
     typer.echo(f"wrote {draft.spec_file}; check it, then: modelpack build {draft.spec_file}")
 
 
@@ -135,9 +159,10 @@ def build(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip reload-and-chat verification")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan as tables and write nothing")] = False,
     device: Annotated[str | None, typer.Option(
-        help="verification device: auto | cpu | cuda (default: verify.device)")] = None,
+        help=f"verification device: {DEVICES} (default: verify.device)")] = None,
     merge_device: Annotated[Literal["cpu", "cuda", "auto"] | None, typer.Option(
         help="where the LoRA deltas are computed: cpu | cuda | auto (default: output.merge_device)")] = None,
+    strict: Strict = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -147,8 +172,11 @@ def build(
     """
     from builder.build import build_bundle, plan_from_spec
     from builder.console import build_json, plan_json, plan_tables
-    from builder.report import report_table
+    from builder.report import not_run, report_table
 
+    _checked_device(device, "--device")
+    if strict and no_verify:
+        raise SpecError("--strict needs verification: with --no-verify no check runs")
     plan = plan_from_spec(spec, output_dir=output, merge_device=merge_device)
     console = _console(quiet)
     if dry_run:
@@ -161,15 +189,18 @@ def build(
     for warning in plan.warnings:
         console.say(f"warning: {warning}")
     with console.weights(plan) as weights_progress:
-        result = build_bundle(plan, force=force, verify=not no_verify, device=device, progress=console.say,
-                              weights_progress=weights_progress)
+        result = build_bundle(plan, force=force, verify=not no_verify, device=device, strict=strict,
+                              progress=console.say, weights_progress=weights_progress)
     if as_json:
         _print_json(build_json(result))
         return
     if result.verification:
         console.show(report_table(result.verification))
+    if result.run_file is not None:
+        console.say(f"the run's timings, speed and memory: {result.run_file} (not part of the bundle)")
     verdict = "verified" if result.verification else "not verified (--no-verify)"
-    typer.echo(f"built {result.bundle} in {result.timings['total']:.1f}s, {verdict}; digest {result.digest}")
+    typer.echo(f"built {result.bundle} in {result.timings['total']:.1f}s, {verdict}; digest {result.digest}"
+               f"{_not_run(not_run(result.verification) if result.verification else [])}")
 
 
 @app.command()
@@ -183,12 +214,13 @@ def verify(
     trust_remote_code: Annotated[bool, typer.Option(
         "--trust-remote-code",
         help="allow verification to run the model code the bundle ships (read it first)")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICES)] = "auto",
     python: Annotated[Path | None, typer.Option(
         help="Python interpreter that loads the model (e.g. the deployment's venv/bin/python)")] = None,
     max_memory: Annotated[str | None, typer.Option(
         help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
     report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
+    strict: Strict = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -197,26 +229,30 @@ def verify(
 
     Example: modelpack verify dist/med --digest sha256:3f5c...
     """
-    from builder.report import failure_message, report_table
+    from builder.report import failure_message, not_run, report_table, skipped_failure
     from builder.verify import reverify_bundle
 
+    _checked_device(device, "--device")
     bundle = bundle.resolve()
     console = _console(quiet)
     report = reverify_bundle(bundle, expected_digest=digest, public_key=public_key, trust_remote_code=trust_remote_code,
                              python=python, device=device, max_memory=max_memory, progress=console.say)
     if report_path:
-        report_path.write_text(dump_json(report), encoding="utf-8")
+        try:
+            report_path.write_text(dump_json(report), encoding="utf-8")
+        except OSError as exc:  # the receiver's path, not the bundle's fault: exit 2
+            raise ModelpackError(f"--report {report_path}: cannot write the report there ({exc.strerror})") from exc
     if not as_json:
         console.show(report_table(report))
-    message = failure_message(report)
+    message = failure_message(report) or (skipped_failure(report) if strict else None)
     if message:
         raise VerificationError(message, report=report)
     if as_json:
-        _print_json(dict(report))
+        _print_json({**report, "not_run": not_run(report)})
         return
     anchor = " (signature)" if public_key else " (digest)" if digest else ""
     typer.echo(f"{bundle}: verification passed ({len(report['prompts'])} prompts, {len(report['probes'])} probes), "
-               f"{report['digest']}{anchor}")
+               f"{report['digest']}{anchor}{_not_run(not_run(report))}")
 
 
 @app.command()
@@ -224,6 +260,7 @@ def verify(
 def sign(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
     key: Annotated[Path, typer.Option(help="elliptic-curve private key (PEM) to sign with")],
+    as_json: AsJson = False,
 ) -> None:
     """Sign a bundle offline with OpenSSF model_signing: writes BUNDLE/model.sig over every file.
 
@@ -232,6 +269,9 @@ def sign(
     from builder.trust import bundle_digest, sign_bundle
 
     signature = sign_bundle(bundle.resolve(), key)
+    if as_json:
+        _print_json({"ok": True, "bundle": str(bundle), "digest": bundle_digest(bundle), "signature": str(signature)})
+        return
     typer.echo(f"signed {bundle} ({bundle_digest(bundle)}): {signature}")
 
 
@@ -239,7 +279,7 @@ def sign(
 @user_errors_exit
 def inspect(
     path: Annotated[Path, typer.Argument(help="a base model folder, adapter checkpoint, Trainer output or bundle")],
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of lines")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Say what a folder is and what it holds, from its configs and headers; nothing in it runs.
 
@@ -248,7 +288,10 @@ def inspect(
     from builder.inspection import describe_inspection, inspect_folder
 
     found = inspect_folder(path)
-    typer.echo(dump_json(found.as_json()) if as_json else describe_inspection(found) + "\n", nl=False)
+    if as_json:
+        _print_json(found.as_json())
+        return
+    typer.echo(describe_inspection(found) + "\n", nl=False)
 
 
 @app.command()

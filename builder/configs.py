@@ -67,13 +67,18 @@ def tokenizer_config(config: dict, chat_template: str) -> dict:
     return {**config, "chat_template": chat_template}
 
 
-def adapter_config(config: dict) -> dict:
-    """The separate-mode adapter_config.json: its base is the bundle it sits in, never a training-machine path."""
+def adapter_config(config: dict, *, base: str) -> dict:
+    """The separate-mode adapter_config.json: its base is `base`, never a training-machine path.
+
+    base: the base's Hub id when its config names one, else the bundle's name. Never "..": peft resolves a relative
+    base_model_name_or_path against the working directory, not the adapter folder, so ".." named whatever folder the
+    loader ran in. peft's PeftModel.from_pretrained(base, "NAME/adapter") and vLLM's --lora-modules do not read it.
+    """
     # Keys newer peft writes that older peft (< 0.14) rejects are left out while they hold their default,
     # i.e. while they change nothing; a key that is switched on stays, and old peft refuses it loudly.
     clean = {key: value for key, value in config.items()
              if key in PEFT_0_13_LORA_KEYS or not _is_lora_default(key, value)}
-    clean["base_model_name_or_path"] = ".."
+    clean["base_model_name_or_path"] = base
     clean["inference_mode"] = True
     return clean
 

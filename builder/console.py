@@ -28,6 +28,7 @@ from rich.table import Table
 
 from builder.formatting import describe_bytes
 from builder.plan import BuildPlan, TensorPlan
+from builder.report import not_run
 
 if TYPE_CHECKING:
     from builder.build import BuildResult
@@ -192,6 +193,17 @@ def verification_checks(plan: BuildPlan, *, verification: bool) -> list[tuple[st
     return rows
 
 
+def verification_plan(plan: BuildPlan, *, verification: bool) -> dict:
+    """The checks of verification_checks as data, for `build --dry-run --json`: their names in the order they run,
+    and what they count."""
+    verify, cost = plan.spec.verify, plan.verification_cost
+    checks = ["integrity", "serving", "equivalence", "answers", *(["base"] if verify.compare_base else []),
+              *(["gguf"] if plan.spec.export.gguf is not None else [])]
+    return {"run": verification, "checks": checks if verification else [], "prompts": len(verify.prompts),
+            "probes": len(verify.probes), "max_new_tokens": verify.max_new_tokens, "model_loads": len(cost.loads),
+            "device": verify.device}
+
+
 def _describe_merge(tensor: TensorPlan) -> str:
     parts = [(f"{d.module} lora_bias scale={d.scaling:g}" if d.kind == "bias" else
               f"{d.module} r={d.rank} scale={d.scaling:g}{' DoRA' if d.magnitude is not None else ''}")
@@ -222,19 +234,22 @@ def plan_json(plan: BuildPlan, *, verification: bool) -> dict:
     return {
         "ok": True, "bundle": str(plan.spec.output.dir), "mode": plan.mode,
         "dtype": plan.out_dtype.name,
-        "files": {**{s.filename: s.nbytes for s in plan.shards},
-                  **{c.dest: c.source.stat().st_size for c in plan.copies}},
+        "files": [*({"name": s.filename, "bytes": s.nbytes} for s in plan.shards),
+                  *({"name": c.dest, "bytes": c.source.stat().st_size} for c in plan.copies)],
         "tensors": {"merged": actions.count("merge"), "copied": actions.count("copy"), "cast": actions.count("cast")},
         "skipped_training_files": [p.name for a in plan.adapters for p in a.checkpoint.ignored_files],
         "disk": {"needed": plan.disk_needed, "free": _free_space(plan.spec.output.dir)},
-        "verification": dict(verification_checks(plan, verification=verification)),
+        "verification": verification_plan(plan, verification=verification),
         "warnings": list(plan.warnings),
     }
 
 
 def build_json(result: BuildResult) -> dict:
-    """`build --json`: where the bundle is, its digest, how long each phase took and what verification found."""
+    """`build --json`: where the bundle is, its digest, how long each phase took, what verification found, the
+    checks that did not run and where the run's report was written (build.run_file_path)."""
     return {"ok": True, "bundle": str(result.bundle), "digest": result.digest,
             "timings": {phase: round(seconds, 3) for phase, seconds in result.timings.items()},
             "verified": result.verification is not None, "verification": result.verification,
+            "not_run": not_run(result.verification),
+            "run_file": str(result.run_file) if result.run_file is not None else None,
             "warnings": list(result.plan.warnings)}

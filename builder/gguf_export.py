@@ -1,17 +1,20 @@
 """GGUF export for llama.cpp and Ollama: the bundle's merged weights and whole tokenizer, streamed tensor by tensor.
 
 llama.cpp's own `gguf` library writes the format, names the tensors and quantizes; the metadata and tokenizer fields
-follow llama.cpp's convert_hf_to_gguf.py (conversion/base.py TextModel, llama.py, qwen.py). Where that converter
-and llama.cpp's loader disagree (Qwen v1's norm epsilon), the loader decides, and a comment says so.
+follow llama.cpp's convert_hf_to_gguf.py (conversion/base.py TextModel's shared rules here, each architecture's own
+as its entry in gguf_facts.ARCHITECTURES). Where that converter and llama.cpp's loader disagree (Qwen v1's norm
+epsilon), the loader decides, and a comment says so.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -21,15 +24,19 @@ from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 from builder.chat import ChatFacts
 from builder.errors import SourceError
 from builder.gguf_facts import (
+    EXPERT,
+    NORM_EPSILON_KEYS,
+    GgufArchitecture,
     embedded_chat_template,
     gguf_architecture,
-    gguf_model_arch,
     gguf_tensor_name,
     pre_tokenizer,
     rope_scaling,
     skipped_tensor,
+    stacked_name,
 )
 from builder.plan import BuildPlan
+from builder.render import base_model_id
 from builder.safetensors_io import TensorLocation, read_safetensors_header, read_tensor, read_tensor_rows
 
 # Spec type -> (the tensor type of 2-D weights, the file type recorded in general.file_type).
@@ -41,6 +48,9 @@ GGUF_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
 # Qwen v1's tiktoken pattern is Qwen2's: convert_hf_to_gguf.py hashes its tokenization of a test text to the same
 # value as Qwen1.5's tokenizer (e636dc30...), i.e. "qwen2".
 QWEN_V1_PRE_TOKENIZER = "qwen2"
+# The converter's keys for the expert counts of an MoE, first found wins (TextModel.set_gguf_parameters).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERTS_USED_KEYS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")
 # Qwen v1's special tokens, defined in its tokenization_qwen.py (not in any data file), numbered after the ranks.
 QWEN_V1_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
 # Rotary scaling kinds the converter writes as metadata alone (gguf_facts.METADATA_ROPE_SCALING).
@@ -57,15 +67,15 @@ CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_ctx", "n_positions", "max_l
 
 @dataclass(frozen=True)
 class GgufTensor:
-    """One tensor of the GGUF file: its name there, where its merged values lie (or its computed values), its type,
-    and for Llama's q/k projections the head count whose rotary halves llama.cpp wants interleaved."""
+    """One tensor of the GGUF file: its name there, where its merged values lie (one tensor, or the experts stacked
+    into one) or its computed values, its type, and how the converter changes its values first."""
 
     name: str
     shape: tuple[int, ...]  # Hugging Face (row-major) order; the writer reverses it into GGML's
     qtype: GGMLQuantizationType
-    source: TensorLocation | None = None
+    sources: tuple[TensorLocation, ...] = ()  # more than one: stacked along a new first axis, in order
     values: np.ndarray | None = None  # a tensor the converter computes (Llama 3's rope_freqs)
-    interleave_heads: int | None = None
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -84,45 +94,53 @@ class GgufTensor:
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
-    """The converter's rule: 1-D tensors and norms stay F32 (llama.cpp's kernels expect it); a row length that is
-    no multiple of the quantization block falls back to F16."""
+    """The converter's rule: 1-D tensors, norms and routers stay F32 (llama.cpp's kernels expect it); a row length
+    that is no multiple of the quantization block falls back to F16."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return GGMLQuantizationType.F32
+    if ".ffn_gate_inp." in gguf_name:  # an MoE router: F32 in every file, as llama.cpp's quantizer also keeps it
         return GGMLQuantizationType.F32
     if qtype == GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return GGMLQuantizationType.F16
     return qtype
 
 
-def plan_gguf_tensors(arch: gguf.MODEL_ARCH, config: dict, locations: list[TensorLocation],
+def plan_gguf_tensors(arch: GgufArchitecture, config: dict, locations: list[TensorLocation],
                       qtype: GGMLQuantizationType) -> list[GgufTensor]:
-    """Every tensor of the GGUF file, in the bundle's order, from the merged weights' locations; pure."""
+    """Every tensor of the GGUF file, in the bundle's order, from the merged weights' locations; pure. Published MoE
+    checkpoints store each expert's projections apart (experts.7.gate_proj); llama.cpp wants one 3-D tensor per
+    projection and layer, stacked in expert order, as the converter writes it (at the first expert's place)."""
     tied = bool(config.get("tie_word_embeddings"))
-    tensors = []
+    groups: dict[str, list[TensorLocation]] = {}
     for location in locations:
-        name = gguf_tensor_name(gguf.MODEL_ARCH_NAMES[arch], config, location.name)
-        if skipped_tensor(location.name) or (tied and name == "output.weight"):
+        if skipped_tensor(location.name):
+            continue
+        groups.setdefault(stacked_name(location.name), []).append(location)
+    tensors = []
+    for hf_name, sources in groups.items():
+        name = gguf_tensor_name(arch.name, config, hf_name)
+        if name in arch.dropped or (tied and name == "output.weight"):
             continue  # llama.cpp reads a missing output.weight as tied to token_embd.weight
         if name is None:
-            raise SourceError(f"tensor {location.name!r} has no {gguf.MODEL_ARCH_NAMES[arch]} GGUF name")
-        heads = None
-        if arch == gguf.MODEL_ARCH.LLAMA and name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k"):
-            # Hugging Face's Llama checkpoints keep each head's rotary halves apart (q_proj/k_proj were permuted for
-            # its rotate_half); llama.cpp rotates interleaved pairs, so the converter permutes them back.
-            heads = config["num_attention_heads"]
-            if name.split(".")[2] == "attn_k":
-                heads = config.get("num_key_value_heads") or heads
-        tensors.append(GgufTensor(name, location.shape, tensor_type(name, location.shape, qtype), source=location,
-                                  interleave_heads=heads))
-    scaling = rope_scaling(config, gguf.MODEL_ARCH_NAMES[arch], Path("config.json"))
-    if arch == gguf.MODEL_ARCH.LLAMA and scaling.get("rope_type") == "llama3":
+            raise SourceError(f"tensor {sources[0].name!r} has no {arch.name} GGUF name")
+        if len(sources) > 1:
+            sources.sort(key=expert_index)
+        shape = (len(sources), *sources[0].shape) if len(sources) > 1 else sources[0].shape
+        transform = next((partial(f, config, name) for pattern, f in arch.transforms
+                          if fnmatch.fnmatchcase(name, pattern)), None)
+        tensors.append(GgufTensor(name, shape, tensor_type(name, shape, qtype), sources=tuple(sources),
+                                  transform=transform))
+    scaling = rope_scaling(config, arch, Path("config.json"))
+    if scaling.get("rope_type") == "llama3":  # rope_scaling admits it only where arch.llama3_rope
         factors = llama3_rope_factors(config)
         tensors.insert(0, GgufTensor("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, values=factors))
     return tensors
 
 
-def interleave_rotary_halves(rows: np.ndarray, heads: int) -> np.ndarray:
-    """convert_hf_to_gguf.py LlamaModel.permute: within each head, rows (first half, second half) -> interleaved."""
-    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+def expert_index(location: TensorLocation) -> int:
+    expert = EXPERT.fullmatch(location.name)
+    assert expert is not None
+    return int(expert["index"])
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray:
@@ -149,23 +167,23 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
 
 def converted_blocks(tensor: GgufTensor) -> Iterator[np.ndarray]:
     """The tensor's bytes in the GGUF file, in row blocks: read from the bundle, widened to float32 as the converter
-    does, and converted by gguf.quants (Q8_0 blocks run along rows, so row blocks quantize exactly as a whole)."""
+    does, and converted by gguf.quants (Q8_0 blocks run along rows, so row blocks quantize exactly as a whole, and
+    stacked experts are their sources' bytes one after another)."""
     if tensor.values is not None:
         yield gguf.quants.quantize(tensor.values, tensor.qtype)
         return
-    assert tensor.source is not None
-    source = tensor.source
-    if len(source.shape) < 2 or tensor.interleave_heads:  # small: 1-D, or a q/k projection permuted as a whole
-        values = read_tensor(source).float().numpy()
-        if tensor.interleave_heads:
-            values = interleave_rotary_halves(values, tensor.interleave_heads)
-        yield gguf.quants.quantize(values, tensor.qtype)
-        return
-    row_bytes = 4 * math.prod(source.shape[1:])
-    rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
-    for start in range(0, source.shape[0], rows):
-        block = read_tensor_rows(source, start, min(source.shape[0], start + rows))
-        yield gguf.quants.quantize(block.float().numpy(), tensor.qtype)
+    for source in tensor.sources:
+        if len(source.shape) < 2 or tensor.transform is not None:  # small: 1-D, or transformed as a whole
+            values = read_tensor(source).float().numpy()
+            if tensor.transform is not None:
+                values = tensor.transform(values)
+            yield gguf.quants.quantize(values, tensor.qtype)
+            continue
+        row_bytes = 4 * math.prod(source.shape[1:])
+        rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        for start in range(0, source.shape[0], rows):
+            block = read_tensor_rows(source, start, min(source.shape[0], start + rows))
+            yield gguf.quants.quantize(block.float().numpy(), tensor.qtype)
 
 
 class StreamedTensor:
@@ -303,10 +321,10 @@ def vocabulary_from_tiktoken(ranks: dict[bytes, int], rows: int) -> GgufVocabula
 # --- the file --------------------------------------------------------------------------------------------------
 
 
-def add_model_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, config: dict,
+def add_model_parameters(writer: gguf.GGUFWriter, arch: GgufArchitecture, config: dict,
                          file_type: LlamaFileType) -> None:
-    """The hyperparameters convert_hf_to_gguf.py writes for the architecture (TextModel.set_gguf_parameters and
-    the architecture's own additions)."""
+    """The hyperparameters convert_hf_to_gguf.py writes: TextModel.set_gguf_parameters's, then the architecture
+    entry's own."""
     writer.add_block_count(config["num_hidden_layers"])
     context = next((config[k] for k in CONTEXT_LENGTH_KEYS if config.get(k) is not None), None)
     if context is not None:
@@ -316,7 +334,7 @@ def add_model_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, config:
     writer.add_head_count(config["num_attention_heads"])
     if config.get("num_key_value_heads") is not None:
         writer.add_head_count_kv(config["num_key_value_heads"])
-    scaling = rope_scaling(config, gguf.MODEL_ARCH_NAMES[arch], Path("config.json"))
+    scaling = rope_scaling(config, arch, Path("config.json"))
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in ROPE_SCALING_TYPES:
         writer.add_rope_scaling_type(ROPE_SCALING_TYPES[kind])
@@ -324,25 +342,32 @@ def add_model_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, config:
         if kind == "yarn":
             writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     parameters = config.get("rope_parameters") or {}
-    theta = parameters.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base")))
+    full = parameters.get("full_attention", parameters)  # Gemma 3: global layers' and sliding layers' own
+    theta = full.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base")))
     if theta is not None:
         writer.add_rope_freq_base(theta)
-    if arch == gguf.MODEL_ARCH.QWEN:
-        # Qwen v1's norms are RMS norms under the name layer_norm_epsilon. llama.cpp's qwen loader requires
-        # attention.layer_norm_rms_epsilon (today's converter writes attention.layer_norm_epsilon, which it does not
-        # read; its earlier QwenModel wrote the RMS key, as here).
-        writer.add_layer_norm_rms_eps(config["layer_norm_epsilon"])
-        writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
-    elif config.get("rms_norm_eps") is not None:
-        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if parameters.get("sliding_attention", {}).get("rope_theta") is not None:
+        writer.add_rope_freq_base_swa(parameters["sliding_attention"]["rope_theta"])
+    epsilon = next((config[k] for k in NORM_EPSILON_KEYS[arch.norm] if config.get(k) is not None), None)
+    if epsilon is not None:
+        (writer.add_layer_norm_rms_eps if arch.norm == "rms" else writer.add_layer_norm_eps)(epsilon)
     if config.get("head_dim") is not None:
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
     writer.add_file_type(file_type)
-    if arch == gguf.MODEL_ARCH.LLAMA:
-        writer.add_vocab_size(config["vocab_size"])
+    for key, method in arch.metadata:
+        if config.get(key) is not None:
+            getattr(writer, method)(config[key])
+    experts = next((config[k] for k in EXPERT_COUNT_KEYS if config.get(k) is not None), None)
+    if experts is not None:
+        writer.add_expert_count(experts)
+    used = next((config[k] for k in EXPERTS_USED_KEYS if config.get(k) is not None), None)
+    if used is not None:
+        writer.add_expert_used_count(used)
+    if arch.rope_dimensions:  # GPT-NeoX ropes a part of each head (partial_rotary_factor, formerly rotary_pct)
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        writer.add_rope_dimension_count(head_dim)
+        partial = full.get("partial_rotary_factor", config.get("partial_rotary_factor", config.get("rotary_pct", 1.0)))
+        writer.add_rope_dimension_count(int(partial * head_dim))
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, vocabulary: GgufVocabulary, special: gguf.SpecialVocab,
@@ -360,6 +385,31 @@ def add_tokenizer(writer: gguf.GGUFWriter, vocabulary: GgufVocabulary, special: 
         writer.add_chat_template(chat_template)
 
 
+def add_provenance(writer: gguf.GGUFWriter, plan: BuildPlan) -> None:
+    """general.license, tags, languages and base_model.*, as the converter writes them from a model card
+    (gguf.Metadata), from the spec's card section and the base's Hub id: never a local path, which would name the
+    build machine's folders."""
+    card = plan.spec.card
+    if card.license is not None:
+        writer.add_license(card.license)
+    if card.tags:
+        writer.add_tags(card.tags)
+    if card.language:
+        writer.add_languages(card.language)
+    hub_id = base_model_id(plan)
+    if hub_id is None:
+        return
+    name, organization, _, _, version, _ = gguf.Metadata.get_model_id_components(hub_id)
+    writer.add_base_model_count(1)
+    if name is not None:
+        writer.add_base_model_name(0, gguf.Metadata.id_to_title(name))
+    if organization is not None:
+        writer.add_base_model_organization(0, gguf.Metadata.id_to_title(organization))
+    if version is not None:
+        writer.add_base_model_version(0, version)
+    writer.add_base_model_repo_url(0, f"https://huggingface.co/{hub_id}")
+
+
 def bundle_tensor_locations(plan: BuildPlan, bundle: Path) -> list[TensorLocation]:
     """Where every merged tensor lies in the bundle's own weight files, in writing order."""
     locations = []
@@ -369,12 +419,12 @@ def bundle_tensor_locations(plan: BuildPlan, bundle: Path) -> list[TensorLocatio
     return locations
 
 
-def special_vocabulary(bundle: Path, arch: gguf.MODEL_ARCH, vocabulary: GgufVocabulary) -> gguf.SpecialVocab:
+def special_vocabulary(bundle: Path, arch: GgufArchitecture, vocabulary: GgufVocabulary) -> gguf.SpecialVocab:
     """bos/eos/unk/pad ids and add_bos/add_eos from the bundle's tokenizer and model configs (gguf's SpecialVocab,
     as the converter uses it). Qwen v1 declares none: the converter then names <|endoftext|> for bos and eos, and
     always for unk."""
     special = gguf.SpecialVocab(bundle, load_merges=False, n_vocab=len(vocabulary.tokens))
-    if arch == gguf.MODEL_ARCH.QWEN:
+    if arch.vocabulary == "qwen.tiktoken":
         endoftext = vocabulary.tokens.index("<|endoftext|>")
         if not special.special_token_ids:
             special.special_token_ids.update(bos=endoftext, eos=endoftext)
@@ -382,13 +432,14 @@ def special_vocabulary(bundle: Path, arch: gguf.MODEL_ARCH, vocabulary: GgufVoca
     return special
 
 
-def read_vocabulary(bundle: Path, arch: gguf.MODEL_ARCH, rows: int) -> GgufVocabulary:
-    """The bundle's tokenizer as GGUF vocabulary: tokenizer.json, or Qwen v1's qwen.tiktoken."""
-    if arch == gguf.MODEL_ARCH.QWEN:
+def read_vocabulary(bundle: Path, arch: GgufArchitecture, rows: int) -> GgufVocabulary:
+    """The bundle's tokenizer as GGUF vocabulary, from the file the architecture's entry names."""
+    if arch.vocabulary == "qwen.tiktoken":
         return vocabulary_from_tiktoken(read_tiktoken_ranks(bundle / "qwen.tiktoken"), rows)
     tokenizer_file = bundle / "tokenizer.json"
     tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    return vocabulary_from_tokenizer_json(tokenizer, rows, pre_tokenizer(tokenizer, tokenizer_file), tokenizer_file)
+    pre = pre_tokenizer(tokenizer, tokenizer_file, arch.name)
+    return vocabulary_from_tokenizer_json(tokenizer, rows, pre, tokenizer_file)
 
 
 def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[str, Path]) -> None:
@@ -398,7 +449,7 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
     before any data; then each tensor streams from the bundle's safetensors in row blocks.
     """
     config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))  # as shipped: untied, resized
-    arch = gguf_model_arch(gguf_architecture(config, bundle / "config.json"))
+    arch = gguf_architecture(config, bundle / "config.json")
     locations = bundle_tensor_locations(plan, bundle)
     vocabulary = read_vocabulary(bundle, arch, config["vocab_size"])
     special = special_vocabulary(bundle, arch, vocabulary)
@@ -406,10 +457,11 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
     for gguf_type, out in outputs.items():
         qtype, file_type = GGUF_TYPES[gguf_type]
         out.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
+        writer = gguf.GGUFWriter(out, arch.name)
         try:
             writer.add_type(gguf.GGUFType.MODEL)
             writer.add_name(plan.spec.name)
+            add_provenance(writer, plan)
             add_model_parameters(writer, arch, config, file_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_tokenizer(writer, vocabulary, special, chat_template=template, end_of_turn_id=chat.end_of_turn_id)

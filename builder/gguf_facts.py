@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from builder.chat import QWEN_V1_DEFAULT_SYSTEM, ChatFacts
 from builder.errors import SourceError, SpecError
@@ -20,12 +23,127 @@ if TYPE_CHECKING:
     from builder.sources import BaseModelFolder
     from builder.spec import Spec
 
-# config.json `architectures[0]` -> llama.cpp architecture name (convert_hf_to_gguf.py's registrations).
+
+# A tensor's values as the converter changes them before writing: (config, GGUF name, float32 array) -> array.
+Transform = Callable[[dict, str, Any], Any]
+
+
+def interleave_rotary_halves(rows: Any, heads: int) -> Any:
+    """convert_hf_to_gguf.py LlamaModel.permute: within each head, rows (first half, second half) -> interleaved."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def undo_rotary_halves(config: dict, name: str, rows: Any) -> Any:
+    """"Normal" rope (the converter's LlamaModel.undo_permute): Hugging Face keeps each head's rotary halves apart in
+    q_proj/k_proj rows for its rotate_half, llama.cpp rotates interleaved pairs, so the rows are permuted back."""
+    heads = config["num_attention_heads"]
+    if ".attn_k." in name:
+        heads = config.get("num_key_value_heads") or heads
+    return interleave_rotary_halves(rows, heads)
+
+
+def plus_one(config: dict, name: str, values: Any) -> Any:
+    """Gemma's RMS norms scale by (1 + weight); llama.cpp's by the weight (GemmaModel.modify_tensors)."""
+    return values + 1
+
+
+def qkv_grouped_by_kind(config: dict, name: str, rows: Any) -> Any:
+    """GPT-NeoX's fused query_key_value rows go head by head (q, k, v of head 0, then head 1...); llama.cpp splits
+    the fused tensor into all q, all k, all v (GPTNeoXModel.modify_tensors)."""
+    heads = config["num_attention_heads"]
+    return rows.reshape(heads, 3, rows.shape[0] // heads // 3, *rows.shape[1:]).swapaxes(0, 1).reshape(rows.shape)
+
+
+@dataclass(frozen=True)
+class GgufArchitecture:
+    """What llama.cpp's converter does for one Hugging Face architecture beyond the rules every TextModel shares
+    (conversion/base.py), as data that gguf_export applies; adding an architecture is one entry and one test."""
+
+    name: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
+    vocabulary: str = "tokenizer.json"  # the file the vocabulary is read from; "qwen.tiktoken" is Qwen v1's
+    # GGUF name pattern (fnmatch) -> how the converter changes those tensors' values; the first match applies
+    transforms: tuple[tuple[str, Transform], ...] = ()
+    dropped: tuple[str, ...] = ()  # GGUF names llama.cpp does not load, which the converter leaves out
+    rope_dimensions: bool = False  # rope.dimension_count written: head_dim, or the hidden size over the heads
+    llama3_rope: bool = False  # Llama 3's rope scaling, read by llama.cpp as a rope_freqs tensor
+    norm: str = "rms"  # which epsilon the converter writes: RMS norms' or LayerNorm's (from the config keys below)
+    # config key -> the GGUFWriter method that writes it, when the config sets it (the class's own parameters)
+    metadata: tuple[tuple[str, str], ...] = ()
+    # llama.cpp constants the config must agree with, checked at plan time: (config key, what llama.cpp assumes
+    # given the config, what the sentence names).
+    fixed: tuple[tuple[str, Callable[[dict], object], str], ...] = ()
+
+
+def llama_like(name: str, metadata: tuple[tuple[str, str], ...] = (), **own: Any) -> GgufArchitecture:
+    """An architecture the converter handles as a LlamaModel subclass: its rope layout, parameters and rope_freqs."""
+    return GgufArchitecture(name, transforms=(("blk.*.attn_q.*", undo_rotary_halves),
+                                              ("blk.*.attn_k.*", undo_rotary_halves)),
+                            rope_dimensions=True, llama3_rope=True,
+                            metadata=(("vocab_size", "add_vocab_size"), *metadata), **own)
+
+
+# config.json `architectures[0]` -> its entry (convert_hf_to_gguf.py's registrations: conversion/*.py).
 ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-    "QWenLMHeadModel": "qwen",  # Qwen-7B-Chat (v1, remote code)
+    "Qwen2ForCausalLM": GgufArchitecture("qwen2"),
+    "Qwen3ForCausalLM": GgufArchitecture("qwen3"),
+    "LlamaForCausalLM": llama_like("llama"),
+    "MistralForCausalLM": llama_like("llama"),
+    "SmolLM3ForCausalLM": llama_like(
+        "smollm3",
+        # llama.cpp skips rope in every 4th layer (hparams.n_no_rope_layer_step), whatever the config says.
+        fixed=(("no_rope_layers", lambda c: [int((i + 1) % 4 != 0) for i in range(c["num_hidden_layers"])],
+                "rope in every layer but every 4th"),),
+    ),
+    "GraniteForCausalLM": llama_like(
+        "granite",
+        metadata=(("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
+                  ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale")),
+    ),
+    "MixtralForCausalLM": llama_like("llama"),  # its experts stacked (gguf_export.plan_gguf_tensors)
+    "Qwen3MoeForCausalLM": GgufArchitecture(
+        "qwen3moe", metadata=(("moe_intermediate_size", "add_expert_feed_forward_length"),),
+        # llama.cpp's qwen3moe always renormalises the chosen experts' weights
+        fixed=(("norm_topk_prob", lambda c: True, "the top-k experts' weights renormalised"),),
+    ),
+    "Gemma3ForCausalLM": GgufArchitecture(
+        "gemma3", transforms=(("*_norm.weight", plus_one),),
+        dropped=("output.weight",),  # llama.cpp's Gemma always ties the head to the embedding
+        metadata=(("final_logit_softcapping", "add_final_logit_softcapping"), ("sliding_window", "add_sliding_window")),
+        fixed=(
+            # llama.cpp scales queries by 1/sqrt(head_dim) (the 27B's own rule aside)
+            ("query_pre_attn_scalar", lambda c: c.get("head_dim", 256), "queries scaled by 1/sqrt(head_dim)"),
+            # and without a sliding_window_pattern key makes every 6th layer a global one
+            ("layer_types", lambda c: ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                       for i in range(c["num_hidden_layers"])], "every 6th layer global"),
+        ),
+    ),
+    "GPTNeoXForCausalLM": GgufArchitecture(
+        "gptneox", norm="layer", rope_dimensions=True, transforms=(("blk.*.attn_qkv.*", qkv_grouped_by_kind),),
+        metadata=(("use_parallel_residual", "add_parallel_residual"),),
+    ),
+    # Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are; its LongRoPE (128k)
+    # scaling is refused by rope_scaling.
+    "Phi3ForCausalLM": GgufArchitecture(
+        "phi3", rope_dimensions=True,
+        metadata=(("original_max_position_embeddings", "add_rope_scaling_orig_ctx_len"),
+                  ("sliding_window", "add_sliding_window")),
+    ),
+    "Olmo2ForCausalLM": GgufArchitecture("olmo2"),
+    "Starcoder2ForCausalLM": GgufArchitecture("starcoder2", norm="layer"),
+    # Qwen-7B-Chat (v1, remote code). Its norms are RMS norms under the name layer_norm_epsilon: llama.cpp's qwen
+    # loader requires attention.layer_norm_rms_epsilon (today's converter writes attention.layer_norm_epsilon, which
+    # it does not read; its earlier QwenModel wrote the RMS key, as here). Its rope spans whole heads.
+    "QWenLMHeadModel": GgufArchitecture(
+        "qwen", vocabulary="qwen.tiktoken", rope_dimensions=True,
+        metadata=(("layer_norm_epsilon", "add_layer_norm_rms_eps"),),
+    ),
 }
+# One expert's projection as published MoE checkpoints store it (Qwen3-MoE's mlp.experts.3.gate_proj.weight,
+# Mixtral's block_sparse_moe.experts.3.w1.weight); llama.cpp wants each layer's projections stacked into one 3-D tensor.
+EXPERT = re.compile(r"(?P<layer>.*\.experts)\.(?P<index>\d+)\.(?P<projection>\w+\.weight)")
+# The converter's config keys for a norm's epsilon, first found wins (TextModel.set_gguf_parameters).
+NORM_EPSILON_KEYS = {"rms": ("rms_norm_eps", "norm_eps"), "layer": ("layer_norm_eps", "layer_norm_epsilon",
+                                                                    "norm_epsilon")}
 # Spec type -> (elements per block, bytes per block) of its 2-D weights: gguf.GGML_QUANT_SIZES of F16, BF16, Q8_0
 # (a test holds this table to the library's).
 GGUF_BLOCK_SIZES = {"f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34)}
@@ -70,8 +188,8 @@ def gguf_path(name: str, gguf_type: str) -> str:
     return f"gguf/{name}-{gguf_type}.gguf"
 
 
-def gguf_architecture(config: dict, config_file: Path) -> str:
-    """The llama.cpp architecture name of a Hugging Face config, or a user error naming it and the supported ones."""
+def gguf_architecture(config: dict, config_file: Path) -> GgufArchitecture:
+    """The export's entry for a Hugging Face config, or a user error naming it and the supported ones."""
     architectures = config.get("architectures") or [None]
     name = architectures[0]
     if name not in ARCHITECTURES:
@@ -93,23 +211,25 @@ def refuse_unexportable(spec: Spec, base: BaseModelFolder, *, tensor_names: list
     config_file = base.path / "config.json"
     arch = gguf_architecture(base.config, config_file)
     rope_scaling(base.config, arch, config_file)
-    if arch == "qwen":
-        if "qwen.tiktoken" not in tokenizer_files:
-            raise SourceError(f"base.path {base.path}: Qwen v1's vocabulary is qwen.tiktoken, which is missing; "
-                              "copy it from the original model")
-    elif "tokenizer.json" not in tokenizer_files:
-        raise SourceError(f"base.path {base.path}: the GGUF export reads the vocabulary from tokenizer.json, which the "
-                          "model's tokenizer files lack; save the tokenizer with a fast tokenizer (tokenizer.json)")
-    else:
+    for key, assumed, sentence in arch.fixed:
+        if key in base.config and base.config[key] != assumed(base.config):
+            raise SourceError(f"{config_file}: {key} is {base.config[key]}, and llama.cpp's {arch.name} assumes "
+                              f"{sentence} ({assumed(base.config)}); remove `export.gguf` from the spec")
+    if arch.vocabulary not in tokenizer_files:
+        raise SourceError(f"base.path {base.path}: the {arch.name} GGUF export reads the vocabulary from "
+                          f"{arch.vocabulary}, which the model's tokenizer files lack; save the tokenizer with it "
+                          "(a fast tokenizer's tokenizer.json, or the original model's file)")
+    if arch.vocabulary == "tokenizer.json":
         tokenizer_file = tokenizer_files["tokenizer.json"]
-        pre_tokenizer(json.loads(tokenizer_file.read_text(encoding="utf-8")), tokenizer_file)
-    unknown = [n for n in tensor_names if gguf_tensor_name(arch, base.config, n) is None and not skipped_tensor(n)]
+        pre_tokenizer(json.loads(tokenizer_file.read_text(encoding="utf-8")), tokenizer_file, arch.name)
+    unknown = [n for n in tensor_names
+               if gguf_tensor_name(arch.name, base.config, stacked_name(n)) is None and not skipped_tensor(n)]
     if unknown:
-        raise SourceError(f"{config_file}: tensor {unknown[0]!r} has no {arch} GGUF name "
+        raise SourceError(f"{config_file}: tensor {unknown[0]!r} has no {arch.name} GGUF name "
                           f"({len(unknown)} such tensors); remove `export.gguf` from the spec")
 
 
-def pre_tokenizer(tokenizer: dict, tokenizer_file: Path) -> str:
+def pre_tokenizer(tokenizer: dict, tokenizer_file: Path, arch: str) -> str:
     """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, recognised from its structure in
     tokenizer.json: GPT-2's ByteLevel regex, or a Split regex llama.cpp implements followed by ByteLevel."""
     model = tokenizer.get("model") or {}
@@ -127,23 +247,25 @@ def pre_tokenizer(tokenizer: dict, tokenizer_file: Path) -> str:
                 return name
     found = f"model {model.get('type')!r}, pre_tokenizer {json.dumps(step, ensure_ascii=False)[:300]}"
     raise SourceError(
-        f"{tokenizer_file}: the GGUF export knows byte-level BPE tokenizers split like GPT-2, Qwen2 or Llama 3, and "
-        f"this one has {found}; llama.cpp would tokenize it differently, so remove `export.gguf` from the spec"
+        f"{tokenizer_file}: the {arch} GGUF export needs a byte-level BPE tokenizer whose pre-tokenizer llama.cpp "
+        f"names (GPT-2's, Qwen2's or Llama 3's split), and this one has {found}; llama.cpp would tokenize it "
+        "differently, so remove `export.gguf` from the spec"
     )
 
 
-def rope_scaling(config: dict, arch: str, config_file: Path) -> dict:
+def rope_scaling(config: dict, arch: GgufArchitecture, config_file: Path) -> dict:
     """The config's rotary scaling parameters ({} when none); kinds llama.cpp has no reading for are refused."""
     parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    parameters = parameters.get("full_attention", parameters)  # Gemma 3's global layers (as the converter reads it)
     kind = parameters.get("rope_type", parameters.get("type"))
     if kind in (None, "default"):
         return {}
     if kind in METADATA_ROPE_SCALING and parameters.get("factor") is not None:
         return parameters
-    if kind == "llama3" and arch == "llama":
+    if kind == "llama3" and arch.llama3_rope:
         return parameters
-    raise SourceError(f"{config_file}: rope scaling {kind!r} has no GGUF export in modelpack (it exports linear, yarn "
-                      "and Llama 3's); remove `export.gguf` from the spec")
+    raise SourceError(f"{config_file}: rope scaling {kind!r} has no {arch.name} GGUF export in modelpack (it exports "
+                      "linear, yarn and, for Llama-like architectures, Llama 3's); remove `export.gguf` from the spec")
 
 
 def gguf_tensor_name(arch: str, config: dict, name: str) -> str | None:
@@ -163,6 +285,13 @@ def gguf_model_arch(arch: str):
     import gguf
 
     return next(member for member, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+
+
+def stacked_name(name: str) -> str:
+    """The name of the tensor a published MoE checkpoint's per-expert projection is stacked into (the converter's,
+    without the expert index); any other name unchanged."""
+    expert = EXPERT.fullmatch(name)
+    return f"{expert['layer']}.{expert['projection']}" if expert else name
 
 
 def skipped_tensor(name: str) -> bool:

@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from builder.chat import CHAT_FORMAT_END_OF_TURN, end_of_turn_token
 from builder.errors import SourceError
@@ -76,6 +77,8 @@ class ChosenCheckpoint:
 
     path: Path
     reason: str
+    # The rule that chose it, for scripts: given | best_model_checkpoint | only | last
+    rule: Literal["given", "best_model_checkpoint", "only", "last"] = "given"
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,23 @@ class Inspection:
     adapter: AdapterInspection | None = None
     bundle: BundleInspection | None = None
     checkpoints: list[str] | None = None  # a Trainer output's checkpoint-N folders
-    chosen_checkpoint: str | None = None  # the one `modelpack init` would package, and why
+    chosen_checkpoint: ChosenCheckpoint | None = None  # the one `modelpack init` would package, and why
 
     def as_json(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        """`inspect --json`: the facts as data; files whose order or name matters as lists of {name, bytes}."""
+        found = {key: value for key, value in asdict(self).items() if value is not None}
+        if self.model is not None:
+            found["model"]["weight_files"] = _sized(self.model.weight_files)
+        if self.adapter is not None:
+            found["adapter"]["training_leftovers"] = _sized(self.adapter.training_leftovers)
+        if self.chosen_checkpoint is not None:
+            chosen = self.chosen_checkpoint
+            found["chosen_checkpoint"] = {"name": chosen.path.name, "rule": chosen.rule, "reason": chosen.reason}
+        return {"ok": True, **found}
+
+
+def _sized(files: dict[str, int]) -> list[dict]:
+    return [{"name": name, "bytes": size} for name, size in files.items()]
 
 
 def inspect_folder(path: Path) -> Inspection:
@@ -106,7 +122,7 @@ def inspect_folder(path: Path) -> Inspection:
     if checkpoints:
         chosen = choose_checkpoint(path)
         return Inspection(shown, "Trainer output", adapter=inspect_adapter(_read_adapter(chosen.path)),
-                          checkpoints=checkpoints, chosen_checkpoint=f"{chosen.path.name} ({chosen.reason})")
+                          checkpoints=checkpoints, chosen_checkpoint=chosen)
     if (path / "config.json").is_file():
         return Inspection(shown, "base model", model=model_facts(read_base_model(path)))
     raise SourceError(f"{path} is not a model folder (config.json), an adapter checkpoint (adapter_config.json), a "
@@ -120,7 +136,7 @@ def choose_checkpoint(folder: Path) -> ChosenCheckpoint:
         raise SourceError(f"checkpoint {folder}: folder not found; give the folder holding adapter_config.json "
                           "(e.g. output/checkpoint-1560) or the Trainer output folder above it")
     if (folder / "adapter_config.json").is_file():
-        return ChosenCheckpoint(folder, "the folder given")
+        return ChosenCheckpoint(folder, "the folder given", "given")
     steps = {int(m.group(1)): p for p in folder.iterdir()
              if (m := CHECKPOINT_FOLDER.match(p.name)) and (p / "adapter_config.json").is_file()}
     if not steps:
@@ -132,15 +148,20 @@ def choose_checkpoint(folder: Path) -> ChosenCheckpoint:
         state = read_json(state_file) if state_file.is_file() else {}
         best = state.get("best_model_checkpoint")
         # Recorded as a path of the training machine: its last component names the folder here.
-        best_folder = folder / Path(str(best)).name if best else None
+        best_folder = folder / Path(best).name if isinstance(best, str) and best and "\0" not in best else None
         if best_folder is not None and best_folder in steps.values():
             metric = state.get("best_metric")
-            measured = f", best_metric {metric:g}" if isinstance(metric, int | float) else ""
+            measured = f", best_metric {_metric_text(metric)}" if isinstance(metric, int | float) else ""
             return ChosenCheckpoint(best_folder, f"the best of {count} by {state_file.relative_to(folder)} "
-                                                 f"(best_model_checkpoint{measured})")
+                                                 f"(best_model_checkpoint{measured})", "best_model_checkpoint")
     if len(steps) == 1:
-        return ChosenCheckpoint(last, "the only checkpoint")
-    return ChosenCheckpoint(last, f"the last of {count} (highest step); trainer_state.json names no best checkpoint")
+        return ChosenCheckpoint(last, "the only checkpoint", "only")
+    return ChosenCheckpoint(last, f"the last of {count} (highest step); trainer_state.json names no best checkpoint",
+                            "last")
+
+
+def _chosen(chosen: ChosenCheckpoint | None) -> str:
+    return f"{chosen.path.name} ({chosen.reason})" if chosen is not None else ""
 
 
 def _read_adapter(path: Path) -> AdapterCheckpoint:
@@ -234,6 +255,14 @@ def lora_forms(adapter: AdapterCheckpoint) -> list[str]:
     return forms
 
 
+def _metric_text(metric: int | float) -> str:
+    """A recorded metric as `init` writes it into a comment: any number a JSON file holds, never an error."""
+    try:
+        return f"{float(metric):g}"
+    except OverflowError:  # an integer beyond any float (and beyond str()'s digit limit)
+        return "beyond any float"
+
+
 def _inspect_bundle(path: Path) -> Inspection:
     manifest = read_manifest(path)
     integrity = check_integrity(path)
@@ -282,7 +311,7 @@ def describe_inspection(found: Inspection) -> str:
                  ("digest", b.digest), ("signed", "yes (model.sig)" if b.signed else "no"),
                  ("verification", b.verification), ("model code", ", ".join(b.model_code) or "none")]
     if found.checkpoints:
-        rows += [("checkpoints", ", ".join(found.checkpoints)), ("init would use", found.chosen_checkpoint or "")]
+        rows += [("checkpoints", ", ".join(found.checkpoints)), ("init would use", _chosen(found.chosen_checkpoint))]
     if found.model:
         m = found.model
         rows += [

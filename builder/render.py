@@ -3,7 +3,6 @@ the Jinja environment every template prints in (the card's rows are card.py's)."
 
 from __future__ import annotations
 
-import datetime
 import importlib.resources
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
@@ -30,6 +29,7 @@ from builder.serving import (
     render_modelfile,
     serving_commands,
 )
+from builder.sizing import KvCache, kv_cache
 from builder.spec import hub_model_id
 from builder.trust import BUNDLE_RUNTIME
 
@@ -87,8 +87,10 @@ class RenderContext:
     composed_rank: int | None  # separate mode with several adapters: the concatenated adapter's rank
     weight_files: list[str]
     weight_size: str
+    weight_bytes: int
+    kv: KvCache  # the attention cache per token and the context length, from config.json
     modelpack_version: str
-    build_date: str
+    transformers_version: str  # the builder's: what an unverified bundle's requirements.txt pins
     serving: list[ServingCommand]
     ollama: OllamaTemplate | None  # with a GGUF export: the Modelfile's TEMPLATE, or why it has none
     modelfile: str | None  # gguf/Modelfile, with a GGUF export
@@ -128,16 +130,21 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
     # GGUF files are exported from merged weights only.
     gguf_types = spec.export.gguf.types if spec.export.gguf is not None and spec.output.mode == "merge" else []
     ollama = ollama_template(chat, generation) if gguf_types else None
+    kv = kv_cache(plan.base.config)
     modelfile = render_modelfile(
         name=spec.name, gguf_type=gguf_types[0], template=ollama, chat=chat, generation=generation,
         system_prompt=spec.chat.system_prompt, modelpack_version=builder.__version__,
+        license=spec.card.license or "other", context_length=kv.context_length,
     ) if ollama is not None else None
     served = ServedBundle(
-        name=spec.name, folder=spec.output.dir.name, mode=spec.output.mode, trust_remote_code=trust_remote_code,
+        name=spec.name, mode=spec.output.mode, trust_remote_code=trust_remote_code,
         has_chat_template=chat.template is not None,
         max_lora_rank=composed_rank or max(f.max_rank for f in facts),
         gguf_files=[gguf_file_name(spec.name, t) for t in gguf_types], has_modelfile=modelfile is not None,
         gguf_has_chat_template=bool(gguf_types) and embedded_chat_template(chat, generation) is not None,
+        context_length=kv.context_length, max_new_tokens=generation.get("max_new_tokens"),
+        system_prompt=spec.chat.system_prompt,
+        example_prompt=next((p.prompt for p in (*spec.verify.prompts, *spec.verify.probes)), "Hello"),
     )
     return RenderContext(
         name=spec.name,
@@ -162,8 +169,10 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
         weight_files=[s.filename for s in plan.shards],
         weight_size=(f"{plan.weight_bytes / 1e9:.2f} GB" if plan.weight_bytes >= 1e8
                      else f"{plan.weight_bytes / 1e6:.1f} MB"),
+        weight_bytes=plan.weight_bytes,
+        kv=kv,
         modelpack_version=builder.__version__,
-        build_date=datetime.date.today().isoformat(),
+        transformers_version=metadata.version("transformers"),
         serving=serving_commands(served),
         ollama=ollama,
         modelfile=modelfile,

@@ -146,7 +146,10 @@ class GgufFile(TypedDict):
     file: str  # relative to the bundle: gguf/NAME-<type>.gguf
     type: str
     exact: bool  # the file holds the bundle's own dtype: every answer must equal the bundle's but at a near tie
-    load_seconds: float
+    load_seconds: NotRequired[float]  # a run's figure: left out of the bundle's verification.json (bundle_record)
+    # llama.cpp's ids for gguf_check.PROBE_TEXT against the bundle tokenizer's (a wrong pre-tokenizer shows here);
+    # absent in reports of modelpack versions before the check
+    tokenization: NotRequired[TokenDifference | None]
     answers: list[GgufAnswer]  # the verification prompts, then the probes
     ok: bool
 
@@ -168,8 +171,8 @@ class Skipped(TypedDict):
 
 
 @with_config(_STRICT)
-class RuntimeReport(TypedDict):
-    """What the bundle's own `load.py --verify` writes."""
+class _Answers(TypedDict):
+    """What every verification report holds: the checks of the bundle's own runtime and its answers."""
 
     bundle: str
     ok: bool
@@ -178,19 +181,36 @@ class RuntimeReport(TypedDict):
     prompts: list[PromptResult]
     probes: list[PromptResult]
     environment: dict[str, Any]  # package -> version, and `imports`: import name -> [distribution, version]
+
+
+@with_config(_STRICT)
+class RuntimeReport(_Answers):
+    """What the bundle's own `load.py --verify` writes."""
+
     runtime: Runtime
 
 
 @with_config(_STRICT)
-class VerificationReport(RuntimeReport):
-    """verification.json: the runtime's report plus what modelpack checked around it."""
+class VerificationReport(_Answers):
+    """verification.json: the runtime's report plus what modelpack checked around it.
 
+    The bundle's own copy (bundle_record) leaves out `runtime` and every other figure of the run (seconds, speed,
+    memory), so that its bytes, and the bundle digest, depend only on the inputs and the software.
+    """
+
+    format_version: NotRequired[int]  # BUNDLE_RECORD_VERSION in a bundle's copy; absent in a run's full report
+    runtime: NotRequired[Runtime]  # a run's figures: in every run's report, never in the bundle's copy
     digest: str  # the bundle digest (sha256 of manifest.json); the placeholder until the build seals the bundle
     remote_code: dict[str, str]  # model code the bundle runs, name -> sha256
     skipped: list[Skipped]
     equivalence: NotRequired[Equivalence]
     gguf: NotRequired[GgufCheck]  # when the bundle has GGUF files and llama-cpp-python is installed
 
+
+# verification.json's format: 2 since its run figures left it (bundles before that carry no schema_version).
+BUNDLE_RECORD_VERSION = 2
+# Figures that change from run to run (timings, speed, memory): a run's report holds them, the bundle's never.
+RUN_FIGURES = ("seconds", "peak_rss_gb")
 
 _RUNTIME = TypeAdapter(RuntimeReport)
 _EQUIVALENCE = TypeAdapter(EquivalenceReport)
@@ -251,6 +271,23 @@ def verification_report(runtime: RuntimeReport, *, files: FilesCheck, digest: st
     return report
 
 
+def bundle_record(report: VerificationReport) -> VerificationReport:
+    """The bundle's verification.json: the report without the run's figures (`runtime`, the equivalence process's
+    seconds and memory, each GGUF file's load time), with its format's version. Two builds of one spec give the same
+    bytes; the figures stay in the run's report (build's run file, --json, verify --report)."""
+    record: VerificationReport = {"format_version": BUNDLE_RECORD_VERSION,
+                                  **{k: v for k, v in report.items() if k != "runtime"}}  # type: ignore[typeddict-item]
+    equivalence = report.get("equivalence")
+    if equivalence is not None:
+        record["equivalence"] = {k: v for k, v in equivalence.items()  # type: ignore[typeddict-item]
+                                 if k not in RUN_FIGURES}
+    gguf = report.get("gguf")
+    if gguf is not None:
+        record["gguf"] = {**gguf, "files": [{k: v for k, v in f.items() if k != "load_seconds"}  # type: ignore
+                                            for f in gguf["files"]]}
+    return record
+
+
 def _beside_reference(result: PromptResult, equivalence: EquivalenceReport | None) -> PromptResult:
     """A bundle's answer with the reference's answers to the same prompt: the base alone, each adapter alone."""
     prompt = result["prompt"]
@@ -296,9 +333,26 @@ def failure_message(report: VerificationReport) -> str | None:
     if gguf:
         bundle_answers = {r["prompt"]: r["answer"] for r in report["prompts"] + report["probes"]}
         for file in gguf["files"]:
+            if (tokens := file.get("tokenization")) is not None:
+                lines.append(f"gguf: {file['file']}: llama.cpp's tokens of the probe text differ from the bundle "
+                             f"tokenizer's from token {tokens['position']} ({tokens['gguf']!r} instead of "
+                             f"{tokens['bundle']!r}): the file's vocabulary or pre-tokenizer is not the bundle's")
             for answer in file["answers"]:
                 lines += gguf_problems(file, answer, bundle_answers.get(answer["prompt"], ""))
     return "verification failed:\n  " + "\n  ".join(lines) if lines else None
+
+
+def skipped_failure(report: VerificationReport) -> str | None:
+    """--strict: the checks that did not run, each with its reason, as a verification failure; None if all ran."""
+    if not report["skipped"]:
+        return None
+    return "verification failed (--strict: every check must run):\n  " + "\n  ".join(
+        f"{s['check']} did not run: {s['reason']}" for s in report["skipped"])
+
+
+def not_run(report: VerificationReport | None) -> list[str]:
+    """The checks that did not run, in the report's order; every check when there was no verification."""
+    return ["verification"] if report is None else [s["check"] for s in report["skipped"]]
 
 
 def gguf_problems(file: GgufFile, answer: GgufAnswer, bundle_answer: str) -> list[str]:
@@ -396,10 +450,12 @@ def report_table(report: VerificationReport) -> Table:
     if gguf:
         table.add_row("gguf", "",
                       f"{gguf['runtime']}, {gguf['threads']} threads, greedy, each file's own chat template")
-    runtime = report["runtime"]
-    spread = ", ".join(f"{device}: {count / 1e6:.1f}M" for device, count in runtime["placement"]["parameters"].items())
-    table.add_row("runtime", "",
-                  f"loaded in {runtime['load_seconds']}s, {answer_speed(runtime)}; parameters on {spread}")
+    runtime = report.get("runtime")
+    if runtime is not None:  # a bundle's verification.json holds no run figures (bundle_record)
+        spread = ", ".join(f"{device}: {count / 1e6:.1f}M"
+                           for device, count in runtime["placement"]["parameters"].items())
+        table.add_row("runtime", "",
+                      f"loaded in {runtime['load_seconds']}s, {answer_speed(runtime)}; parameters on {spread}")
     for skipped in report["skipped"]:
         table.add_row(skipped["check"], "skipped", skipped["reason"])
     for kind, results in (("prompt", report["prompts"]), ("probe", report["probes"])):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,13 @@ def find_base(adapter: AdapterCheckpoint, base_option: Path | None) -> tuple[Pat
         return base_option, "from --base"
     recorded = adapter.config.get("base_model_name_or_path")
     where = adapter.path / "adapter_config.json"
-    if recorded and (Path(recorded).expanduser() / "config.json").is_file():
-        return Path(recorded).expanduser(), f"recorded in {where.name}"
+    try:
+        local = Path(recorded).expanduser() if recorded else None
+    except RuntimeError:  # `~someone/...` of a user this machine does not have
+        raise SourceError(f"{where} records the base {recorded!r}, whose `~` names no user on this machine; give "
+                          "the base model's folder with --base PATH") from None
+    if local is not None and (local / "config.json").is_file():
+        return local, f"recorded in {where.name}"
     if recorded and hub_model_id(recorded):
         raise SourceError(f"{where} names the Hub model {recorded!r}, and modelpack reads local folders only: download "
                           f"it (huggingface-cli download {recorded} --local-dir DIR) and give --base DIR")
@@ -92,8 +98,12 @@ def draft_spec(checkpoint: Path, *, base: Path | None = None, spec_file: Path | 
 def write_draft(draft: Draft, *, force: bool = False) -> None:
     if draft.spec_file.exists() and not force:
         raise OutputError(f"{draft.spec_file} already exists; choose another file with -o, or replace it with --force")
-    draft.spec_file.parent.mkdir(parents=True, exist_ok=True)
-    draft.spec_file.write_text(draft.text, encoding="utf-8")
+    try:
+        draft.spec_file.parent.mkdir(parents=True, exist_ok=True)
+        draft.spec_file.write_text(draft.text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{draft.spec_file}: cannot write the drafted spec there ({exc.strerror})",
+                          path=draft.spec_file, errno=exc.errno) from exc
 
 
 def _tokenizer_near(checkpoint: Path) -> TokenizerFolder | None:
@@ -138,8 +148,8 @@ def spec_text(name: str, spec_file: Path, adapter: AdapterCheckpoint, base: Base
     system_prompt = _template_system_prompt(tokenizer or adapter, base)
     targets_text = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     out = [
-        f"# Drafted by `modelpack init` from {relative(adapter.path)}: LoRA r={config.get('r', 8)}, "
-        f"alpha={config.get('lora_alpha', 8)} on {targets_text}.",
+        _comment(f"# Drafted by `modelpack init` from {relative(adapter.path)}: LoRA r={config.get('r', 8)}, "
+                 f"alpha={config.get('lora_alpha', 8)} on {targets_text}."),
         "# Paths are relative to this file. Read every value, then: modelpack build " + spec_file.as_posix(),
         f"name: {_yaml(name)}",
         "base:",
@@ -257,8 +267,19 @@ def _yaml(value: object) -> str:
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
 
+def _comment(text: str) -> str:
+    """Text from the checkpoint made safe for a YAML comment: a line break in it (YAML also breaks lines at NEL,
+    LS and PS) would start a line of YAML, i.e. a key; every control or bidi character is written escaped."""
+    return "".join(c if c.isprintable() and unicodedata.bidirectional(c) not in _BIDI_CONTROLS
+                   else repr(c)[1:-1] for c in text)
+
+
+_BIDI_CONTROLS = {"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
+
+
 def _line(text: str, comment: str) -> str:
     """A value with its comment beside it, or above it when together they would run past a screen's width."""
+    comment = _comment(comment)
     line = f"{text:<{COMMENT_COLUMN}}# {comment}" if len(text) < COMMENT_COLUMN else f"{text}  # {comment}"
     if len(line) <= MAX_LINE:
         return line

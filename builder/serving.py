@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,12 +269,17 @@ def gguf_file_name(name: str, gguf_type: str) -> str:
 
 
 def render_modelfile(*, name: str, gguf_type: str, template: OllamaTemplate, chat: ChatFacts, generation: dict,
-                     system_prompt: str | None, modelpack_version: str) -> str:
-    """gguf/Modelfile: the first GGUF export with the bundle's prompt format, system prompt, stops and sampling."""
+                     system_prompt: str | None, modelpack_version: str, license: str = "other",
+                     context_length: int | None = None) -> str:
+    """gguf/Modelfile: the first GGUF export with the bundle's license id, prompt format, system prompt, stops,
+    sampling and context length."""
     lines = [
         f"# Ollama Modelfile for {name}, written by modelpack {modelpack_version}.",
         f"# ollama create {name} -f Modelfile   (FROM is relative to this file's folder)",
         f"FROM ./{gguf_file_name(name, gguf_type)}",
+        "",
+        "# The model card's license id (README.md's front matter).",
+        f"LICENSE {modelfile_value(license)}",
         "",
     ]
     if template.template is not None:
@@ -300,6 +306,11 @@ def render_modelfile(*, name: str, gguf_type: str, template: OllamaTemplate, cha
         lines += _comment(f"eos id(s) {', '.join(map(str, unnamed))} have no name in the tokenizer files; llama.cpp "
                           "stops at the GGUF's own end-of-generation tokens.")
     lines += [f"PARAMETER stop {modelfile_value(stop)}" for stop in stops]
+    if context_length:
+        lines += _comment(f"The model's context ({context_length} tokens, config.json): Ollama's default num_ctx "
+                          "(2048 or 4096 by version) would silently cut longer conversations. Lower it where memory is "
+                          "short (the card's Memory section gives the cache per token).")
+        lines.append(f"PARAMETER num_ctx {context_length}")
     parameters, comment = sampling_parameters(generation)
     lines += _comment(comment + ".")
     lines += [f"PARAMETER {key} {value:g}" if isinstance(value, float) else f"PARAMETER {key} {value}"
@@ -315,8 +326,9 @@ def _comment(*paragraphs: str) -> list[str]:
 class ServedBundle:
     """What the serving commands depend on."""
 
-    name: str  # the spec's name: the served model's name, and the GGUF files'
-    folder: str  # the bundle folder's name (the output folder may be named otherwise)
+    # The spec's name: the served model's name, the GGUF files', and the bundle folder's in the commands. Not the
+    # output folder's, which a build may name otherwise: the bundle's bytes depend only on its inputs.
+    name: str
     mode: str  # "merge" | "separate"
     trust_remote_code: bool
     has_chat_template: bool
@@ -324,6 +336,10 @@ class ServedBundle:
     gguf_files: list[str]  # file names in gguf/, the Modelfile's first
     gguf_has_chat_template: bool  # tokenizer.chat_template is in the GGUF files
     has_modelfile: bool
+    context_length: int | None  # config.json's positions: the servers' --max-model-len / -c
+    max_new_tokens: int | None  # generation_config.json's, which vLLM makes every request's default max_tokens
+    system_prompt: str | None  # the spec's chat.system_prompt, sent by the example request
+    example_prompt: str  # the first verification prompt: the example request asks it
 
 
 @dataclass(frozen=True)
@@ -331,11 +347,33 @@ class ServingCommand:
     runtime: str
     command: str | None  # run from the folder that holds the bundle; None when the runtime cannot serve it
     notes: list[str]
+    port: int | None = None  # where it listens (the runtime's own default, written out in the command)
+    model: str | None = None  # the `model` of a request, as the server names the bundle (or its adapter)
+    health: str | None = None  # a command that exits 0 once the server is ready
+    request: str | None = None  # a curl of its OpenAI-compatible /v1/chat/completions
+
+
+def chat_request(model: str, bundle: ServedBundle) -> dict:
+    """An OpenAI chat-completions request body: the bundle's system prompt, its first verification prompt, and
+    max_tokens said outright (vLLM would otherwise take generation_config.json's max_new_tokens as the limit)."""
+    system = [{"role": "system", "content": bundle.system_prompt}] if bundle.system_prompt else []
+    return {"model": model, "messages": [*system, {"role": "user", "content": bundle.example_prompt}],
+            "max_tokens": max(bundle.max_new_tokens or 0, 512)}
+
+
+def _curl(port: int, model: str, bundle: ServedBundle) -> str:
+    body = json.dumps(chat_request(model, bundle), ensure_ascii=False)
+    return (f"curl -s http://localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(body)}")
+
+
+def _health(port: int, path: str = "/health") -> str:
+    return f"curl -sf http://localhost:{port}{path}"
 
 
 def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
     """The command line of each runtime that can serve the bundle, run from the folder that holds it."""
-    name, folder = bundle.name, f"./{bundle.folder}"
+    name, folder = bundle.name, f"./{bundle.name}"
     remote = " --trust-remote-code" if bundle.trust_remote_code else ""
     separate = bundle.mode == "separate"
     template_note = ([] if bundle.has_chat_template else [
@@ -343,9 +381,17 @@ def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
         "(`--chat-template FILE`); the completions endpoint works without"])
     commands = []
 
-    vllm: str | None = f"vllm serve {folder}{remote}"
+    context = f" --max-model-len {bundle.context_length}" if bundle.context_length else ""
+    # Separate mode: requests name the adapter `name`; the base alone answers as name-base.
+    served_as = f"{name}-base" if separate else name
+    vllm: str | None = f"vllm serve {folder} --served-model-name {served_as} --port 8000{context}{remote}"
     vllm_notes = ["vLLM reads `generation_config.json` for its default sampling and stop tokens "
                   "(`--generation-config vllm` ignores it)", *template_note]
+    if bundle.max_new_tokens:
+        vllm_notes.insert(0, f"vLLM makes `generation_config.json`'s `max_new_tokens` ({bundle.max_new_tokens}) the "
+                             "default `max_tokens` of every request that gives none, so answers stop there: send "
+                             "`max_tokens` (the example does), or start it with `--override-generation-config "
+                             "'{\"max_new_tokens\": N}'`")
     if separate:
         rank = vllm_max_lora_rank(bundle.max_lora_rank)
         if rank is None:
@@ -357,28 +403,42 @@ def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
             vllm = f"{vllm} --enable-lora --lora-modules {name}={folder}/adapter --max-lora-rank {rank}"
             vllm_notes.insert(0, f"requests name the model `{name}` to use the adapter (rank {bundle.max_lora_rank}, "
                                  f"served with --max-lora-rank {rank}, the smallest vLLM accepts that holds it)")
-    commands.append(ServingCommand("vLLM", vllm, vllm_notes))
+    commands.append(ServingCommand("vLLM", vllm, vllm_notes, 8000, name, _health(8000), _curl(8000, name, bundle))
+                    if vllm is not None else ServingCommand("vLLM", None, vllm_notes))
 
-    sglang = f"python -m sglang.launch_server --model-path {folder}{remote}"
+    sglang_context = f" --context-length {bundle.context_length}" if bundle.context_length else ""
+    sglang = (f"python -m sglang.launch_server --model-path {folder} --served-model-name {served_as} --port 30000"
+              f"{sglang_context}{remote}")
     if separate:
         sglang += f" --lora-paths {name}={folder}/adapter"
-    commands.append(ServingCommand("SGLang", sglang, list(template_note)))
+    commands.append(ServingCommand("SGLang", sglang, list(template_note), 30000, served_as, _health(30000),
+                                   # SGLang selects a LoRA per request by its own field: the example asks the base.
+                                   _curl(30000, served_as, bundle)))
 
-    mounted = f"/data/{bundle.folder}"
-    tgi = (f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/{bundle.folder}:{mounted} "
+    mounted = f"/data/{name}"
+    tgi = (f"docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/{name}:{mounted} "
            f"ghcr.io/huggingface/text-generation-inference --model-id {mounted}{remote}")
     if separate:
         tgi += f" --lora-adapters {name}={mounted}/adapter"
-    commands.append(ServingCommand("TGI", tgi, list(template_note)))
+    # TGI serves one model and ignores a request's model name, but takes it as the adapter's id for a LoRA.
+    tgi_model = name if separate else "tgi"
+    commands.append(ServingCommand("TGI", tgi, list(template_note), 8080, tgi_model, _health(8080),
+                                   _curl(8080, tgi_model, bundle)))
 
     if bundle.gguf_files:
         if bundle.has_modelfile:
-            commands.append(ServingCommand("Ollama", f"ollama create {name} -f {folder}/gguf/Modelfile", []))
+            commands.append(ServingCommand(
+                "Ollama", f"ollama create {name} -f {folder}/gguf/Modelfile",
+                ["`ollama serve` (or the Ollama app) listens on port 11434; `ollama run " + name + "` chats in the "
+                 "terminal"], 11434, name, _health(11434, "/api/version"), _curl(11434, name, bundle)))
         others = bundle.gguf_files[1:]
+        llama_context = f" -c {bundle.context_length}" if bundle.context_length else ""
         commands.append(ServingCommand(
-            "llama.cpp", f"llama-server -m {folder}/gguf/{bundle.gguf_files[0]} --jinja",
+            "llama.cpp", f"llama-server -m {folder}/gguf/{bundle.gguf_files[0]} --jinja --alias {name} --port 8080"
+                         f"{llama_context}",
             (["`--jinja` uses the chat template embedded in the GGUF file"] if bundle.gguf_has_chat_template else
              ["the GGUF file embeds no chat template: give one with `--chat-template-file FILE`"])
             + ([f"also exported: {', '.join(f'`gguf/{f}`' for f in others)}"] if others else []),
+            8080, name, _health(8080), _curl(8080, name, bundle),
         ))
     return commands

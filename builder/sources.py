@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -87,17 +88,42 @@ class TokenizerFolder:
     tokenizer_files: tuple[Path, ...]
 
 
+# The largest JSON file modelpack parses (configs, tokenizer files, reports), so a hostile one fails with a sentence
+# within bounded memory: four times Gemma 3's tokenizer.json (33 MB, a 262k vocabulary) and far above a 72B model's
+# safetensors index (about 100 KB). The nesting depth is bounded by the decoder itself (RecursionError).
+MAX_JSON_BYTES = 128 << 20
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from a source or bundle file, or one SourceError naming the file (exit 2)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise SourceError(f"{path}: {size} bytes, over modelpack's limit of {MAX_JSON_BYTES} for a JSON file")
+            data = json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise SourceError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not UTF-8 text (byte {exc.start}); JSON files must be UTF-8") from exc
+    except RecursionError as exc:
+        raise SourceError(f"{path}: JSON nested too deeply to read") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a name with a NUL byte
+        raise SourceError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
     if not isinstance(data, dict):
         found = "a list" if isinstance(data, list) else repr(data)
         raise SourceError(f"{path}: expected a JSON object at the top level, found {found}")
     return data
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a chat template, a vocabulary), or one SourceError naming it (exit 2)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a name with a NUL byte
+        raise SourceError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def _tokenizer_files(folder: Path) -> tuple[Path, ...]:
@@ -163,7 +189,8 @@ def read_base_model(path: Path) -> BaseModelFolder:
         tensors=tensors,
         weight_files=weight_files,
         tokenizer_files=_tokenizer_files(path),
-        generation_config=read_json(generation_config_path) if generation_config_path.is_file() else None,
+        generation_config=_checked_token_ids(read_json(generation_config_path), generation_config_path)
+        if generation_config_path.is_file() else None,
         remote_code_files=find_remote_code(path, config, tokenizer_config),
         # Licenses like Qwen's require their text (and NOTICE) to travel with redistributed weights.
         license_files=tuple(sorted(
@@ -211,6 +238,22 @@ def _weight_locations(path: Path) -> tuple[tuple[Path, ...], dict[str, TensorLoc
     return weight_files, tensors
 
 
+# The token ids a config gives, which the bundle's generation config, the chat facts and servers compute with.
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _checked_token_ids(config: dict, where: Path) -> dict:
+    """A config whose token ids are each an integer, a list of them, or null (a string "2" would become ["2"])."""
+    for key in TOKEN_ID_KEYS:
+        value = config.get(key)
+        ids = value if isinstance(value, list) else [value]
+        # Any integer: early Llama configs give pad_token_id -1 for "none".
+        if value is not None and not all(type(i) is int for i in ids):
+            raise SourceError(f"{where}: {key} is {_json(value)}, but must be a token id (an integer), a list of "
+                              "them, or null; correct it")
+    return config
+
+
 def _checked_base_config(config: dict, where: Path) -> dict:
     """config.json with what transformers and servers read from it: a model_type, and `architectures`.
 
@@ -218,6 +261,7 @@ def _checked_base_config(config: dict, where: Path) -> dict:
     transformers itself maps its model_type to (names only, no model code imported), or the auto_map class of a
     remote-code model.
     """
+    _checked_token_ids(config, where)
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise SourceError(
@@ -292,6 +336,51 @@ def causal_lm_literal(source: Path) -> dict[str, str] | None:
     return dict(pairs)
 
 
+# Every adapter_config.json key modelpack knows the meaning of (read without importing peft: the light commands check
+# adapters too). ANY: modelpack computes with the value, or refuses the values it cannot merge, wherever it is used.
+# Otherwise the key's neutral values, those under which it changes nothing about the trained adapter's math: a key
+# modelpack does not implement is accepted only so. A key not listed here is accepted only at UNLISTED_NEUTRAL (what
+# peft writes for an option it has but that is unused); a newer peft's LoRA variant would otherwise be dropped.
+ANY = object()
+ADAPTER_CONFIG_KEYS: dict[str, object] = {
+    # What the merge computes with, or refuses by value (adapter_match.refuse_unmergeable_config, sources).
+    **dict.fromkeys((
+        "r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "use_rslora",
+        "fan_in_fan_out", "bias", "lora_bias", "use_dora", "modules_to_save", "layers_to_transform", "layers_pattern",
+        "trainable_token_indices", "init_lora_weights", "layer_replication", "megatron_config", "megatron_core",
+        "ensure_weight_tying",
+    ), ANY),
+    # Bookkeeping and training-time settings, with no part in the trained weights' math.
+    **dict.fromkeys((
+        "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+        "inference_mode", "lora_dropout", "runtime_config",
+    ), ANY),
+    # Initialisation schemes: the trained A and B are what is merged, but some also change the base (refused by
+    # init_lora_weights); accepted only unused, until a test proves one changes nothing.
+    "loftq_config": ({}, None), "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,),
+    "astra_config": (None,),
+    # LoRA variants modelpack does not implement: accepted only switched off.
+    "use_qalora": (False, None), "qalora_group_size": (16, None), "alora_invocation_tokens": (None,),
+    "target_parameters": (None, []), "use_bdlora": (None, False), "arrow_config": (None,), "kasa_config": (None,),
+    "velora_config": (None,), "monteclora_config": (None,),
+}
+UNLISTED_NEUTRAL: tuple[object, ...] = (None, False, {}, [])
+
+
+def unknown_adapter_settings(config: dict) -> list[tuple[str, object]]:
+    """The adapter_config.json entries whose meaning modelpack does not know and that are not neutral, in order."""
+    found = []
+    for key, value in config.items():
+        neutral = ADAPTER_CONFIG_KEYS.get(key, UNLISTED_NEUTRAL)
+        if neutral is ANY:
+            continue
+        assert isinstance(neutral, tuple)
+        # bool is int in Python: False must not pass for 0, nor True for 1.
+        if not any(value == n and type(value) is type(n) for n in neutral):
+            found.append((key, value))
+    return found
+
+
 def _check_adapter_values(config: dict, where: Path) -> None:
     """The adapter_config.json values the merge computes with, checked as peft's LoraConfig needs them."""
 
@@ -315,26 +404,102 @@ def _check_adapter_values(config: dict, where: Path) -> None:
             raise invalid(key, patterns, "a mapping of module name patterns to values")
         for pattern, value in patterns.items():
             # peft matches each key as a regex against the module path, wrapped as below (first match wins).
-            _check_regex(rf"(.*\.)?({pattern})$", f"{key} key {pattern!r}", where)
+            _check_regex(rf"(.*\.)?({pattern})$", f"{key} key {pattern[:80]!r}", where)
             if not valid(value):
                 raise invalid(f"{key}[{pattern!r}]", value, wanted)
     for key in ("use_rslora", "fan_in_fan_out"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise invalid(key, config[key], "true or false")
+    layers = config.get("layers_pattern")
+    for pattern in [layers] if isinstance(layers, str) else layers if isinstance(layers, list) else []:
+        if not isinstance(pattern, str):
+            raise invalid("layers_pattern", layers, "a layer name pattern or a list of them")
+        _check_regex(pattern, f"layers_pattern {pattern[:80]!r}", where)
     targets = config.get("target_modules")
     if isinstance(targets, str):
-        _check_regex(targets, f"target_modules {targets!r}", where)
+        _check_regex(targets, f"target_modules {targets[:80]!r}", where)
     elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise invalid("target_modules", targets, "a list of module names or one regular expression")
     if config.get("base_model_name_or_path") is not None and not isinstance(config["base_model_name_or_path"], str):
         raise invalid("base_model_name_or_path", config["base_model_name_or_path"], "a model name or path")
+    unknown = unknown_adapter_settings(config)
+    if unknown:
+        key, value = unknown[0]
+        writer = config.get("peft_version")
+        written = f" (written by peft {str(writer)[:40]})" if writer else ""
+        raise SourceError(
+            f"{where}{written}: {key} is {_json(value)}, a setting modelpack does not know; it may change the "
+            "adapter's math (a newer LoRA variant), so it is refused rather than ignored. Train without it, or set "
+            "it to its default if it is unused"
+        )
 
 
 def _check_regex(pattern: str, what: str, where: Path) -> None:
+    """A pattern peft and transformers will match with Python's backtracking `re` (in modelpack, the verification
+    process and load.py alike): refused unless it compiles and regex_problem finds it linear-time by construction."""
     try:
         re.compile(pattern)
     except re.error as err:
         raise SourceError(f"{where}: {what} is not a valid regular expression ({err.msg}); correct it") from None
+    except (RecursionError, OverflowError):
+        raise SourceError(f"{where}: {what} is nested too deeply to be a module name pattern") from None
+    problem = regex_problem(pattern)
+    if problem:
+        raise SourceError(f"{where}: {what} {problem}, which Python's regular expressions (used by peft and "
+                          "transformers too) can take exponential or polynomial time to match; rewrite it as a list "
+                          "of module names or a pattern without it")
+
+
+# The most unbounded repeats (`*`, `+`, `{n,}`) one pattern may hold: each can multiply the backtracking work by a
+# module name's length when a match fails. Real configs use one or two (`^(?!.*vision).*\.(q|v)_proj$`); the time
+# limit (adapter_match.check_patterns_in_time) covers what this count cannot.
+MAX_UNBOUNDED_REPEATS = 4
+_SINGLE_CHARACTER = {"LITERAL", "NOT_LITERAL", "ANY", "IN", "CATEGORY", "RANGE"}
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why a pattern could backtrack super-linearly, or None. The rule (Python's own parser, nothing run): no
+    backreference (no linear-time engine has them; peft's own patterns never use them); a repeated part (`*`, `+`,
+    `{m,n}`) repeats one character or character class only, so no repeat is nested in another or in an alternation
+    under a repeat (`(a+)+`, `(a|aa)*`, the exponential cases); at most MAX_UNBOUNDED_REPEATS unbounded repeats.
+    Lookarounds are allowed (common in real configs: `^(?!.*vision)`) and their contents follow the same rule."""
+    from re import _parser  # type: ignore[attr-defined]  # the parser re.compile itself uses
+
+    try:
+        parsed = _parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return "cannot be parsed"
+    unbounded = 0
+    pending = [list(parsed)]
+    while pending:
+        for op, arg in pending.pop():
+            name = str(op)
+            if name in ("GROUPREF", "GROUPREF_EXISTS", "GROUPREF_IGNORE"):
+                return "uses a backreference"
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, body = arg
+                if high != 1 and not _single_character(list(body)):
+                    return "repeats a group that itself repeats or branches"
+                unbounded += high == _parser.MAXREPEAT
+                pending.append(list(body))
+            elif name == "SUBPATTERN":
+                pending.append(list(arg[-1]))
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                pending.append(list(arg[1]))
+            elif name == "BRANCH":
+                pending.extend(list(branch) for branch in arg[1])
+            elif name == "ATOMIC_GROUP":
+                pending.append(list(arg))
+    if unbounded > MAX_UNBOUNDED_REPEATS:
+        return f"has {unbounded} unbounded repeats (at most {MAX_UNBOUNDED_REPEATS})"
+    return None
+
+
+def _single_character(items: list) -> bool:
+    """Whether a parsed body matches exactly one character: a literal or class, possibly inside a group."""
+    while len(items) == 1 and str(items[0][0]) == "SUBPATTERN":
+        items = list(items[0][1][-1])
+    return len(items) == 1 and str(items[0][0]) in _SINGLE_CHARACTER
 
 
 def _positive_int(value: object) -> bool:

@@ -28,8 +28,11 @@ from pydantic import (
 from pydantic import ByteSize as PydanticByteSize
 
 from builder.errors import SpecError
+from builder.runtime.load import DEVICE_PATTERN
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# The bundle's folder, its GGUF files (name + "-Q4_K_M.gguf") and staging folders must fit one 255-byte file name.
+MAX_NAME_LENGTH = 200
 # A Hugging Face Hub model id as the card's `base_model` needs it: org/name.
 HUB_MODEL_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -327,10 +330,11 @@ class VerifySpec(_Section):
         "default: the one running modelpack. Use the deployment's environment when the model's code needs other "
         "library versions (Qwen-7B-Chat v1: transformers<5).",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: str = Field(
         default="auto",
+        pattern=f"^({DEVICE_PATTERN})$",
         description="Where verification loads the model: auto = every visible GPU (accelerate's device_map) "
-        "when there is one, else the CPU.",
+        "when there is one, else the CPU; cpu, cuda, cuda:N (one GPU) or mps.",
     )
     compare_base: bool = Field(
         default=False,
@@ -392,9 +396,11 @@ class Spec(_Section):
     @field_validator("name")
     @classmethod
     def _name_is_portable(cls, value: str) -> str:
-        if not re.match(NAME_PATTERN, value):
+        # fullmatch: `$` alone also matches before a trailing newline, which would then reach file and card names.
+        if not re.fullmatch(NAME_PATTERN, value) or len(value) > MAX_NAME_LENGTH:
             raise ValueError(
-                f"invalid name {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+                f"invalid name {value[:80]!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                f"at most {MAX_NAME_LENGTH} characters"
             )
         return value
 

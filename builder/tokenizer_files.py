@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import SourceError
-from builder.sources import read_json
+from builder.sources import read_json, read_text
 
 # Token strings a tokenizer config names, which templates use as variables (`{{ eos_token }}`).
 TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -28,9 +28,18 @@ def tokenizer_declarations(by_name: dict[str, Path], *, template_file: Path | No
     config = read_json(by_name["tokenizer_config.json"]) if "tokenizer_config.json" in by_name else None
     special: dict[str, int] = {}
     if "tokenizer.json" in by_name:
-        for token in read_json(by_name["tokenizer.json"]).get("added_tokens", []):
+        added = read_json(by_name["tokenizer.json"]).get("added_tokens", [])
+        for token in added if isinstance(added, list) else [added]:
+            if not (isinstance(token, dict) and isinstance(token.get("content"), str)
+                    and type(token.get("id")) is int):
+                raise SourceError(f"{by_name['tokenizer.json']}: added_tokens holds {str(token)[:80]}, not "
+                                  '{"id": <integer>, "content": <text>, ...}')
             special[token["content"]] = token["id"]
-    for token_id, token in (config or {}).get("added_tokens_decoder", {}).items():
+    decoder = (config or {}).get("added_tokens_decoder", {})
+    for token_id, token in (decoder.items() if isinstance(decoder, dict) else [("", decoder)]):
+        if not (str(token_id).isdigit() and isinstance(token, dict) and isinstance(token.get("content"), str)):
+            raise SourceError(f"{by_name['tokenizer_config.json']}: added_tokens_decoder holds "
+                              f"{str(token_id)[:40]!r}: {str(token)[:80]}, not \"<id>\": {{\"content\": <text>, ...}}")
         special[token["content"]] = int(token_id)
     template_tokens = {}
     for key in TEMPLATE_TOKEN_KEYS:
@@ -40,9 +49,9 @@ def tokenizer_declarations(by_name: dict[str, Path], *, template_file: Path | No
             template_tokens[key] = value
     template: str | None
     if template_file is not None:
-        template = template_file.read_text(encoding="utf-8")
+        template = read_text(template_file)
     elif "chat_template.jinja" in by_name:
-        template = by_name["chat_template.jinja"].read_text(encoding="utf-8")
+        template = read_text(by_name["chat_template.jinja"])
     else:
         template = (config or {}).get("chat_template")
         if isinstance(template, list):  # named templates: the "default" one is what chat uses

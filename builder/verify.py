@@ -16,7 +16,7 @@ from pathlib import Path
 import builder
 from builder.configs import adapter_config
 from builder.dtypes import BY_NAME
-from builder.errors import VerificationError
+from builder.errors import ModelpackError, VerificationError
 from builder.formatting import dump_json
 from builder.interrupts import interrupts_deferred, raise_if_interrupted
 from builder.manifest import read_manifest, sha256_file
@@ -39,7 +39,9 @@ from builder.sources import read_json
 from builder.subprocesses import describe_crash, die_with_parent, model_code_env, verifying_python
 from builder.trust import (
     DIGEST_PLACEHOLDER,
-    bundle_digest,
+    Integrity,
+    Snapshot,
+    received_snapshot,
     require_consent_to_code,
     require_integrity,
     require_signature,
@@ -72,14 +74,23 @@ class ReferenceSources:
 def verification_cost_of(bundle: Path, *, equivalence: bool, compare_base: bool, adapters: int) -> VerificationCost:
     """verification_cost from what the bundle records: its facts (prompts, mode, dtype) and config.json, and the
     number of source adapters the reference loads."""
-    facts = json.loads((bundle / FACTS_FILE).read_text(encoding="utf-8"))
-    rows = json.loads((bundle / "config.json").read_text(encoding="utf-8")).get("vocab_size")
-    return verification_cost(
-        mode=facts["mode"], answers=len(facts["prompts"]) + len(facts["probes"]),
-        max_new_tokens=facts["verify_max_new_tokens"], compare_base=compare_base, equivalence=equivalence,
-        vocab_rows=rows if isinstance(rows, int) else None, logits_itemsize=BY_NAME[facts["dtype"]].itemsize,
-        adapters=adapters,
-    )
+    # The sender's files, matched to the manifest but not proven sane: read within bounds, and a malformed one is
+    # a failed verification (exit 3) naming the file, not a traceback.
+    try:
+        facts = read_json(bundle / FACTS_FILE)
+        rows = read_json(bundle / "config.json").get("vocab_size")
+    except ModelpackError as exc:
+        raise VerificationError(f"verification failed: {exc}") from exc
+    try:
+        return verification_cost(
+            mode=facts["mode"], answers=len(facts["prompts"]) + len(facts["probes"]),
+            max_new_tokens=facts["verify_max_new_tokens"], compare_base=compare_base, equivalence=equivalence,
+            vocab_rows=rows if isinstance(rows, int) else None, logits_itemsize=BY_NAME[facts["dtype"]].itemsize,
+            adapters=adapters,
+        )
+    except (KeyError, TypeError) as exc:
+        raise VerificationError(f"verification failed: {bundle.name}/{FACTS_FILE} is not the facts file load.py "
+                                f"writes (its {exc} is missing or of another type)") from exc
 
 
 def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, device: str = "cpu",
@@ -101,68 +112,104 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     returned whether or not the checks passed; `failure_message` says what failed.
     """
     python = verifying_python(python)
-    manifest = read_manifest(bundle)
-    progress("checking every file against manifest.json")
-    integrity = require_integrity(bundle, expected_digest=expected_digest, known_sha256=known_sha256)
-    code = require_consent_to_code(manifest, trust_remote_code=trust_remote_code)
-    with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
-        report_path = Path(workdir) / "report.json"
-        spread = ["--max-memory", max_memory] if max_memory else []
-        answer_logits = Path(workdir) / "answer-logits"
-        scoring = ["--answer-logits", str(answer_logits)] if sources is not None else []
-        cost = verification_cost_of(bundle, equivalence=sources is not None, compare_base=compare_base,
-                                    adapters=len(sources.adapters) if sources is not None else 1)
-        progress(cost.describe())
-        # One model per process, one after the other: the bundle answers (and, for the equivalence check, keeps
-        # its logits over those answers), then the reference is compared with them. The files were checked above,
-        # by code the receiver trusts; load.py need not hash them a second time.
-        progress(f"verification step 1 of {len(cost.loads)}: {cost.loads[0]}")
-        started = time.perf_counter()
-        _run([python, str(bundle / "load.py"), "--verify", "--files-checked", "--report", str(report_path),
-              "--device", device, *spread, *scoring],
-             workdir, report_path, progress, what=f"verification could not load the bundle {bundle}")
-        progress(f"verification step 1 done in {time.perf_counter() - started:.1f}s")
-        runtime_report = read_runtime_report(json.loads(report_path.read_text(encoding="utf-8")), python=python)
-        gguf, gguf_skipped = _check_gguf(bundle, manifest, runtime_report["prompts"] + runtime_report["probes"],
-                                         python, workdir, progress)
-        equivalence = None
-        if sources is not None:
-            progress(f"verification step 2 of {len(cost.loads)}: {cost.loads[1]}")
-            started = time.perf_counter()
-            equivalence = _check_equivalence(bundle, sources, answer_logits, compare_base=compare_base,
-                                             python=python, device=device, spread=spread, workdir=workdir,
-                                             progress=progress)
-            progress(f"verification step 2 done in {time.perf_counter() - started:.1f}s")
-    return verification_report(
-        runtime_report,
-        files={"ok": integrity.ok, "files": integrity.files, "problems": integrity.problems,
-               "checked_by": f"modelpack {builder.__version__}"},
-        digest=DIGEST_PLACEHOLDER if staged else bundle_digest(bundle),
-        remote_code=code,
-        skipped=[*gguf_skipped, *([] if sources is not None else [
-            Skipped(check="equivalence", reason=sources_unavailable)])],
-        gguf=gguf,
-        equivalence=equivalence,
-    )
+    steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=compare_base,
+                   trust_remote_code=trust_remote_code, progress=progress)
+    if staged:  # the build's own staging folder, written by this process: checked in place
+        manifest = read_manifest(bundle)
+        progress("checking every file against manifest.json")
+        integrity = require_integrity(bundle, known_sha256=known_sha256)
+        return steps.run(bundle, manifest, integrity, DIGEST_PLACEHOLDER, sources, sources_unavailable)
+    with received_snapshot(bundle, expected_digest=expected_digest, progress=progress) as snapshot:
+        return steps.run(snapshot.folder, snapshot.manifest, snapshot.integrity, snapshot.digest, sources,
+                         sources_unavailable, snapshot=snapshot, origin=bundle)
 
 
 def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_key: Path | None = None,
                     trust_remote_code: bool = False, python: str | os.PathLike | None = None, device: str = "auto",
                     max_memory: str | None = None,
                     progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
-    """A received bundle: its signature (when a key is given), then verify_bundle against the sources manifest.json
-    names when they are on this machine (else equivalence is reported as skipped, saying why)."""
-    if public_key is not None:
-        progress("checking the signature")
-        require_signature(bundle, public_key)
-    sources, unavailable = recorded_sources(bundle, read_manifest(bundle))
-    return verify_bundle(bundle, python=python, device=device, sources=sources,
-                         sources_unavailable=unavailable or NO_SOURCES, max_memory=max_memory,
-                         trust_remote_code=trust_remote_code, expected_digest=expected_digest, progress=progress)
+    """A received bundle, from a private snapshot of it: its signature (when a key is given), then the checks of
+    verify_bundle against the sources manifest.json names when they are on this machine (else equivalence is
+    reported as skipped, saying why)."""
+    python = verifying_python(python)
+    steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=False,
+                   trust_remote_code=trust_remote_code, progress=progress)
+    with received_snapshot(bundle, expected_digest=expected_digest, progress=progress) as snapshot:
+        if public_key is not None:
+            progress("checking the signature")
+            require_signature(snapshot.folder, public_key, shown=bundle)
+        sources, unavailable = recorded_sources(snapshot.manifest)
+        return steps.run(snapshot.folder, snapshot.manifest, snapshot.integrity, snapshot.digest, sources,
+                         unavailable or NO_SOURCES, snapshot=snapshot, origin=bundle)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """The verification steps after the files were checked, with the options every step shares."""
+
+    python: str
+    device: str
+    max_memory: str | None
+    compare_base: bool
+    trust_remote_code: bool
+    progress: Callable[[str], None]
+
+    def run(self, bundle: Path, manifest: dict, integrity: Integrity, digest: str, sources: ReferenceSources | None,
+            sources_unavailable: str, *, snapshot: Snapshot | None = None,
+            origin: Path | None = None) -> VerificationReport:
+        """`load.py --verify` in a subprocess that cannot import modelpack, then the bundle's GGUF files in
+        llama.cpp, then (with the sources) the equivalence check, all from `bundle` (a received bundle's snapshot);
+        the report, assembled from their parts. A held weight file written in place meanwhile fails it (exit 3)."""
+        python, progress = self.python, self.progress
+        code = require_consent_to_code(manifest, trust_remote_code=self.trust_remote_code)
+        pass_fds = snapshot.pass_fds if snapshot is not None else ()
+        with tempfile.TemporaryDirectory(prefix="modelpack-verify-") as workdir:
+            report_path = Path(workdir) / "report.json"
+            spread = ["--max-memory", self.max_memory] if self.max_memory else []
+            answer_logits = Path(workdir) / "answer-logits"
+            scoring = ["--answer-logits", str(answer_logits)] if sources is not None else []
+            cost = verification_cost_of(bundle, equivalence=sources is not None, compare_base=self.compare_base,
+                                        adapters=len(sources.adapters) if sources is not None else 1)
+            progress(cost.describe())
+            # One model per process, one after the other: the bundle answers (and, for the equivalence check, keeps
+            # its logits over those answers), then the reference is compared with them. The files were checked
+            # above, by code the receiver trusts; load.py need not hash them a second time.
+            progress(f"verification step 1 of {len(cost.loads)}: {cost.loads[0]}")
+            started = time.perf_counter()
+            _run([python, str(bundle / "load.py"), "--verify", "--files-checked", "--report", str(report_path),
+                  "--device", self.device, *spread, *scoring],
+                 workdir, report_path, progress, what=f"verification could not load the bundle {origin or bundle}",
+                 pass_fds=pass_fds)
+            progress(f"verification step 1 done in {time.perf_counter() - started:.1f}s")
+            runtime_report = read_runtime_report(json.loads(report_path.read_text(encoding="utf-8")), python=python)
+            gguf, gguf_skipped = _check_gguf(bundle, manifest, runtime_report["prompts"] + runtime_report["probes"],
+                                             python, workdir, progress, pass_fds=pass_fds)
+            equivalence = None
+            if sources is not None:
+                progress(f"verification step 2 of {len(cost.loads)}: {cost.loads[1]}")
+                started = time.perf_counter()
+                equivalence = _check_equivalence(bundle, sources, answer_logits, compare_base=self.compare_base,
+                                                 python=python, device=self.device, spread=spread, workdir=workdir,
+                                                 progress=progress, pass_fds=pass_fds)
+                progress(f"verification step 2 done in {time.perf_counter() - started:.1f}s")
+        if snapshot is not None:
+            snapshot.require_unchanged(origin or bundle)
+        return verification_report(
+            runtime_report,
+            files={"ok": integrity.ok, "files": integrity.files, "problems": integrity.problems,
+                   "checked_by": f"modelpack {builder.__version__}"},
+            digest=digest,
+            remote_code=code,
+            skipped=[*gguf_skipped, *([] if sources is not None else [
+                Skipped(check="equivalence", reason=sources_unavailable)])],
+            gguf=gguf,
+            equivalence=equivalence,
+        )
 
 
 def _check_gguf(bundle: Path, manifest: dict, answers: list[PromptResult], python: str, workdir: str,
-                progress: Callable[[str], None]) -> tuple[GgufCheck | None, list[Skipped]]:
+                progress: Callable[[str], None], *, pass_fds: tuple[int, ...] = ()) -> tuple[GgufCheck | None,
+                                                                                              list[Skipped]]:
     """The bundle's GGUF files answering the verification prompts inside llama.cpp (builder/runtime/gguf_check.py),
     compared with the bundle's answers; reported as skipped, with the command that installs it, where the verifying
     interpreter has no llama-cpp-python."""
@@ -171,10 +218,12 @@ def _check_gguf(bundle: Path, manifest: dict, answers: list[PromptResult], pytho
         return None, []
     if subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(not importlib.util.find_spec('llama_cpp'))"],
                       env=model_code_env(workdir), capture_output=True).returncode != 0:
+        # The reason goes into verification.json and the card, which name no path of this machine: "the verifying
+        # interpreter" is verify.python or --python when given, else modelpack's own.
         return None, [Skipped(check="gguf", reason=(
-            f"llama-cpp-python is not installed in {python}, so {len(files)} GGUF file(s) were not run in llama.cpp; "
-            f"install it with `{python} -m pip install '{llama_cpp_requirement()}'` (pip builds llama.cpp from "
-            "source, several minutes) and verify again"
+            f"llama-cpp-python is not installed in the verifying interpreter, so {len(files)} GGUF file(s) were not "
+            f"run in llama.cpp; install it there with `python -m pip install '{llama_cpp_requirement()}'` (pip builds "
+            "llama.cpp from source, several minutes) and verify again"
         ))]
     progress("gguf: answering the verification prompts in llama.cpp")
     answers_path = Path(workdir) / "gguf-answers.json"
@@ -183,13 +232,13 @@ def _check_gguf(bundle: Path, manifest: dict, answers: list[PromptResult], pytho
     output = Path(workdir) / "gguf.json"
     _run([python, str(GGUF_CHECK_SCRIPT), "--bundle", str(bundle), "--answers", str(answers_path), "--report",
           str(output), *files], workdir, output, progress,
-         what="the GGUF check could not run the bundle's GGUF files in llama.cpp")
+         what="the GGUF check could not run the bundle's GGUF files in llama.cpp", pass_fds=pass_fds)
     return read_gguf_check(json.loads(output.read_text(encoding="utf-8")), python=python), []
 
 
 def _check_equivalence(bundle: Path, sources: ReferenceSources, answer_logits: Path, *, compare_base: bool,
                        python: str, device: str, spread: list[str], workdir: str,
-                       progress: Callable[[str], None]) -> EquivalenceReport:
+                       progress: Callable[[str], None], pass_fds: tuple[int, ...] = ()) -> EquivalenceReport:
     """The source base and adapters through peft (the unmerged reference), compared with the bundle's logits over
     its own answers (builder/runtime/equivalence.py); with compare_base, also the base's and each adapter's own
     answers."""
@@ -202,7 +251,7 @@ def _check_equivalence(bundle: Path, sources: ReferenceSources, answer_logits: P
                *adapters, "--answer-logits", str(answer_logits), "--report",
                str(equivalence_path), "--device", device, *spread]
     _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, progress,
-         what="the equivalence check could not load the bundle and its sources")
+         what="the equivalence check could not load the bundle and its sources", pass_fds=pass_fds)
     return read_equivalence(json.loads(equivalence_path.read_text(encoding="utf-8")), python=python)
 
 
@@ -244,12 +293,13 @@ def _reference_adapter(adapter: Path, folder: Path) -> Path:
         if (adapter / name).is_file():
             (folder / name).symlink_to((adapter / name).resolve())
     config = read_json(adapter / "adapter_config.json")
-    cleaned = adapter_config(config) | {"base_model_name_or_path": config.get("base_model_name_or_path")}
+    cleaned = adapter_config(config, base="") | {"base_model_name_or_path": config.get("base_model_name_or_path")}
     (folder / "adapter_config.json").write_text(dump_json(cleaned), encoding="utf-8")
     return folder
 
 
-def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str], None], *, what: str) -> None:
+def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str], None], *, what: str,
+         pass_fds: tuple[int, ...] = ()) -> None:
     """Run a verification step offline in an empty folder (it sees the bundle and nothing of the build).
 
     The full output goes to a log; when the step fails, the log is kept and the error names
@@ -258,6 +308,7 @@ def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str
     with interrupts_deferred():  # a Ctrl-C while the process forks is raised just below, where it is killed
         process = subprocess.Popen(command, cwd=workdir, env=model_code_env(workdir), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                                   pass_fds=pass_fds,  # a snapshot's held weight files, by the same numbers
                                    preexec_fn=die_with_parent if sys.platform == "linux" else None)
     lines: list[str] = []
     assert process.stdout is not None
@@ -282,21 +333,42 @@ def _run(command: list[str], workdir: str, output: Path, progress: Callable[[str
                                 f"full output is in {log}")
 
 
-def recorded_sources(bundle: Path, manifest: dict) -> tuple[ReferenceSources | None, str | None]:
-    """The sources manifest.json names, if they are still there and the adapter is unchanged; else why not."""
+def recorded_sources(manifest: dict) -> tuple[ReferenceSources | None, str | None]:
+    """The sources a proven manifest.json names, if they are still there and the adapter is unchanged; else why not.
+    A `sources` table of another shape than modelpack writes is refused (exit 3)."""
     recorded = manifest.get("sources", {})
-    base = Path(recorded.get("base", ""))
     # One adapter is recorded as `adapter` (a path), several as `adapters` ({key, path, weight} each).
-    listed = recorded.get("adapters") or [{"key": "adapter", "path": recorded.get("adapter", ""), "weight": 1.0}]
+    listed = recorded.get("adapters") if isinstance(recorded, dict) else None
+    if listed is None and isinstance(recorded, dict):
+        listed = [{"key": "adapter", "path": recorded.get("adapter", ""), "weight": 1.0}]
+    fingerprints = recorded.get("sha256", {}) if isinstance(recorded, dict) else None
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("base", ""), str) and isinstance(listed, list)
+            and isinstance(fingerprints, dict) and all(isinstance(v, str) for v in fingerprints.values())
+            and all(isinstance(e, dict) and isinstance(e.get("key", "adapter"), str)
+                    and isinstance(e.get("path", ""), str) and "\0" not in e.get("path", "")
+                    and type(e.get("weight", 1.0)) in (int, float) for e in listed)
+            and "\0" not in recorded.get("base", "")):
+        raise VerificationError(
+            "verification failed: manifest.json's `sources` is not the table modelpack writes ({\"base\": path, "
+            "\"adapter\": path, \"sha256\": {...}} or \"adapters\": [{\"key\", \"path\", \"weight\"}, ...]); "
+            "nothing from the bundle was run"
+        )
+    base = Path(recorded.get("base", ""))
     adapters = [(entry.get("key", "adapter"), Path(entry.get("path", "")), float(entry.get("weight", 1.0)))
                 for entry in listed]
-    if not base.is_dir() or not all(path.is_dir() for _, path, _ in adapters):
+    try:
+        present = base.is_dir() and all(path.is_dir() for _, path, _ in adapters)
+    except OSError:  # a name over the file system's limits
+        present = False
+    if not present:
         shown = ", ".join(str(p) for p in (base, *(path for _, path, _ in adapters)))
-        return None, f"the sources recorded in manifest.json ({shown}) are not on this machine"
+        return None, f"the sources recorded in manifest.json ({shown[:500]}) are not on this machine"
     for key, path, _ in adapters:
-        fingerprint = recorded.get("sha256", {}).get(f"{key}/adapter_config.json")
-        if fingerprint and fingerprint != sha256_file(path / "adapter_config.json"):
+        fingerprint = fingerprints.get(f"{key}/adapter_config.json")
+        try:
+            changed = bool(fingerprint) and fingerprint != sha256_file(path / "adapter_config.json")
+        except OSError as exc:
+            return None, f"the adapter at {path} cannot be read ({exc.strerror})"
+        if changed:
             return None, f"the adapter at {path} changed since the build"
     return ReferenceSources(base, tuple(ReferenceAdapter(path, weight) for _, path, weight in adapters)), None
-
-

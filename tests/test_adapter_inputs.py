@@ -143,3 +143,14 @@ def test_a_pickle_that_is_not_plain_tensors_is_refused(tmp_path, copy_adapter):
     torch.save({"weights": torch.zeros(2), "code": shutil.copytree}, adapter / "adapter_model.bin")
     with pytest.raises(SourceError, match="cannot be read as plain tensors"):
         build(tmp_path, base, adapter, adapter={"allow_pickle": True})
+
+
+def test_every_lora_setting_of_the_installed_peft_is_known_or_neutral_at_its_default(tmp_path):
+    """A config the installed peft writes for a plain LoRA passes the table of known keys: a peft that adds a key
+    with a default the table does not call neutral shows up here, not as a refused adapter."""
+    from peft import LoraConfig
+
+    from builder.sources import unknown_adapter_settings
+
+    LoraConfig(r=8, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    assert unknown_adapter_settings(json.loads((tmp_path / "adapter_config.json").read_text())) == []

@@ -118,14 +118,17 @@ def test_model_card_parses_and_shows_adapter_facts_and_verification(merged_bundl
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
 
 
-@pytest.mark.parametrize("mode, relation", [("merge", "finetune"), ("separate", "adapter")])
+# A separate bundle's root is the base itself, loaded with transformers; its adapter is in adapter/, not at the root
+# where the Hub's "adapter" relation and library_name peft would look for it.
+@pytest.mark.parametrize("mode, relation", [("merge", "finetune"), ("separate", None)])
 def test_card_names_the_bases_hub_id_and_how_the_bundle_relates_to_it(tmp_path, models, adapters, mode, relation):
     base = models("qwen2", tied=True, dtype=torch.float32)
     spec = write_spec(tmp_path, base, adapters(base), output={"mode": mode}, card={"base_model": "Qwen/Qwen2-0.5B"})
     card = ModelCard.load(build_bundle(plan_from_spec(spec), verify=False).bundle / "README.md")
     assert card.data.base_model == "Qwen/Qwen2-0.5B"
-    assert card.data.base_model_relation == relation
-    assert card.data.library_name == ("peft" if mode == "separate" else "transformers")
+    assert card.data.to_dict().get("base_model_relation") == relation
+    assert card.data.library_name == "transformers"
+    assert ("peft" in card.data.tags) is (mode == "separate")
 
 
 def test_requirements_pin_the_versions_verification_used(merged_bundle):
@@ -168,16 +171,20 @@ def test_load_py_verify_rechecks_the_bundle_without_modelpack_and_leaves_it_unch
     assert not (moved / "__pycache__").exists()
 
 
-def test_separate_bundle_loads_in_plain_peft(tmp_path, models, adapters):
+def test_separate_bundle_loads_in_plain_peft(tmp_path, monkeypatch, models, adapters):
     base = models("llama", tied=False, dtype=torch.float32)
     adapter = adapters(base)
     spec = write_spec(tmp_path, base, adapter, output={"mode": "separate", "dtype": "float32"})
     bundle = build_bundle(plan_from_spec(spec), verify=False).bundle
 
     config = json.loads((bundle / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == ".."
+    # Its base by name (no Hub id here): a relative path would resolve against the working directory, not the bundle.
+    assert config["base_model_name_or_path"] == "tiny-med"
     assert not (bundle / "adapter" / "tokenizer_config.json").exists()
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundle), bundle / "adapter").eval()
+    # As the card writes it: from the folder that holds the bundle, whatever folder the loader runs in otherwise.
+    monkeypatch.chdir(bundle.parent)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundle.name),
+                                      f"{bundle.name}/adapter").eval()
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():

@@ -20,6 +20,7 @@ from builder.report import (
     verification_report,
 )
 from builder.serving import OllamaTemplate, ServingCommand
+from builder.sizing import KvCache
 from builder.trust import DIGEST_PLACEHOLDER
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
@@ -123,7 +124,8 @@ def context(**changes) -> render.RenderContext:
         card={"description": None, "intended_use": None, "limitations": None, "license": None, "language": [],
               "tags": ["medical"], "base_model": None},
         adapter=adapter_view(), adapters=[], composed_rank=None, weight_files=["model.safetensors"],
-        weight_size="1.3 MB", modelpack_version="0.1.0", build_date="2026-01-01",
+        weight_size="1.3 MB", weight_bytes=1_300_000, kv=KvCache(32768, 2 * 2 * 2 * 64, ()),
+        modelpack_version="0.1.0", transformers_version="5.0.0",
         serving=[ServingCommand("vLLM", "vllm serve ./tiny", ["a note"])], ollama=None, modelfile=None,
     )
     return dataclasses.replace(facts, **changes)
@@ -159,7 +161,7 @@ EQUIVALENCE = {"ok": True, "dtype": "bfloat16", "rule": "|delta logit| <= 0.1", 
 
 
 def test_the_cards_sentences_from_the_bundles_facts():
-    merged = card.card_context(context(), verification=None)
+    merged = card.card_context(context(), verification=None, files_listed=9)
     assert merged.description == "A fine-tuned version of Qwen/Qwen2-0.5B with a LoRA adapter."
     assert merged.limitations == "Not stated in the spec."
     assert merged.weight_files == "1 safetensors file" and not merged.separate
@@ -168,7 +170,7 @@ def test_the_cards_sentences_from_the_bundles_facts():
     assert merged.verification is None and merged.digest == DIGEST_PLACEHOLDER  # trust.seal writes the digest
     separate = card.card_context(context(mode="separate", weight_files=["a.safetensors", "b.safetensors"],
                                          card={**context().card, "description": "Mine.", "limitations": "Tiny."}),
-                                 verification=None)
+                                 verification=None, files_listed=9)
     assert separate.separate and separate.loader_packages == "torch, transformers and peft"
     assert separate.weight_files == "2 safetensors files"
     assert (separate.description, separate.limitations) == ("Mine.", "Tiny.")
@@ -180,15 +182,19 @@ def test_the_cards_sentences_from_the_bundles_facts():
     ({"eos_token_id": None}, None, None),
 ])
 def test_a_model_without_a_chat_template_names_its_format_and_stop_token(generation, chat_format, eos):
-    facts = card.card_context(context(has_chat_template=False, generation=generation), verification=None)
+    facts = card.card_context(context(has_chat_template=False, generation=generation), verification=None,
+                              files_listed=9)
     assert facts.without_chat_template
     assert (facts.chat_format, facts.eos_token_id) == (chat_format, eos)
 
 
 def test_the_front_matter_is_the_hubs_card_data():
     data = yaml.safe_load(card.front_matter(context(mode="separate", base_model_id="Qwen/Qwen2-0.5B")))
-    assert data == {"base_model": "Qwen/Qwen2-0.5B", "base_model_relation": "adapter", "library_name": "peft",
-                    "license": "other", "pipeline_tag": "text-generation", "tags": ["medical", "lora", "modelpack"]}
+    # The root is the base and loads with transformers; the adapter is in adapter/, where the Hub does not look.
+    assert data == {"base_model": "Qwen/Qwen2-0.5B", "library_name": "transformers", "license": "other",
+                    "pipeline_tag": "text-generation", "tags": ["medical", "lora", "peft", "modelpack"]}
+    merged = yaml.safe_load(card.front_matter(context(base_model_id="Qwen/Qwen2-0.5B")))
+    assert (merged["base_model_relation"], merged["library_name"]) == ("finetune", "transformers")
     assert "base_model" not in yaml.safe_load(card.front_matter(context()))  # a folder name is no Hub id
 
 
@@ -213,8 +219,8 @@ def test_the_answer_tables_take_each_verdict_from_the_report():
         equivalence={**EQUIVALENCE, "base_answers": {"p1": "b1", "p2": "b2", "hi": "b3", "2+2": "b4"}},
         skipped=[{"check": "gguf", "reason": "no llama-cpp-python"}],
     )
-    section = card.verification_section(verified, [])
-    assert section.verdict == "FAILED" and section.files_checked == 12
+    section = card.verification_section(verified, [], files_listed=15)
+    assert section.verdict == "FAILED" and section.files_listed == 15
     assert section.composition is None and section.answers is not None and section.answers.with_base
     assert [(r.kind, r.base_answer, r.expectations) for r in section.answers.prompts + section.answers.probes] == [
         ("prompt", "b1", "ok"), ("prompt", "b2", "FAILED: contains 'x'; equals 'y'"),
@@ -224,7 +230,7 @@ def test_the_answer_tables_take_each_verdict_from_the_report():
                                                        "99.6", "bfloat16", "|delta logit| <= 0.1")
     assert section.skipped == [{"check": "gguf", "reason": "no llama-cpp-python"}]
     assert section.serving_warnings == ["vLLM: a warning"] and section.gguf is None
-    without_base = card.verification_section(report([answer("p1", "a")], []), [])
+    without_base = card.verification_section(report([answer("p1", "a")], []), [], files_listed=15)
     assert without_base.answers is not None and not without_base.answers.with_base
     assert without_base.verdict == "passed" and without_base.equivalence is None
 
@@ -234,7 +240,7 @@ def test_several_adapters_answer_beside_the_composition_in_the_specs_order():
     composed = report([answer("p1", "both")], [answer("hi", "hello")], equivalence={
         **EQUIVALENCE, "base_answers": {"p1": "base", "hi": "base hi"},
         "adapter_answers": [{"p1": "first", "hi": "first hi"}, {"p1": "second", "hi": "second hi"}]})
-    section = card.verification_section(composed, adapters)
+    section = card.verification_section(composed, adapters, files_listed=15)
     assert section.answers is None and section.composition is not None
     assert section.composition.columns == ["`adapters[0]` alone (weight 1)", "`adapters[1]` alone (weight 0.5)"]
     assert [(r.kind, r.base_answer, r.alone, r.answer, r.expectations) for r in section.composition.rows] == [
@@ -269,11 +275,27 @@ def test_gguf_rows_and_where_each_answer_parts_from_the_bundles():
 
 def test_the_card_prints_the_prepared_rows():
     text = card.render_card(context(), verification=report(
-        [answer("p1", "a | b", failures=("equals 'c'",))], [answer("hi", "hello")], equivalence=EQUIVALENCE))
+        [answer("p1", "a | b", failures=("equals 'c'",))], [answer("hi", "hello")], equivalence=EQUIVALENCE),
+        files_listed=15)
     assert "| p1 | a \\| b | FAILED: equals 'c' |" in text  # escaped for its table cell
     assert "| hi | hello |" in text and "**FAILED**" in text
     assert "max |delta logit| 0.123\nover 272 positions, greedy agreement 99.6%" in text
     assert "| target modules | q_proj, v_proj |" in text
     assert "### vLLM\n\n```bash\nvllm serve ./tiny\n```\n- a note\n" in text
-    unverified = card.render_card(context(), verification=None)
+    unverified = card.render_card(context(), verification=None, files_listed=14)
     assert "Not verified: the bundle was built with `--no-verify`." in unverified
+
+
+@pytest.mark.parametrize("transformers, keyword", [("4.49.0", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                                   ("4.56.0", "dtype"), ("5.24.0", "dtype")])
+def test_the_loading_snippet_uses_the_dtype_keyword_of_the_verified_transformers(transformers, keyword):
+    verified = report([answer("p1", "a")], [])
+    verified["environment"]["transformers"] = transformers
+    text = card.render_card(context(), verification=verified, files_listed=15)
+    assert f'from_pretrained("tiny", {keyword}="bfloat16")' in text
+    assert "Files listed in manifest.json and checked against it: 15." in text
+
+
+def test_the_mode_sentence_and_the_weights_sentence_are_two_lines():
+    text = card.render_card(context(), verification=None, files_listed=14)
+    assert "without peft.\nWeights are stored in bfloat16" in text

@@ -70,7 +70,11 @@ def test_dry_run_prints_the_plan_as_tables_and_writes_nothing(tmp_path, sources)
 
     plan = json.loads(run("build", spec, "--dry-run", "--json").stdout)
     assert plan["tensors"] == {"merged": 6, "copied": 20, "cast": 0}
-    assert plan["files"]["model.safetensors"] == sum(s.nbytes for s in plan_from_spec(spec).shards)
+    assert plan["files"][0] == {"name": "model.safetensors",
+                                "bytes": sum(s.nbytes for s in plan_from_spec(spec).shards)}
+    assert plan["verification"] == {"run": True, "checks": ["integrity", "serving", "equivalence", "answers"],
+                                    "prompts": 1, "probes": 0, "max_new_tokens": 8, "model_loads": 2,
+                                    "device": "auto"}
     assert plan["skipped_training_files"] == ["optimizer.pt", "rng_state.pth", "trainer_state.json"]
     assert plan["disk"]["needed"] < plan["disk"]["free"]
     assert not (tmp_path / "dist").exists()
@@ -212,8 +216,8 @@ def test_json_results_for_ci(tmp_path, sources):
     spec = write_spec(tmp_path, *sources)
     valid = run("validate", spec, "--json")
     assert valid.exit_code == 0, valid.output
-    assert json.loads(valid.stdout) == {"ok": True, "spec": str(spec), "name": "tiny-med", "mode": "merge",
-                                        "merged_tensors": 6, "warnings": [
+    assert json.loads(valid.stdout) == {"schema_version": 1, "ok": True, "spec": str(spec), "name": "tiny-med",
+                                        "mode": "merge", "merged_tensors": 6, "warnings": [
                                             "adapter records base_model_name_or_path='/home/Work/train-machine/models/"
                                             "tiny-base', base.path is 'qwen2-tied-float32'; shapes match, so packaging "
                                             "goes on"]}
@@ -240,12 +244,15 @@ def test_a_failed_verification_goes_through_the_one_error_handler_with_its_repor
     failed = run("build", spec, "--json")
     assert failed.exit_code == 3
     error = json.loads(failed.stdout)
-    assert set(error) == {"ok", "exit_code", "error"} and error["ok"] is False and error["exit_code"] == 3
+    assert set(error) == {"schema_version", "ok", "exit_code", "error"} and error["ok"] is False
+    assert error["exit_code"] == 3
     assert error["error"].startswith("verification failed:\n  prompt '你好': expected equals 'impossible'")
     assert run("build", spec, "--no-verify").exit_code == 0
     verified = run("verify", tmp_path / "dist" / "tiny-med", "--json")  # verify's result is the report, failed too
     assert verified.exit_code == 3
-    report = read_verification(json.loads(verified.stdout))
+    output = json.loads(verified.stdout)
+    assert output.pop("schema_version") == 1  # the --json output's; the rest is the report
+    report = read_verification(output)
     assert report["ok"] is False and report["bundle"] == "tiny-med" and report["equivalence"]["ok"]
     assert verified.stderr.endswith(f"\nerror: {failure_message(report)}\n")  # after the progress lines
 
@@ -270,7 +277,8 @@ def test_version_as_text_and_as_json(args):
     assert (result.exit_code, result.stdout, result.stderr) == (0, f"modelpack {builder.__version__}\n", "")
     result = run(*args)
     assert (result.exit_code, result.stderr) == (0, "")
-    assert result.stdout == f'{{\n  "ok": true,\n  "modelpack_version": "{builder.__version__}"\n}}\n'
+    assert result.stdout == (f'{{\n  "schema_version": 1,\n  "ok": true,\n  "modelpack_version": '
+                             f'"{builder.__version__}"\n}}\n')
 
 
 def test_json_before_the_command_says_where_it_goes(tmp_path, sources):

@@ -443,6 +443,9 @@ class Build:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "builder", "build", *map(str, args)], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+            # A user's Ctrl-C from a terminal, whatever this suite inherited (nohup and some CI runners start it with
+            # SIGINT ignored, which the build would keep, rightly, for its own process).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -558,6 +561,8 @@ class _SwallowsCtrlC:
 
 
 def test_a_ctrl_c_that_a_library_swallows_still_publishes_nothing(tmp_path, sources, capfd):
+    # As the suite found it: the default handler from a terminal, SIG_IGN when started in the background (nohup).
+    disposition = signal.getsignal(signal.SIGINT)
     spec, dest = _existing_bundle(tmp_path, sources)
     before = [state(dest), *(state(p) for p in sources)]
 
@@ -569,7 +574,7 @@ def test_a_ctrl_c_that_a_library_swallows_still_publishes_nothing(tmp_path, sour
     assert "Traceback" not in capfd.readouterr().err  # recorded, not printed as "Exception ignored"
     assert [state(dest), *(state(p) for p in sources)] == before
     assert leftovers(tmp_path) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the build's handler is gone with it
+    assert signal.getsignal(signal.SIGINT) is disposition  # the build's handler is gone with it
 
 
 @pytest.mark.slow

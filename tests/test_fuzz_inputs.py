@@ -279,3 +279,83 @@ def test_a_header_modelpack_accepts_is_one_safetensors_accepts(weights_file):
     locations = read_safetensors_header(weights_file)
     assert_safetensors_agrees(weights_file, locations)
     assert locations["w"].dtype.torch == torch.uint16 and locations["w"].nbytes == 4
+
+
+# --- regular expressions from adapter configs --------------------------------------------------------------------
+
+REGEX_PIECES = ["a", "b", ".", r"\.", r"\d", "[ab]", "(", ")", "|", "*", "+", "?", "{2,}", "{1,3}", "(?:", "(?=",
+                "(?!", "(?<=a)", r"\1", "^", "$", "_proj", "(?P<n>", "(?P=n)"]
+regexes = st.lists(st.sampled_from(REGEX_PIECES), min_size=1, max_size=14).map("".join)
+# Module names as transformers writes them, and the strings that make a backtracking engine work hardest on them.
+HARD_NAMES = ["model.layers.0.self_attn.q_proj", "a" * 28 + "!", "ab" * 14 + "!", "a." * 14 + "!", "1" * 28 + "x"]
+
+
+@FUZZ
+@given(pattern=regexes)
+def test_a_pattern_the_rule_admits_matches_hard_module_names_fast(pattern):
+    import re
+    import time
+
+    from builder.sources import regex_problem
+
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return
+    if regex_problem(pattern) is not None:
+        return
+    started = time.perf_counter()
+    for name in HARD_NAMES:
+        re.fullmatch(pattern, name)
+        re.match(rf"(.*\.)?({pattern})$", name)
+    assert time.perf_counter() - started < 0.5, pattern
+
+
+@FUZZ
+@given(pattern=regexes, key=st.sampled_from(["target_modules", "layers_pattern", "rank_pattern", "alpha_pattern"]))
+def test_any_adapter_pattern_is_accepted_or_a_source_error(pattern, key):
+    from builder.sources import _check_adapter_values
+
+    value = {pattern: 4} if key.endswith("_pattern") and key != "layers_pattern" else pattern
+    outcome(_check_adapter_values, {"r": 8, key: value}, Path("adapter_config.json"))
+
+
+def test_a_pattern_that_does_not_finish_in_time_is_refused_naming_it(monkeypatch):
+    from builder import adapter_match
+
+    monkeypatch.setattr(adapter_match, "PATTERN_SECONDS", 0.001)
+    names = [f"model.layers.{i}.self_attn.q_projection_and_more" for i in range(200)]
+    with pytest.raises(ModelpackError, match=r"target_modules '\.\*\.\*\.\*\.\*x' did not finish matching the base's "
+                                             r"200 module names within 0\.001 s"):
+        adapter_match.check_patterns_in_time({"target_modules": ".*.*.*.*x"}, names, Path("adapter_config.json"))
+    monkeypatch.setattr(adapter_match, "PATTERN_SECONDS", 2.0)
+    adapter_match.check_patterns_in_time({"target_modules": ".*.*.*.*x"}, names[:2], Path("adapter_config.json"))
+
+
+# --- received manifests ----------------------------------------------------------------------------------------------
+
+NAME_PIECES = ["a", "config.json", "/", ".", "..", "\\", "\0", "\n", "\u202e", "A", "ß", "SS", "e\u0301", "\u00e9",
+               "manifest.json", "model.sig", ":", "C:", "x" * 300]
+manifest_names = st.lists(st.sampled_from(NAME_PIECES), min_size=1, max_size=6).map("".join)
+
+
+@FUZZ
+@given(names=st.lists(manifest_names, max_size=6), depth=st.integers(0, 3000))
+def test_a_manifest_is_parsed_or_refused_and_no_clean_name_leaves_the_bundle(names, depth):
+    from builder.runtime.bundle_check import clean_entries, parse_manifest
+
+    entry = {"sha256": "0" * 64, "size": 1}
+    text = json.dumps({"files": dict.fromkeys(names, entry)})
+    text = text[:-1] + ', "x": ' + "[" * depth + "0" + "]" * depth + "}"
+    listed, problems = parse_manifest(text.encode())
+    if listed is None:
+        assert problems and depth > 0
+        return
+    clean = [name for name, _ in clean_entries(listed)]
+    assert len(clean) + len(problems) == len(listed)
+    for name in clean:
+        parts = name.split("/")
+        assert ".." not in parts and "" not in parts and not name.startswith("/") and name.isprintable()
+        assert name not in ("manifest.json", "model.sig") and "\\" not in name
+    folded = [name.casefold() for name in clean]
+    assert len(set(folded)) == len(folded)

@@ -75,6 +75,23 @@ def test_parting_scores_the_first_token_llama_cpp_would_not_choose(second_row, p
         assert found["tolerance"] == pytest.approx(0.1 + 0.1 * max(second_row))
 
 
+class LetterTokenizer:
+    """Token i is the letter chr(97 + i), and 26 a space; decodes as the bundle's tokenizer does (specials skipped)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(" " if i == 26 else chr(97 + i) for i in ids)
+
+
+@pytest.mark.parametrize(("generated", "bundle_answer", "shared"), [
+    ([26, 0, 1, 2], "abc", 4),  # the leading space both runtimes generated, which stripping took from the text
+    ([0, 1, 3], "abc", 2),
+    ([2], "abc", 0),
+    ([0, 1, 2, 3], "abc", 3),  # llama.cpp's answer goes on where the bundle's ended
+])
+def test_shared_tokens_reads_the_answers_text_not_its_retokenization(generated, bundle_answer, shared):
+    assert gguf_check.shared_tokens(generated, bundle_answer, LetterTokenizer()) == shared
+
+
 @pytest.mark.parametrize(("answer", "prompt_difference", "exact", "failures", "ok"), [
     ("same", None, True, [], True),
     ("other", None, True, [], False),  # bf16 of a bfloat16 bundle: must be the same
@@ -125,7 +142,9 @@ def test_the_q8_0_file_reports_its_agreement_and_the_card_shows_both(built):
     for answer in q8["answers"]:  # a difference is reported where there is one, and only there
         assert (answer["difference"] is None) is answer["equal"]
     written = read_verification(json.loads((built.bundle / "verification.json").read_text(encoding="utf-8")))
-    assert written["gguf"]["files"] == built.verification["gguf"]["files"]
+    # The bundle's copy holds no run figures (report.bundle_record): the load time stays in the run's report.
+    assert written["gguf"]["files"] == [{k: v for k, v in f.items() if k != "load_seconds"}
+                                        for f in built.verification["gguf"]["files"]]
     card = (built.bundle / "README.md").read_text(encoding="utf-8")
     assert "GGUF files run in llama.cpp itself (llama-cpp-python 0.3.36" in card
     assert "| `gguf/tiny-med-bf16.gguf` | ok | 2 of 2 (required) | equal | met |" in card
@@ -197,6 +216,7 @@ def test_without_llama_cpp_the_check_is_skipped_with_the_install_command(bundle,
     report = verify_bundle(bundle, python=python)
     assert report["ok"] and "gguf" not in report
     skipped = next(s for s in report["skipped"] if s["check"] == "gguf")
-    assert (f"llama-cpp-python is not installed in {python}, so 2 GGUF file(s) were not run in llama.cpp"
-            in skipped["reason"])
-    assert f"`{python} -m pip install 'llama-cpp-python==0.3.36'`" in skipped["reason"]
+    assert ("llama-cpp-python is not installed in the verifying interpreter, so 2 GGUF file(s) were not run in "
+            "llama.cpp" in skipped["reason"])
+    assert "`python -m pip install 'llama-cpp-python==0.3.36'`" in skipped["reason"]
+    assert str(tmp_path) not in skipped["reason"]  # the report ships in the bundle: no path of this machine

@@ -22,11 +22,11 @@ from builder.gguf_export import (
     GgufTensor,
     StreamedTensor,
     converted_blocks,
-    interleave_rotary_halves,
+    plan_gguf_tensors,
     tensor_type,
     tiktoken_merge,
 )
-from builder.gguf_facts import pre_tokenizer
+from builder.gguf_facts import ARCHITECTURES, interleave_rotary_halves, pre_tokenizer, qkv_grouped_by_kind
 from builder.manifest import sha256_file
 from builder.safetensors_io import read_safetensors_header
 from builder.trust import bundle_digest, require_integrity
@@ -263,6 +263,21 @@ def test_qwen_v1_vocabulary_is_the_tiktoken_ranks_and_specials(qwen_v1_bundle):
     assert rendered == prompt
 
 
+def test_provenance_comes_from_the_card_and_names_no_local_path(models, adapters, tmp_path):
+    base = models("qwen2", tied=True, dtype=torch.bfloat16)
+    card = {"license": "apache-2.0", "tags": ["medical", "lora"], "language": ["zh", "en"],
+            "base_model": "Qwen/Qwen2.5-0.5B-Instruct"}
+    spec = write_spec(tmp_path, base, adapters(base), card=card, export={"gguf": {"types": ["bf16"]}})
+    bundle = build_bundle(plan_from_spec(spec), verify=False).bundle
+    fields = reader_fields(bundle / "gguf" / "tiny-med-bf16.gguf")
+    assert fields["general.license"] == "apache-2.0"
+    assert fields["general.tags"] == ["medical", "lora"] and fields["general.languages"] == ["zh", "en"]
+    assert fields["general.base_model.count"] == 1 and fields["general.base_model.0.organization"] == "Qwen"
+    assert fields["general.base_model.0.repo_url"] == "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct"
+    texts = [v for k, v in fields.items() if k.startswith("general.") and isinstance(v, str)]
+    assert not any(str(tmp_path) in text or "/home/" in text for text in texts)
+
+
 # --- refusals, before any work ------------------------------------------------------------------------------------
 
 
@@ -271,7 +286,7 @@ def test_unknown_architecture_is_refused_at_validate(models, adapters, tmp_path)
     spec = write_spec(tmp_path, base, adapters(base, "gpt2", target_modules=["c_attn"]),
                       export={"gguf": {"types": ["bf16"]}})
     result = CliRunner().invoke(app, ["validate", str(spec)])
-    assert_user_error(result, 2, "'GPT2LMHeadModel'", "Qwen2ForCausalLM, LlamaForCausalLM, QWenLMHeadModel",
+    assert_user_error(result, 2, "'GPT2LMHeadModel'", "Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM",
                       "export.gguf")
 
 
@@ -290,7 +305,8 @@ def test_unmapped_pre_tokenizer_is_refused_at_validate(models, adapters, tmp_pat
     (base / "tokenizer.json").write_text(json.dumps(tokenizer))
     spec = write_spec(tmp_path, base, adapters(models("qwen2", tied=True)), export={"gguf": {"types": ["bf16"]}})
     result = CliRunner().invoke(app, ["validate", str(spec)])
-    assert_user_error(result, 2, str(base / "tokenizer.json"), "Metaspace")
+    assert_user_error(result, 2, str(base / "tokenizer.json"), "Metaspace", "qwen2 GGUF export",
+                      "pre-tokenizer llama.cpp names")
 
 
 # --- the pure layers ------------------------------------------------------------------------------------------------
@@ -302,7 +318,8 @@ def test_unmapped_pre_tokenizer_is_refused_at_validate(models, adapters, tmp_pat
     (LLAMA3_PRE, "llama-bpe"),
 ])
 def test_pre_tokenizer_names(section, expected):
-    assert pre_tokenizer({"model": {"type": "BPE"}, "pre_tokenizer": section}, Path("tokenizer.json")) == expected
+    tokenizer = {"model": {"type": "BPE"}, "pre_tokenizer": section}
+    assert pre_tokenizer(tokenizer, Path("tokenizer.json"), "qwen2") == expected
 
 
 @pytest.mark.parametrize("section", [
@@ -311,8 +328,8 @@ def test_pre_tokenizer_names(section, expected):
     {"type": "Whitespace"},
 ])
 def test_pre_tokenizers_without_a_llama_cpp_name_are_refused(section):
-    with pytest.raises(gguf_export.SourceError, match="tokenizer.json: the GGUF export knows"):
-        pre_tokenizer({"model": {"type": "BPE"}, "pre_tokenizer": section}, Path("tokenizer.json"))
+    with pytest.raises(gguf_export.SourceError, match="tokenizer.json: the qwen2 GGUF export needs a byte-level BPE"):
+        pre_tokenizer({"model": {"type": "BPE"}, "pre_tokenizer": section}, Path("tokenizer.json"), "qwen2")
 
 
 def test_interleave_rotary_halves_is_the_converters_permute():
@@ -326,6 +343,37 @@ def test_interleave_rotary_halves_is_the_converters_permute():
         expected = permute(weights, heads).numpy()
         assert np.array_equal(interleave_rotary_halves(weights.numpy(), heads), expected)
     assert interleave_rotary_halves(np.arange(8.0), 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_qkv_grouped_by_kind_is_the_converters_reordering():
+    """GPTNeoXModel.modify_tensors, for the weight and the bias."""
+    heads, head_dim, embed = 4, 3, 12
+    weights = torch.randn(3 * embed, embed)
+    per_head = weights.reshape(heads, 3, head_dim, embed)
+    expected = torch.cat([per_head[:, kind].reshape(-1, embed) for kind in range(3)])
+    config = {"num_attention_heads": heads}
+    assert np.array_equal(qkv_grouped_by_kind(config, "blk.0.attn_qkv.weight", weights.numpy()), expected.numpy())
+    bias = torch.randn(3 * embed)
+    expected_bias = torch.cat([bias.reshape(heads, 3, head_dim)[:, kind].reshape(-1) for kind in range(3)])
+    assert np.array_equal(qkv_grouped_by_kind(config, "blk.0.attn_qkv.bias", bias.numpy()), expected_bias.numpy())
+
+
+def test_experts_are_stacked_in_expert_order_at_the_first_experts_place(tmp_path):
+    from safetensors.torch import save_file
+
+    names = ["model.embed_tokens.weight", *(f"model.layers.0.mlp.experts.{e}.{p}.weight"
+                                            for e in (1, 0, 10, 2) for p in ("up_proj", "down_proj")),
+             "model.layers.0.mlp.gate.weight"]
+    save_file({n: torch.zeros(4, 32) for n in names}, tmp_path / "model.safetensors")
+    header = read_safetensors_header(tmp_path / "model.safetensors")
+    config = {"num_hidden_layers": 1, "num_attention_heads": 4}
+    planned = plan_gguf_tensors(ARCHITECTURES["Qwen3MoeForCausalLM"], config, [header[n] for n in names],
+                                gguf.GGMLQuantizationType.Q8_0)
+    assert [(t.name, t.shape) for t in planned] == [("token_embd.weight", (4, 32)), ("blk.0.ffn_up_exps.weight",
+                                                    (4, 4, 32)), ("blk.0.ffn_down_exps.weight", (4, 4, 32)),
+                                                    ("blk.0.ffn_gate_inp.weight", (4, 32))]
+    assert [s.name.split(".")[5] for s in planned[1].sources] == ["0", "1", "2", "10"]
+    assert planned[3].qtype == gguf.GGMLQuantizationType.F32  # the router, as llama.cpp keeps it
 
 
 def test_tiktoken_merge_finds_the_pair_bpe_made():
@@ -359,7 +407,8 @@ def test_row_blocks_convert_exactly_as_the_whole_tensor(qtype, tmp_path, monkeyp
     save_file({"w": weight}, str(tmp_path / "w.safetensors"))
     location = read_safetensors_header(tmp_path / "w.safetensors")["w"]
     monkeypatch.setattr(gguf_export, "BLOCK_BYTES", 96 * 4 * 7)  # 7 rows a block: 43 blocks
-    tensor = GgufTensor("blk.0.ffn_up.weight", location.shape, gguf.GGMLQuantizationType[qtype], source=location)
+    tensor = GgufTensor("blk.0.ffn_up.weight", location.shape, gguf.GGMLQuantizationType[qtype],
+                        sources=(location,))
     blocks = list(converted_blocks(tensor))
     assert len(blocks) == 43
     whole = gguf.quants.quantize(weight.float().numpy(), tensor.qtype)

@@ -169,6 +169,10 @@ BILLION_LAUGHS = "name: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + ""
 )
 
 
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
 def overwrite(path: Path, content: str | bytes) -> None:
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
 
@@ -333,6 +337,34 @@ SAFETENSORS_CASES = [
 ]
 
 ADAPTER_CONFIG_CASES = [
+    ("adapter-target-modules-match-a-decoder-block", lambda p: adapter_config(p, target_modules=r".*layers\.\d+"), 2,
+     ["match model.layers.0, model.layers.1", "which peft cannot wrap"]),
+    ("adapter-target-modules-name-a-norm", lambda p: adapter_config(p, target_modules=["q_proj", "input_layernorm"]),
+     2, ["match model.layers.0.input_layernorm", "which peft cannot wrap"]),
+    ("adapter-target-modules-name-a-container", lambda p: adapter_config(p, target_modules=["v_proj", "mlp"]), 2,
+     ["match model.layers.0.mlp", "which peft cannot wrap"]),
+    ("adapter-target-modules-nested-repeat", lambda p: adapter_config(p, target_modules="(a+)+b"), 2,
+     [ADAPTER_CONFIG + "target_modules '(a+)+b' repeats a group that itself repeats or branches"]),
+    ("adapter-target-modules-backreference", lambda p: adapter_config(p, target_modules=r"(q)_proj\1"), 2,
+     ["target_modules '(q)_proj\\\\1' uses a backreference"]),
+    ("adapter-rank-pattern-alternation-repeated", lambda p: adapter_config(p, rank_pattern={"(q|qq)*_proj": 4}), 2,
+     ["rank_pattern key '(q|qq)*_proj' repeats a group"]),
+    ("adapter-alpha-pattern-many-repeats", lambda p: adapter_config(p, alpha_pattern={".*.*.*.*.*x": 4}), 2,
+     ["alpha_pattern key '.*.*.*.*.*x' has 6 unbounded repeats"]),
+    ("adapter-layers-pattern-nested-repeat", lambda p: adapter_config(p, layers_pattern="(l+)+"), 2,
+     ["layers_pattern '(l+)+' repeats a group"]),
+    ("adapter-target-modules-nested-deeply", lambda p: adapter_config(p, target_modules="(" * 5000 + ")" * 5000), 2,
+     ["is nested too deeply to be a module name pattern"]),
+    ("adapter-unknown-key-set-by-a-newer-peft", lambda p: adapter_config(p, peft_version="0.99.0", lora_future=True),
+     2, ["{adapter}/adapter_config.json (written by peft 0.99.0): lora_future is true, a setting modelpack does not"]),
+    ("adapter-unknown-key-without-peft-version", lambda p: adapter_config(p, peft_version=DELETE, lora_future={"a": 1}),
+     2, [ADAPTER_CONFIG + 'lora_future is {"a": 1}, a setting modelpack does not know']),
+    ("adapter-unknown-key-zero-is-not-false", lambda p: adapter_config(p, lora_future=0), 2,
+     ["lora_future is 0, a setting modelpack does not know"]),
+    ("adapter-unimplemented-variant-switched-on", lambda p: adapter_config(p, use_qalora=True), 2,
+     ["use_qalora is true, a setting modelpack does not know"]),
+    ("adapter-unimplemented-init-config-set", lambda p: adapter_config(p, eva_config={"rho": 2.0}), 2,
+     ['eva_config is {"rho": 2.0}, a setting modelpack does not know']),
     ("adapter-rank-zero", lambda p: adapter_config(p, r=0), 2,
      [ADAPTER_CONFIG + "r is 0, but must be a positive integer (the LoRA rank); " + RESAVE]),
     ("adapter-rank-negative", lambda p: adapter_config(p, r=-8), 2,
@@ -415,6 +447,20 @@ BASE_CONFIG_CASES = [
      2, ["base.path {base} has no tokenizer files", "merge_and_unload", "set `tokenizer.path` in the spec"]),
     ("base-auto-map-a-string", lambda p: base_config(p, auto_map="modeling_x.X"), 2,
      ["{base}: `auto_map` in a config there is 'modeling_x.X', not an object mapping Auto classes"]),
+    ("base-eos-token-id-a-string", lambda p: base_config(p, eos_token_id="2"), 2, ["eos_token_id"]),
+    ("base-generation-eos-token-id-a-string", lambda p: overwrite(p.base / "generation_config.json",
+                                                                   '{"eos_token_id": "2"}'), 2, ["eos_token_id"]),
+    ("base-chat-template-not-utf8", lambda p: overwrite(p.base / "chat_template.jinja", b"{{ '\xff\xfe' }}"), 2,
+     ["{base}/chat_template.jinja: not UTF-8 text"]),
+    ("base-tokenizer-config-not-utf8", lambda p: overwrite(p.base / "tokenizer_config.json", b'{"a": "\xff"}'), 2,
+     ["{base}/tokenizer_config.json: not UTF-8 text"]),
+    ("base-config-nested-deeply", lambda p: overwrite(p.base / "config.json", b'{"a": ' + nested(100_000) + b"}"), 2,
+     ["{base}/config.json: JSON nested too deeply"]),
+    ("base-added-tokens-decoder-malformed", lambda p: edit_json(p.base / "tokenizer_config.json", added_tokens_decoder={
+        "x": {"content": "<a>"}}), 2, ["{base}/tokenizer_config.json: added_tokens_decoder holds 'x'"]),
+    ("base-added-tokens-decoder-entry-a-string", lambda p: edit_json(p.base / "tokenizer_config.json",
+                                                                      added_tokens_decoder={"5": "<a>"}), 2,
+     ["{base}/tokenizer_config.json: added_tokens_decoder holds '5'"]),
 ]
 
 CASES = SPEC_CASES + SAFETENSORS_CASES + ADAPTER_CONFIG_CASES + BASE_CONFIG_CASES
@@ -504,3 +550,112 @@ def test_unsigned_and_float8_tensors_are_read_and_written(project):
             assert written.view(torch.uint8).tolist() == extra[name].view(torch.uint8).tolist()
         for name in ("extra.f8", "extra.f8_e5m2"):
             assert torch.equal(f.get_tensor(name), extra[name].to(torch.float32))
+
+
+# --- hostile received bundles: `modelpack verify` and `inspect` refuse them in bounded time and memory ---------------
+
+RECEIVED_LIMIT_S = 10
+RECEIVED_ADDRESS_SPACE = 2 << 30
+
+
+def received_bundle(folder: Path, files: dict[str, bytes] | None = None) -> Path:
+    """A bundle's shape without a model: the runtime, a config and a manifest listing them."""
+    import hashlib
+
+    from helpers import RUNTIME
+
+    bundle = folder / "received"
+    bundle.mkdir()
+    contents = {"load.py": (RUNTIME / "load.py").read_bytes(), "bundle_check.py": (RUNTIME / "bundle_check.py")
+                .read_bytes(), "config.json": b"{}", **(files or {})}
+    for name, data in contents.items():
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_bytes(data)
+    listed = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in contents.items()}
+    (bundle / "manifest.json").write_text(json.dumps({"generator": "modelpack", "files": listed}))
+    return bundle
+
+
+def deep_tree(bundle: Path, depth: int) -> None:
+    """A folder tree `depth` levels deep, made relative to each level (its full path is over PATH_MAX)."""
+    import os
+
+    fd = os.open(bundle, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+
+
+def flatten_deep_tree(bundle: Path) -> None:
+    """Remove deep_tree's folders one level at a time (shutil.rmtree, which pytest's cleanup uses, recurses)."""
+    import os
+
+    while (bundle / "d" / "d").is_dir():
+        os.rename(bundle / "d" / "d", bundle / "next")
+        os.rmdir(bundle / "d")
+        os.rename(bundle / "next", bundle / "d")
+
+
+def manifest_with(bundle: Path, text: bytes) -> None:
+    (bundle / "manifest.json").write_bytes(text)
+
+
+def many_entries(count: int) -> bytes:
+    entry = '"f%d": {"sha256": "' + "0" * 64 + '", "size": 1}'
+    return ('{"files": {' + ", ".join(entry % i for i in range(count)) + "}}").encode()
+
+
+RECEIVED_CASES = [
+    ("manifest-nested-deeply", lambda b: manifest_with(b, b'{"files": {}, "x": ' + nested(200_000) + b"}"),
+     ["manifest.json: nested too deeply"]),
+    ("manifest-a-list", lambda b: manifest_with(b, b"[]"), ["manifest.json: has no 'files' table"]),
+    ("manifest-not-utf8", lambda b: manifest_with(b, b'{"files": {"\xff": 1}}'), ["manifest.json: not a JSON object"]),
+    ("manifest-over-the-size-limit", lambda b: manifest_with(b, b'{"files": {}, "x": "' + b"a" * (17 << 20) + b'"}'),
+     ["manifest.json is 17825", "over the limit of 16777216"]),
+    ("manifest-millions-of-entries", lambda b: manifest_with(b, many_entries(150_000)),
+     ["lists 150000 files, over the limit of 100000"]),
+    ("manifest-huge-name", lambda b: manifest_with(b, json.dumps({"files": {"a" * 5000: {
+        "sha256": "0" * 64, "size": 1}}}).encode()), ["a name longer than 4096 bytes"]),
+    ("manifest-name-over-the-component-limit", lambda b: manifest_with(b, json.dumps({"files": {"a" * 300: {
+        "sha256": "0" * 64, "size": 1}}}).encode()), ["with a part over 255 bytes"]),
+    ("manifest-name-with-nul", lambda b: manifest_with(b, json.dumps({"files": {"con\0fig.json": {
+        "sha256": "0" * 64, "size": 1}}}).encode()), ["con\\x00fig.json: not a file name inside the bundle"]),
+    ("manifest-name-with-bidi", lambda b: manifest_with(b, json.dumps({"files": {
+        "config\u202e.json": {"sha256": "0" * 64, "size": 1}}}).encode()), ["config\\u202e.json: not a file name"]),
+    ("tree-thousands-of-levels-deep", lambda b: deep_tree(b, 3000), ["d/d/d/", "not in manifest.json"]),
+]
+
+
+@pytest.mark.parametrize("case, break_bundle, fragments", RECEIVED_CASES, ids=[c[0] for c in RECEIVED_CASES])
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_a_hostile_received_bundle_is_refused_in_bounded_time_and_memory(tmp_path, request, case, break_bundle,
+                                                                         fragments, command):
+    import resource
+    import subprocess
+    import sys
+
+    bundle = received_bundle(tmp_path)
+    break_bundle(bundle)
+    request.addfinalizer(lambda: flatten_deep_tree(bundle))
+    if command == "inspect":
+        fragments = []  # inspect reports what it can read of a bundle; it must only end cleanly
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (RECEIVED_ADDRESS_SPACE, RECEIVED_ADDRESS_SPACE))
+
+    result = subprocess.run([sys.executable, "-c", "from builder.cli import main; main()", command, str(bundle)],
+                            capture_output=True,
+                            text=True, timeout=RECEIVED_LIMIT_S, preexec_fn=limits)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    if command == "verify":
+        assert result.returncode == 3, output
+    else:
+        assert result.returncode in (0, 2, 3), output  # 0: it listed the problems it found
+    for fragment in fragments:
+        assert fragment in output, output

@@ -224,3 +224,55 @@ DEFAULT_SYSTEM_TEMPLATE = (
 ])
 def test_the_chat_templates_default_system_prompt(template, expected):
     assert default_system_prompt(template, {}) == expected
+
+
+INJECTIONS = ["q_proj\nverify: {prompts: []}", "q_proj\r\nname: evil", "q_proj\x85name: evil", "q_proj\u2028name: evil",
+              "q_proj\u202e", "q_proj\x00\x1b[2J"]
+
+
+@pytest.mark.parametrize("module", INJECTIONS)
+def test_values_read_from_a_checkpoint_cannot_inject_yaml(demo, module):
+    config_path = demo / "checkpoint-200" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = [*config["target_modules"], module]
+    config["base_model_name_or_path"] = "/train/" + module
+    config_path.write_text(json.dumps(config))
+    result = run("init", "demo/checkpoint-200", "--base", "demo/base", "-o", "specs/x.yaml")
+    if result.exit_code == 2:  # refused when read (a module name the base lacks), which is as good
+        assert "Traceback" not in result.output
+        return
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    text = Path("specs/x.yaml").read_text(encoding="utf-8")
+    drafted = yaml.safe_load(text)
+    assert drafted["name"] == "x" and drafted["verify"]["prompts"] and set(drafted) == {
+        "name", "base", "adapter", "output", "generation", "chat", "card", "verify"}
+    assert not any(c in text for c in "\r\x85\u2028\u202e\x00\x1b")
+
+
+@pytest.mark.parametrize("metric, shown", [(10**400, "beyond any float"), (1e308, "1e+308"), (-0.0, "-0")])
+def test_a_huge_metric_is_written_not_a_crash(tmp_path, monkeypatch, trainer_inputs, metric, shown):
+    _, run_folder = trainer_run(tmp_path, *trainer_inputs, best="checkpoint-20")
+    state_file = run_folder / "checkpoint-30" / "trainer_state.json"
+    state_file.write_text(state_file.read_text().replace("0.4321", str(metric) if isinstance(metric, int) else
+                                                         repr(metric)))
+    monkeypatch.chdir(tmp_path)
+    result = run("init", "output/med-lora")
+    assert result.exit_code == 0, result.output
+    assert f"best_metric {shown})" in result.stderr
+
+
+def test_init_exits_2_when_its_output_cannot_be_written(demo):
+    Path("specs").write_text("a file where the folder would go")
+    result = run("init", "demo/checkpoint-200", "--base", "demo/base", "-o", "specs/x.yaml")
+    assert_user_error(result, 2, "specs/x.yaml: cannot write the drafted spec there")
+
+
+def test_a_recorded_base_under_an_unknown_users_home_is_a_user_error(demo):
+    config_path = demo / "checkpoint-200" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "~no-such-user-3f5c/models/base"
+    config_path.write_text(json.dumps(config))
+    result = run("init", "demo/checkpoint-200")
+    assert_user_error(result, 2, "whose `~` names no user on this machine", "--base PATH")

@@ -83,8 +83,9 @@ def test_the_lora_forms_an_adapter_uses(models, adapters):
     assert found["kind"] == "adapter checkpoint"
     assert found["adapter"]["forms"] == ["rsLoRA (scaling alpha/sqrt(r))", "DoRA", "rank_pattern (1)",
                                          "modules_to_save: lm_head"]
-    assert found["adapter"]["training_leftovers"] == {
-        name: (adapter / name).stat().st_size for name in ("optimizer.pt", "rng_state.pth", "trainer_state.json")}
+    assert found["adapter"]["training_leftovers"] == [
+        {"name": name, "bytes": (adapter / name).stat().st_size}
+        for name in ("optimizer.pt", "rng_state.pth", "trainer_state.json")]
 
 
 @pytest.fixture(scope="module")

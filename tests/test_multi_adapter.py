@@ -246,7 +246,8 @@ def test_separate_mode_ships_the_concatenation_plain_peft_loads(tmp_path, models
     config = json.loads((bundle / "adapter" / "adapter_config.json").read_text())
     # q_proj / down_proj hold both adapters' ranks (8 + 4), v_proj 8 + 2 padded with zeros to 12: one r, scaling 1.
     assert (config["r"], config["lora_alpha"], config.get("use_rslora", False)) == (12, 12, False)
-    assert config["base_model_name_or_path"] == ".." and not config.get("rank_pattern")
+    name = json.loads((bundle / "modelpack_bundle.json").read_text())["name"]
+    assert config["base_model_name_or_path"] == name and not config.get("rank_pattern")
     assert sorted(config["target_modules"]) == sorted(ALL_LINEAR)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32),
                                       bundle / "adapter").eval()

@@ -213,7 +213,8 @@ def test_separate_bundle_keeps_tokenizer_files_out_of_the_adapter_folder(separat
         "adapter_config.json", "adapter_model.safetensors"
     ]
     config = json.loads((bundle / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == ".."
+    # No Hub id is known (the adapter records a training-machine folder): the bundle's name, never a relative path.
+    assert config["base_model_name_or_path"] == "qwen-med-separate"
     assert sorted(config["target_modules"]) == sorted(TARGET_MODULES)
 
 
@@ -357,10 +358,10 @@ def test_adapter_config_leaves_out_default_keys_older_peft_rejects():
         "base_model_name_or_path": "/train/Qwen-7B-Chat", "use_dora": False, "peft_version": "0.21.2",
         "lora_bias": False, "exclude_modules": None, "qalora_group_size": 16, "trainable_token_indices": None,
         "eva_config": None, "use_qalora": True,
-    })
+    }, base="Qwen/Qwen-7B-Chat")
     assert written == {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "target_modules": ["c_attn"],
-        "base_model_name_or_path": "..", "use_dora": False, "use_qalora": True, "inference_mode": True,
+        "base_model_name_or_path": "Qwen/Qwen-7B-Chat", "use_dora": False, "use_qalora": True, "inference_mode": True,
     }
 
 

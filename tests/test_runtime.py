@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder import render
+from builder.sizing import KvCache
 from builder.trust import BUNDLE_RUNTIME
 from helpers import RUNTIME, import_file
 
@@ -77,7 +78,8 @@ def test_check_integrity_passes_an_untouched_bundle_and_names_each_change(tmp_pa
 
 
 def test_check_integrity_without_a_readable_manifest(tmp_path):
-    assert check.check_integrity(tmp_path)["problems"] == ["manifest.json: has no 'files' table"]
+    assert check.check_integrity(tmp_path)["problems"] == [
+        "manifest.json: cannot be read (No such file or directory)"]
     (tmp_path / "manifest.json").write_text("[1, 2]")
     assert check.check_integrity(tmp_path) == {"ok": False, "files": 0,
                                                "problems": ["manifest.json: has no 'files' table"]}
@@ -163,7 +165,9 @@ def test_the_runtime_is_copied_byte_for_byte_with_the_facts_beside_it(tmp_path):
                                      modules=1, recorded_base="base", checkpoint="checkpoint-1")
     context = render.RenderContext(**FACTS, base_name="base", base_model_id=None, generation={}, card={},
                                    adapter=adapter, adapters=[], composed_rank=None, weight_files=["model.safetensors"],
-                                   weight_size="1 MB", build_date="2025-01-01", serving=[], ollama=None, modelfile=None)
+                                   weight_size="1 MB", weight_bytes=10**6, kv=KvCache(None, None, ()),
+                                   transformers_version="5.0.0", serving=[], ollama=None,
+                                   modelfile=None)
     files = render.render_runtime(context)
     # Only the bundle's own runtime ships (equivalence.py and gguf_check.py run from modelpack), and trust exempts
     # exactly it.

@@ -103,8 +103,9 @@ def test_vllm_max_lora_rank_is_the_smallest_accepted_value_that_holds_the_rank(r
 
 
 def served(**overrides) -> ServedBundle:
-    facts = dict(name="med", folder="med", mode="merge", trust_remote_code=False, has_chat_template=True,
-                 max_lora_rank=8, gguf_files=[], gguf_has_chat_template=False, has_modelfile=False)
+    facts = dict(name="med", mode="merge", trust_remote_code=False, has_chat_template=True,
+                 max_lora_rank=8, gguf_files=[], gguf_has_chat_template=False, has_modelfile=False,
+                 context_length=None, max_new_tokens=None, system_prompt=None, example_prompt="你好")
     return ServedBundle(**{**facts, **overrides})
 
 
@@ -114,43 +115,39 @@ def commands(bundle: ServedBundle) -> dict[str, str | None]:
 
 TGI = ("docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/med:/data/med "
        "ghcr.io/huggingface/text-generation-inference")
+VLLM = "vllm serve ./med --served-model-name med --port 8000"
+SGLANG = "python -m sglang.launch_server --model-path ./med --served-model-name med --port 30000"
+# Separate mode: requests name the adapter `med`; the base alone is `med-base`.
+VLLM_SEPARATE = "vllm serve ./med --served-model-name med-base --port 8000"
+SGLANG_SEPARATE = "python -m sglang.launch_server --model-path ./med --served-model-name med-base --port 30000"
 
 
 @pytest.mark.parametrize("bundle, expected", [
-    (served(), {
-        "vLLM": "vllm serve ./med",
-        "SGLang": "python -m sglang.launch_server --model-path ./med",
-        "TGI": f"{TGI} --model-id /data/med",
-    }),
+    (served(), {"vLLM": VLLM, "SGLang": SGLANG, "TGI": f"{TGI} --model-id /data/med"}),
     (served(trust_remote_code=True), {
-        "vLLM": "vllm serve ./med --trust-remote-code",
-        "SGLang": "python -m sglang.launch_server --model-path ./med --trust-remote-code",
+        "vLLM": f"{VLLM} --trust-remote-code",
+        "SGLang": f"{SGLANG} --trust-remote-code",
         "TGI": f"{TGI} --model-id /data/med --trust-remote-code",
     }),
     (served(mode="separate", max_lora_rank=24), {
-        "vLLM": "vllm serve ./med --enable-lora --lora-modules med=./med/adapter --max-lora-rank 32",
-        "SGLang": "python -m sglang.launch_server --model-path ./med --lora-paths med=./med/adapter",
+        "vLLM": f"{VLLM_SEPARATE} --enable-lora --lora-modules med=./med/adapter --max-lora-rank 32",
+        "SGLang": f"{SGLANG_SEPARATE} --lora-paths med=./med/adapter",
         "TGI": f"{TGI} --model-id /data/med --lora-adapters med=/data/med/adapter",
     }),
     (served(mode="separate", max_lora_rank=1024), {
         "vLLM": None,
-        "SGLang": "python -m sglang.launch_server --model-path ./med --lora-paths med=./med/adapter",
+        "SGLang": f"{SGLANG_SEPARATE} --lora-paths med=./med/adapter",
         "TGI": f"{TGI} --model-id /data/med --lora-adapters med=/data/med/adapter",
     }),
-    (served(gguf_files=["med-bf16.gguf", "med-q8_0.gguf"], gguf_has_chat_template=True, has_modelfile=True), {
-        "vLLM": "vllm serve ./med",
-        "SGLang": "python -m sglang.launch_server --model-path ./med",
+    (served(gguf_files=["med-bf16.gguf", "med-q8_0.gguf"], gguf_has_chat_template=True, has_modelfile=True,
+            context_length=4096), {
+        "vLLM": f"{VLLM} --max-model-len 4096",
+        "SGLang": f"{SGLANG} --context-length 4096",
         "TGI": f"{TGI} --model-id /data/med",
         "Ollama": "ollama create med -f ./med/gguf/Modelfile",
-        "llama.cpp": "llama-server -m ./med/gguf/med-bf16.gguf --jinja",
+        "llama.cpp": "llama-server -m ./med/gguf/med-bf16.gguf --jinja --alias med --port 8080 -c 4096",
     }),
-    (served(name="med", folder="med-v2", mode="separate"), {
-        "vLLM": "vllm serve ./med-v2 --enable-lora --lora-modules med=./med-v2/adapter --max-lora-rank 8",
-        "SGLang": "python -m sglang.launch_server --model-path ./med-v2 --lora-paths med=./med-v2/adapter",
-        "TGI": TGI.replace("med:/data/med", "med-v2:/data/med-v2")
-        + " --model-id /data/med-v2 --lora-adapters med=/data/med-v2/adapter",
-    }),
-], ids=["merged", "remote-code", "separate-rank-24", "separate-rank-1024", "gguf", "folder-named-otherwise"])
+], ids=["merged", "remote-code", "separate-rank-24", "separate-rank-1024", "gguf"])
 def test_serving_commands_by_bundle_kind(bundle, expected):
     assert commands(bundle) == expected
 
@@ -290,7 +287,7 @@ def test_modelfile_template_gives_the_jinja_templates_prompt_byte_for_byte(go_re
     assert [args for name, args in parsed if name == "system"] == ([written] if written else [])
     assert [args for name, args in parsed if name == "stop"] == [chat.end_of_turn_token]
     assert [(name, args) for name, args in parsed if name not in ("from", "template", "system", "stop")] == [
-        ("temperature", "0"), ("repeat_penalty", "1"), ("num_predict", "64")]
+        ("license", "other"), ("temperature", "0"), ("repeat_penalty", "1"), ("num_predict", "64")]
 
 
 def test_llama3_whitespace_caveat_is_real_and_stated(go_renderer, tokenizer):
@@ -352,7 +349,9 @@ def test_qwen_v1_modelfile_gives_make_contexts_prompt_byte_for_byte(go_renderer,
 
 def serving_paths(card: str, bundle: Path) -> list[tuple[str, Path]]:
     """Every path the Serving section's commands name, as (command, path on this machine): ./NAME/..., NAME=./...,
-    TGI's -v $PWD/NAME:/data/NAME mount and the /data/NAME/... paths inside it."""
+    TGI's -v $PWD/NAME:/data/NAME mount and the /data/NAME/... paths inside it. NAME is the bundle's name (its
+    facts'), which the commands use whatever the folder is called (the card says so)."""
+    name = json.loads((bundle / "modelpack_bundle.json").read_text(encoding="utf-8"))["name"]
     section = card[card.index("## Serving"):]
     section = section[:section.index("\n## ", 1)]
     found = []
@@ -362,8 +361,8 @@ def serving_paths(card: str, bundle: Path) -> list[tuple[str, Path]]:
                 part = part.replace("$PWD/", "./")
                 if part.startswith("/data/"):
                     part = "./" + part[len("/data/"):]
-                if part.startswith(f"./{bundle.name}"):
-                    found.append((command, bundle.parent / part))
+                if part == f"./{name}" or part.startswith(f"./{name}/"):
+                    found.append((command, bundle / part[len(f"./{name}/"):]))
     return found
 
 
@@ -414,7 +413,8 @@ def test_the_card_serves_a_separate_adapter_with_a_rank_vllm_accepts(bundles):
 def test_a_remote_code_bundle_is_served_trusting_its_code_and_ollama_gets_qwen_v1s_chatml(remote_code_bundle):
     bundle = remote_code_bundle
     card = (bundle / "README.md").read_text(encoding="utf-8")
-    assert "vllm serve ./qwen-med --trust-remote-code" in card and "ships no chat template" in card
+    assert "vllm serve ./qwen-med --served-model-name qwen-med --port 8000" in card
+    assert "--trust-remote-code\n" in card and "ships no chat template" in card
     modelfile = (bundle / "gguf" / "Modelfile").read_text(encoding="utf-8")
     assert "FROM ./qwen-med-bf16.gguf" in modelfile and "You are a helpful assistant." in modelfile
     assert "PARAMETER stop <|im_end|>" in modelfile

@@ -437,15 +437,16 @@ def test_names_made_of_letters_digits_dots_underscores_and_dashes_are_accepted(p
     assert spec.name == name
 
 
-@pytest.mark.parametrize("name", ["my model", "-tiny", ".hidden", "qwen/7b", ""])
+@pytest.mark.parametrize("name", ["my model", "-tiny", ".hidden", "qwen/7b", "", "tiny\n", "tiny\r", "tiny\t",
+                                  "tiny\u202e", "tin\u200by", "tiny\x00", "tiny\x1b[31m", "t" * 201, "tïny"])
 def test_other_names_are_refused_with_the_allowed_characters(project, name):
-    spec_path = write_spec(project, MINIMAL.replace("name: tiny", f"name: {name!r}"))
+    spec_path = write_spec(project, MINIMAL.replace("name: tiny", f"name: {json.dumps(name)}"))
 
     message = load_error(spec_path)
 
     assert message.splitlines()[1] == (
-        f"{spec_path}:1: name: invalid name {name!r}: "
-        "use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        f"{spec_path}:1: name: invalid name {name[:80]!r}: "
+        "use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200 characters"
     )
 
 

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "builder.spec", "builder.safetensors_io", "builder.sources", "builder.tokenizer_files",
         "builder.adapter_match", "builder.adapter_compose", "builder.merge", "builder.chat_template", "builder.chat",
         "builder.remote_code", "builder.gguf_facts", "builder.runtimes", "builder.verification_cost",
-        "builder.refusals",
+        "builder.refusals", "builder.sizing",
     )),
     ("plan", ("builder.plan", "builder.report")),
     ("writers and exporters", (
@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("verification", ("builder.verify",)),
     ("build orchestration", ("builder.build", "builder.scaffold", "builder.inspection")),
-    ("CLI and console", ("builder.console", "builder.cli", "builder.__main__")),
+    ("CLI and console", ("builder.console", "builder.json_outputs", "builder.cli", "builder.__main__")),
 )
 
 

@@ -11,10 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from builder import trust
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
+from builder.errors import VerificationError
 from builder.manifest import write_manifest
 from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER, bundle_digest, check_integrity, code_files, seal
+from builder.verify import verify_bundle
 from helpers import RUNTIME, assert_user_error, import_file, write_spec
 
 # A tampered load.py that would leave this file behind if it ever ran (at import, before anything else).
@@ -169,10 +172,26 @@ TAMPERED = {
     "absolute path": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"/etc/hostname": {"size": 1}})),
                       "/etc/hostname: not a file name inside the bundle"),
     "entry that is not a table": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"config.json": 3})),
-                                  "config.json: not a file name inside the bundle"),
+                                  "config.json: its entry is not"),
+    "hash in another form": (lambda b: _edit_manifest(b, lambda m: m["files"]["config.json"].update(
+        sha256="SHA256:" + m["files"]["config.json"]["sha256"])), "config.json: its entry is not"),
+    "name listed twice in another case": (
+        lambda b: _edit_manifest(b, lambda m: m["files"].update({"CONFIG.json": m["files"]["config.json"]})),
+        "config.json: listed twice"),
+    "key repeated in the JSON": (lambda b: (b / "manifest.json").write_text(
+        (b / "manifest.json").read_text().replace('"files": {', '"files": {"config.json": {}, ', 1)),
+        "manifest.json: not a JSON object (the key config.json appears twice)"),
+    "manifest listing itself": (lambda b: _edit_manifest(b, lambda m: m["files"].update(
+        {"manifest.json": m["files"]["config.json"]})), "manifest.json: manifest.json cannot list itself"),
+    "name with a control character": (lambda b: _edit_manifest(b, lambda m: m["files"].update(
+        {"con\nfig.json": m["files"]["config.json"]})), "con\\nfig.json: not a file name inside the bundle"),
+    "manifest that is a JSON list": (lambda b: (b / "manifest.json").write_text("[]"),
+                                     "manifest.json: has no 'files' table"),
+    "manifest behind a symlink": (lambda b: (shutil.move(b / "manifest.json", b.parent / "m.json"), (
+        b / "manifest.json").symlink_to(b.parent / "m.json")), "manifest.json: is a symlink"),
     "no files table": (lambda b: _edit_manifest(b, lambda m: m.pop("files")), "manifest.json: has no 'files' table"),
-    "path through a file": (lambda b: _edit_manifest(b, lambda m: m["files"].update({"config.json/x": {"size": 1}})),
-                            "config.json/x: missing"),
+    "path through a file": (lambda b: _edit_manifest(b, lambda m: m["files"].update(
+        {"config.json/x": {"sha256": "0" * 64, "size": 1}})), "config.json/x: missing"),
 }
 
 
@@ -246,6 +265,101 @@ def test_a_signed_bundle_verifies_with_the_senders_key_and_not_after_tampering(b
 
     marker = tmp_path / MARKER
     plant_payload(bundle, marker)
-    rewrite_manifest(bundle)
+    rewrite_manifest(bundle)  # it lists model.sig, which a manifest cannot: refused before the signature is read
+    assert_user_error(run("verify", bundle, "--public-key", public), 3, "model.sig: model.sig cannot list itself")
+    _edit_manifest(bundle, lambda m: m["files"].pop("model.sig"))
     assert_user_error(run("verify", bundle, "--public-key", public), 3, "signature check with")
     assert not marker.exists()
+
+
+def _attack_at_step_one(attack):
+    """A progress callback that runs attack once, after the files were checked and before the bundle runs."""
+    def progress(line: str) -> None:
+        if line.startswith("verification step 1 of"):
+            attack()
+    return progress
+
+
+def _rename_swap(path: Path, content: bytes) -> None:
+    swapped = path.with_name(path.name + ".swap")
+    swapped.write_bytes(content)
+    os.replace(swapped, path)
+
+
+def _overwrite_in_place(path: Path, content: bytes) -> None:
+    with open(path, "r+b") as f:  # the same inode: a hard link or an open handle would see these bytes too
+        f.write(content)
+
+
+@pytest.mark.parametrize("change", [_rename_swap, _overwrite_in_place], ids=["rename-swap", "in-place"])
+def test_a_load_py_changed_mid_verification_is_not_what_runs(bundle, tmp_path, change):
+    marker = tmp_path / MARKER
+    load_py = bundle / "load.py"
+    payload = PAYLOAD.format(marker=str(marker)).encode() + load_py.read_bytes()
+    report = verify_bundle(bundle, progress=_attack_at_step_one(lambda: change(load_py, payload)))
+    assert report["ok"] and not marker.exists()  # the snapshot's checked load.py ran, not the changed one
+
+
+@pytest.mark.parametrize("change", [_rename_swap, _overwrite_in_place], ids=["rename-swap", "in-place"])
+def test_held_weights_changed_mid_verification_are_refused(bundle, monkeypatch, change):
+    monkeypatch.setattr(trust, "HELD_OPEN_BYTES", 0)  # hold the tiny model's weights open as a 7B's would be
+    weights = bundle / "model.safetensors"
+    # Even the same bytes: a held file's change time moved (a write, or its name unlinked by a rename over it), and
+    # that is all the check can know, so it refuses rather than vouch for answers read through it.
+    same = weights.read_bytes()
+    with pytest.raises(VerificationError, match="model.safetensors of .* changed while it was being verified"):
+        verify_bundle(bundle, progress=_attack_at_step_one(lambda: change(weights, same)))
+
+
+def test_the_snapshot_is_private_and_removed_afterwards(bundle, monkeypatch):
+    seen = []
+    monkeypatch.setattr(trust, "HELD_OPEN_BYTES", 0)
+    with trust.received_snapshot(bundle) as snapshot:
+        seen.append(snapshot.folder)
+        assert oct(snapshot.folder.parent.stat().st_mode & 0o777) == "0o700"
+        assert (snapshot.folder / "model.safetensors").is_symlink() and snapshot.held
+        assert (snapshot.folder / "load.py").read_bytes() == (bundle / "load.py").read_bytes()
+    assert not seen[0].exists()
+
+
+@pytest.mark.parametrize("given", [
+    "sha256:" + "a" * 63, "sha512:" + "a" * 128, "a" * 64, "sha256: " + "a" * 64, "md5:" + "a" * 32, "", "sha256:",
+    "sha256:" + "g" * 64,
+])
+def test_a_digest_in_another_form_is_refused_showing_the_form(bundle, given):
+    assert_user_error(run("verify", bundle, "--digest", given), 2, "give it as sha256:<64 hex digits>")
+
+
+def test_the_digest_compares_case_insensitively_in_hex(bundle):
+    digest = bundle_digest(bundle)
+    result = run("verify", bundle, "--digest", "SHA256:" + digest.removeprefix("sha256:").upper())
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("sources", [
+    [], "x", {"base": 3}, {"base": "b", "adapters": "x"}, {"base": "b", "adapters": [3]},
+    {"base": "b", "adapters": [{"path": ["x"]}]}, {"base": "b", "sha256": []}, {"base": "b\0c"},
+    {"base": "b", "adapters": [{"path": "p", "weight": "1"}]},
+])
+def test_a_sources_table_of_another_shape_is_refused_once_the_digest_proved_it(bundle, sources):
+    digest = bundle_digest(bundle)
+    for name in ("README.md", "verification.json"):  # unsealed, so the edited manifest can be sealed again
+        if (bundle / name).is_file():
+            (bundle / name).write_text((bundle / name).read_text().replace(digest, DIGEST_PLACEHOLDER))
+    _edit_manifest(bundle, lambda m: m.update(sources=sources))
+    seal(bundle)
+    assert_user_error(run("verify", bundle, "--digest", bundle_digest(bundle)), 3,
+                      "manifest.json's `sources` is not the table modelpack writes")
+
+
+@pytest.mark.parametrize("signature", [b"", b"{", b"x" * 100, b'{"mediaType": 3}'])
+def test_a_truncated_or_foreign_signature_fails_the_check(bundle, tmp_path, signature):
+    pytest.importorskip("model_signing")
+    _, public = _key_pair(tmp_path / "sender")
+    (bundle / "model.sig").write_bytes(signature)
+    assert_user_error(run("verify", bundle, "--public-key", public), 3, "signature check with")
+
+
+def test_a_report_path_that_cannot_be_written_is_a_user_error(bundle, tmp_path):
+    result = run("verify", bundle, "--report", tmp_path / "no" / "such" / "folder" / "report.json")
+    assert_user_error(result, 2, "--report", "cannot write the report there (No such file or directory)")

@@ -8,6 +8,7 @@ inside the bundle's own code, so it cannot detect a changed load.py or bundle_ch
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import re
 import stat
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from types import ModuleType
 
@@ -52,66 +54,296 @@ def check_expectations(answer: str, expect: dict) -> list[str]:
     return failures
 
 
+# Limits on what a bundle's manifest.json may hold, so a hostile one fails with a sentence in fixed time and memory.
+# They admit real bundles with room to spare: a 72B model's manifest lists about 40 shards and its provenance, some
+# 100 KB. The nesting depth is checked by the JSON decoder itself (RecursionError, a thousand levels).
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_LISTED_FILES = 100_000
+# A path component as ext4, XFS, APFS and NTFS allow it (255 bytes), a whole listed name as Linux's PATH_MAX.
+MAX_NAME_COMPONENT_BYTES = 255
+MAX_NAME_BYTES = 4096
+MAX_NAME_DEPTH = 32
+# The files that carry the digest are hashed from memory (the digest is blanked first); they are small text files.
+MAX_CARRIER_BYTES = 64 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def check_integrity(bundle: Path, *, known_sha256: dict[str, str] | None = None) -> dict:
     """Every file matches manifest.json (sha256 and size) and nothing was added since the build.
 
-    `modelpack verify` runs this same function from modelpack's own copy (builder/trust.py): every listed name is a
-    regular file inside the bundle, not behind a symlink, with its recorded size and sha256; no unlisted file,
-    symlink, empty folder or __pycache__ (Python would run a planted .pyc instead of the bundle's code). README.md and
-    verification.json are hashed with the bundle's digest blanked, since they carry it. known_sha256: hashes the
-    caller computed while writing the files itself (modelpack's build), not read again.
+    `modelpack verify` applies the same rules from modelpack's own copy (builder/trust.py), to a private snapshot:
+    every listed name is a regular file inside the bundle, not behind a symlink, listed once, with its recorded size
+    and sha256; no unlisted file, symlink, empty folder or __pycache__ (Python would run a planted .pyc instead of the
+    bundle's code). README.md and verification.json are hashed with the bundle's digest blanked, since they carry it.
+    known_sha256: hashes the caller computed while writing the files itself (modelpack's build), not read again.
     """
-    manifest_path = bundle / MANIFEST
-    try:
-        listed = json.loads(manifest_path.read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        listed = None
-    if not isinstance(listed, dict):
-        return {"ok": False, "files": 0, "problems": [f"{MANIFEST}: has no 'files' table"]}
-    digest = "sha256:" + sha256_file(manifest_path)
-    problems = []
-    for name, meta in sorted(listed.items()):
-        problem = _check_listed_file(bundle, name, meta, digest, (known_sha256 or {}).get(name))
-        if problem:
-            problems.append(f"{name}: {problem}")
-    for name in _present_entries(bundle):
-        if name not in listed and name not in (MANIFEST, SIGNATURE):
-            problems.append(f"{name}: not in manifest.json (added after the build)")
+    data, problem = read_manifest_bytes(bundle)
+    listed, problems = parse_manifest(data) if problem is None else (None, [f"{MANIFEST}: {problem}"])
+    if listed is None:
+        return {"ok": False, "files": 0, "problems": problems}
+    digest = "sha256:" + hashlib.sha256(data or b"").hexdigest()
+    for name, meta in clean_entries(listed):
+        found = check_listed_file(bundle, name, meta, digest, (known_sha256 or {}).get(name))
+        if isinstance(found, str):
+            problems.append(f"{name}: {found}")
+        else:
+            os.close(found)
+    problems += unlisted_entries(bundle, listed)
     return {"ok": not problems, "files": len(listed), "problems": problems}
 
 
-def _check_listed_file(bundle: Path, name: str, meta: object, digest: str, known: str | None) -> str | None:
-    parts = Path(name).parts
-    if not isinstance(meta, dict) or Path(name).is_absolute() or ".." in parts or not parts:
-        return "not a file name inside the bundle"
-    path = bundle / name
+def read_manifest_bytes(bundle: Path) -> tuple[bytes | None, str | None]:
+    """manifest.json's bytes, read once through a handle that is no symlink and no larger than MAX_MANIFEST_BYTES;
+    or why not. The digest and every rule apply to these bytes, never to a second read."""
     try:
-        info = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):  # `config.json/x`: a path through a file is missing too
-        return "missing"
-    if any((bundle / Path(*parts[:i])).is_symlink() for i in range(1, len(parts))):
-        return "lies behind a symlink"
-    if stat.S_ISLNK(info.st_mode):
-        return "is a symlink"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    if info.st_size != meta.get("size"):
-        return f"size {info.st_size} != {meta.get('size')} in manifest.json"
-    actual = known or sha256_file(path, blank=digest if name in DIGEST_CARRIERS else None)
-    if actual != meta.get("sha256"):
-        return "sha256 differs from manifest.json (the file changed after the build)"
+        fd = os.open(bundle / MANIFEST, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    except OSError as exc:
+        return None, "is a symlink" if exc.errno == _ELOOP else f"cannot be read ({exc.strerror})"
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None, "is not a regular file"
+        if info.st_size > MAX_MANIFEST_BYTES:
+            return None, f"is {info.st_size} bytes, over the limit of {MAX_MANIFEST_BYTES}"
+        return f.read(MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES], None
+
+
+def parse_manifest(data: bytes | None) -> tuple[dict | None, list[str]]:
+    """The manifest's `files` table, and every problem with its shape (None when there is no table to check).
+
+    Strict: a JSON object without repeated keys at any level, at most MAX_LISTED_FILES entries, each a clean
+    relative name (listed_name_problem) with a 64-hex sha256 and an integer size; manifest.json and model.sig are
+    never listed; two names that one file system could treat as one (case, Unicode normalisation) are refused.
+    """
+    try:
+        manifest = json.loads((data or b"").decode("utf-8"), object_pairs_hook=_unique_keys)
+    except RecursionError:
+        return None, [f"{MANIFEST}: nested too deeply"]
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, a repeated key, bytes that are not UTF-8
+        return None, [f"{MANIFEST}: not a JSON object ({exc})"]
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict):
+        return None, [f"{MANIFEST}: has no 'files' table"]
+    if len(listed) > MAX_LISTED_FILES:
+        return None, [f"{MANIFEST}: lists {len(listed)} files, over the limit of {MAX_LISTED_FILES}"]
+    return listed, [f"{_shown(name)}: {problem}" for name, _, problem in _entries(listed) if problem]
+
+
+def clean_entries(listed: dict) -> list[tuple[str, dict]]:
+    """The listed files parse_manifest found no problem with, to be opened and hashed (never a refused name)."""
+    return [(name, meta) for name, meta, problem in _entries(listed) if problem is None]
+
+
+def _entries(listed: dict) -> list[tuple[str, dict, str | None]]:
+    """Each listed name and entry, sorted, with what is wrong with it (None: a clean name and entry)."""
+    found = []
+    seen: dict[str, str] = {}
+    for name, meta in sorted(listed.items()):
+        problem = listed_name_problem(name)
+        if problem is None and not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str)
+                                    and _HEX64.fullmatch(meta["sha256"]) and type(meta.get("size")) is int
+                                    and meta["size"] >= 0):
+            problem = "its entry is not {\"sha256\": <64 hex digits>, \"size\": <bytes>}"
+        folded = unicodedata.normalize("NFC", name).casefold()
+        if problem is None and folded in seen:
+            problem = f"listed twice (as {_shown(seen[folded])!r} too)"
+        seen.setdefault(folded, name)
+        found.append((name, meta, problem))
+    return found
+
+
+def listed_name_problem(name: str) -> str | None:
+    """Why a manifest name is not a clean relative file name inside the bundle, or None."""
+    if not name.isprintable():  # control, format (bidi) and separator characters: no bundle of modelpack's has them
+        return "not a file name inside the bundle (control or format characters)"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"a name longer than {MAX_NAME_BYTES} bytes"
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]:
+        return "not a file name inside the bundle"
+    if len(parts) > MAX_NAME_DEPTH or any(len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_COMPONENT_BYTES
+                                          for p in parts):
+        return f"a name deeper than {MAX_NAME_DEPTH} folders or with a part over {MAX_NAME_COMPONENT_BYTES} bytes"
+    if name in (MANIFEST, SIGNATURE):
+        return f"{name} cannot list itself or the signature"
     return None
 
 
+def check_listed_file(bundle: Path, name: str, meta: dict, digest: str, known: str | None,
+                      sink=None) -> int | str:
+    """An open read handle on the listed file whose size and sha256 matched, or why it did not.
+
+    The file is opened once, folder by folder without following a symlink, and everything is checked through that
+    handle: a rename or a symlink swapped in afterwards cannot change what was checked. sink(chunk), when given,
+    receives every byte as it is hashed (a snapshot's copy). The caller closes the handle.
+    """
+    fd = _open_inside(bundle, name)
+    if isinstance(fd, str):
+        return fd
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Refused("not a regular file")
+        if info.st_size != meta.get("size"):
+            raise _Refused(f"size {info.st_size} != {meta.get('size')} in manifest.json")
+        if name in DIGEST_CARRIERS:
+            if info.st_size > MAX_CARRIER_BYTES:
+                raise _Refused(f"over the limit of {MAX_CARRIER_BYTES} bytes")
+            content = _read_exactly(fd, info.st_size)
+            actual = hashlib.sha256(content.replace(digest.encode(), DIGEST_PLACEHOLDER.encode())).hexdigest()
+            if sink is not None:
+                sink(content)
+        elif known and sink is None:
+            actual = known
+        else:
+            hasher = hashlib.sha256()
+            remaining = info.st_size
+            while remaining:
+                chunk = os.read(fd, min(1 << 20, remaining))
+                if not chunk:
+                    raise _Refused("shrank while it was being checked")
+                hasher.update(chunk)
+                if sink is not None:
+                    sink(chunk)
+                remaining -= len(chunk)
+            actual = hasher.hexdigest()
+        if actual != meta.get("sha256"):
+            raise _Refused("sha256 differs from manifest.json (the file changed after the build)")
+        if stamp(os.fstat(fd)) != stamp(info):
+            raise _Refused("changed while it was being checked")
+    except _Refused as refused:
+        os.close(fd)
+        return str(refused)
+    except OSError as exc:
+        os.close(fd)
+        return f"cannot be read ({exc.strerror})"
+    return fd
+
+
+def stamp(info: os.stat_result) -> tuple[int, ...]:
+    """What any write to a file changes: its identity, size and modification and change times (a process cannot
+    set the change time back), so an unchanged stamp means unchanged bytes."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def unlisted_entries(bundle: Path, listed: dict) -> list[str]:
+    return [f"{_shown(name)}: not in manifest.json (added after the build)" for name in _present_entries(bundle)
+            if name not in listed and name not in (MANIFEST, SIGNATURE)]
+
+
+class _Refused(Exception):
+    pass
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = os.read(fd, min(1 << 20, remaining))
+        if not chunk:
+            raise _Refused("shrank while it was being checked")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _open_inside(bundle: Path, name: str) -> int | str:
+    """A read handle on bundle/name opened component by component without following symlinks, or why not."""
+    parts = name.split("/")
+    if not _DIR_FD:  # no openat (Windows): check the path, then open it
+        path = bundle.joinpath(*parts)
+        if any(bundle.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts))):
+            return "lies behind a symlink"
+        if path.is_symlink():
+            return "is a symlink"
+        try:
+            return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError:
+            return "missing"
+    try:
+        folder = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=folder)
+            except OSError as exc:
+                if exc.errno == _ELOOP or os.path.islink(bundle.joinpath(*parts[:i + 1])):
+                    return "lies behind a symlink"
+                return "missing"
+            os.close(folder)
+            folder = inner
+        try:
+            return os.open(parts[-1], os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=folder)
+        except OSError as exc:
+            return "is a symlink" if exc.errno == _ELOOP else "missing" if exc.errno in (
+                errno.ENOENT, errno.ENOTDIR) else f"cannot be read ({exc.strerror})"
+    finally:
+        os.close(folder)
+
+
+def _unique_keys(pairs: list) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = next(key for i, key in enumerate(keys) if key in keys[:i])
+        raise ValueError(f"the key {_shown(repeated)} appears twice")
+    return found
+
+
+def _shown(name: str) -> str:
+    """A name from the bundle as a message may print it: control characters escaped, at most 200 characters."""
+    shown = name if name.isprintable() else repr(name)[1:-1]
+    return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted under a listed name must not block the open
+_ELOOP = errno.ELOOP
+_DIR_FD = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
+
+
 def _present_entries(bundle: Path) -> list[str]:
-    """Every file, symlink and empty folder under the bundle, without following symlinks."""
-    found = []
-    for root, folders, files in os.walk(bundle):
-        for name in [*files, *(f for f in folders if os.path.islink(os.path.join(root, f)))]:
-            found.append(Path(root, name).relative_to(bundle).as_posix())
-        if not files and not folders and root != str(bundle):
-            found.append(Path(root).relative_to(bundle).as_posix() + "/")
+    """Every file, symlink and empty folder under the bundle, without following symlinks; a folder deeper than
+    MAX_NAME_DEPTH, and the rest of a tree past MAX_LISTED_FILES entries, appear as one entry ending in "/..."
+    (never listed, so refused), so a hostile tree costs bounded time and no recursion."""
+    if not _DIR_FD:
+        return sorted(Path(root, name).relative_to(bundle).as_posix() + suffix for root, folders, files in
+                      os.walk(bundle) for name, suffix in [*((f, "") for f in files), *(
+                          (f, "") for f in folders if os.path.islink(os.path.join(root, f)))])
+    found: list[str] = []
+    pending = [""]
+    top = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _walk(top, pending, found)
+    finally:
+        os.close(top)
     return sorted(found)
+
+
+def _walk(top: int, pending: list[str], found: list[str]) -> None:
+    while pending:
+        prefix = pending.pop()
+        if prefix.count("/") >= MAX_NAME_DEPTH or len(found) > MAX_LISTED_FILES:
+            found.append(prefix + "...")
+            continue
+        try:
+            fd = os.open(prefix.rstrip("/") or ".", os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=top)
+        except OSError:
+            found.append(prefix or "./")
+            continue
+        try:
+            with os.scandir(fd) as entries:
+                children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        finally:
+            os.close(fd)
+        if not children and prefix:
+            found.append(prefix)
+        for name, is_folder in children:
+            if is_folder:
+                pending.append(f"{prefix}{name}/")
+            else:
+                found.append(prefix + name)
 
 
 def sha256_file(path: Path, *, blank: str | None = None) -> str:

@@ -8,6 +8,8 @@ It imports llama_cpp, transformers (for the bundle's tokenizer) and the bundle's
     python gguf_check.py --bundle B --answers answers.json --report out.json gguf/NAME-bf16.gguf ...
 
 For every GGUF file and every verification prompt and probe (with the bundle's system prompt):
+- llama.cpp's ids for a fixed probe text (PROBE_TEXT: digit, whitespace and punctuation runs, contractions, CJK,
+  emoji), without special tokens, must equal the bundle tokenizer's: this is what tells a wrong pre-tokenizer apart.
 - The prompt is rendered from the GGUF's own `tokenizer.chat_template` by llama-cpp-python's Jinja2ChatFormatter,
   built from the file's bos and eos tokens exactly as `Llama.create_chat_completion` builds it for a GGUF that carries
   a template (llama-cpp-python 0.3.36, llama.py: chat format "chat_template.default"), and tokenized by llama.cpp with
@@ -46,6 +48,11 @@ from typing import Any, NamedTuple
 # as the equivalence check imports it.
 from equivalence import TOLERANCES, load_bundle_module  # type: ignore[import-not-found]  # (mypy: not a package)
 
+# A fixed text whose tokens tell llama.cpp's pre-tokenizers apart, so a wrong but known `tokenizer.ggml.pre` (which
+# loads silently) shows: digit runs (GPT-2 keeps a run whole, Llama 3 splits it in threes, Qwen2 in single digits),
+# whitespace and newline runs, contractions in both cases, punctuation runs, CJK, emoji and accented letters.
+PROBE_TEXT = ("In 2024, 1234567 people said: \"I'm sure you're RIGHT, they'VE gone...\"\n\n\t  ok   3.14159!!\n"
+              "我家宝宝六个月，吃奶、睡觉。🙂🚀 naïve café  \n")
 # What a tokenizer decodes the bytes of a character split between tokens into.
 SPLIT_CHARACTER = "\ufffd"
 # Export type -> the bundle dtype whose weights it holds unchanged (the answers must then be the same).
@@ -122,19 +129,35 @@ def parting(scores, expected: list[int], end: int | None, *, dtype: str, piece) 
     return None
 
 
-def feed_bundle_answer(llm, prompt_ids: list[int], bundle_answer: str, tokenizer, *, end: int, dtype: str,
-                       piece) -> dict:
+def shared_tokens(generated: list[int], bundle_answer: str, tokenizer) -> int:
+    """How many of llama.cpp's answer tokens the bundle's answer begins with, read by their text (both answers were
+    decoded by the bundle's tokenizer and stripped). Up to there the two runtimes chose the same tokens, which the
+    bundle's text alone cannot say: stripped of a leading space, re-tokenized, it may split otherwise."""
+    shared = 0
+    for count in range(1, len(generated) + 1):
+        if not bundle_answer.startswith(tokenizer.decode(generated[:count], skip_special_tokens=True).strip()):
+            break
+        shared = count
+    return shared
+
+
+def feed_bundle_answer(llm, prompt_ids: list[int], generated: list[int], bundle_answer: str, tokenizer, *, end: int,
+                       dtype: str, piece) -> dict:
     """llama.cpp fed the prompt and the bundle's answer: where it first prefers another token (see parting).
 
-    The bundle's text carries its tokens only up to a character split between tokens (which decoding turned into
+    The tokens both runtimes share (shared_tokens) are fed as llama.cpp chose them, then the rest of the bundle's
+    text. That text carries its tokens only up to a character split between tokens (which decoding turned into
     U+FFFD, as small models often emit): only that prefix is fed, less its last token (which may hold the split
     character's first bytes). Where llama.cpp agrees with all of it, the answers part later, at a place that cannot
     be scored: reported without a margin, as a near tie.
     """
-    faithful = SPLIT_CHARACTER not in bundle_answer
-    fed = tokenizer(bundle_answer.split(SPLIT_CHARACTER)[0], add_special_tokens=False)["input_ids"]
+    shared = generated[:shared_tokens(generated, bundle_answer, tokenizer)]
+    rest = bundle_answer[len(tokenizer.decode(shared, skip_special_tokens=True).strip()):]
+    faithful = SPLIT_CHARACTER not in rest
+    fed = tokenizer(rest.split(SPLIT_CHARACTER)[0], add_special_tokens=False)["input_ids"] if rest else []
     if not faithful:
         fed = fed[:-1]
+    fed = shared + fed
     llm.reset()
     llm.eval(prompt_ids + fed)
     rows = len(fed) + 1 if faithful else len(fed)  # faithful: one more row, where the bundle ended its answer
@@ -209,6 +232,9 @@ def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: 
         bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
         stop_token_ids=[eos_id],
     )
+    piece = functools.partial(token_text, tokenizer)
+    tokenization = token_difference(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"],
+                                    llm.tokenize(PROBE_TEXT.encode("utf-8"), add_bos=False, special=False), piece)
     results = []
     for i, prompt in enumerate(prompts, 1):
         check.progress(f"  gguf {gguf_type} [{i}/{len(prompts)}] {prompt.text[:40]}")
@@ -227,10 +253,9 @@ def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: 
         # give the same text. (llama-cpp-python's own text drops the bytes of a split UTF-8 character, as small
         # models emit often.)
         answer = tokenizer.decode(generated, skip_special_tokens=True).strip()
-        piece = functools.partial(token_text, tokenizer)
         difference = None
         if answer != prompt.bundle_answer:
-            difference = feed_bundle_answer(llm, ids, prompt.bundle_answer, tokenizer, end=eos_id,
+            difference = feed_bundle_answer(llm, ids, generated, prompt.bundle_answer, tokenizer, end=eos_id,
                                             dtype=bundle_dtype, piece=piece)
         results.append(judge(
             prompt, answer=answer, exact=exact, answer_difference=difference,
@@ -238,7 +263,8 @@ def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: 
             failures=check.check_expectations(answer, prompt.expect),
         ))
     return {"file": name, "type": gguf_type, "exact": exact, "load_seconds": round(load_seconds, 2),
-            "answers": results, "ok": all(r["ok"] for r in results)}
+            "tokenization": tokenization, "answers": results,
+            "ok": tokenization is None and all(r["ok"] for r in results)}
 
 
 def main(argv: list[str] | None = None) -> int:

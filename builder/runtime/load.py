@@ -35,6 +35,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ BUNDLE_DIR = Path(__file__).resolve().parent
 FACTS_FILE = "modelpack_bundle.json"
 # The verification runtime beside this file, imported only by `--verify`.
 CHECK_MODULE = "bundle_check"
+# The devices load() takes; modelpack checks --device and verify.device against the same pattern before any work.
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?|mps"
+DEVICES = "auto | cpu | cuda | cuda:N | mps"
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +248,13 @@ def import_sibling(name: str) -> ModuleType:
     return module
 
 
+def device_argument(value: str) -> str:
+    """--device, checked before the model loads (torch would refuse an unknown device only after loading)."""
+    if not re.fullmatch(DEVICE_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: {DEVICES}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Chat with this modelpack bundle, or re-check it with --verify.")
     parser.add_argument("question", nargs="?", help="answer this once and exit; without it, chat interactively")
@@ -252,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files-checked", action="store_true", help=argparse.SUPPRESS)
     # modelpack's equivalence check: the bundle's logits over its own answers, kept for the next process.
     parser.add_argument("--answer-logits", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", type=device_argument, help=DEVICES)
+    parser.add_argument("--system", help="the system message (default: the bundle's system prompt); "
+                        "--system '' sends none")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="the longest answer, in tokens (default: generation_config.json's max_new_tokens)")
     parser.add_argument("--max-memory",
                         help='with --device auto/cuda: per-device limits, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')
     args = parser.parse_args(argv)
@@ -262,17 +277,23 @@ def main(argv: list[str] | None = None) -> int:
             return check.run_verify(sys.modules[__name__], device=args.device, max_memory=args.max_memory,
                                     files_checked=args.files_checked, report_path=args.report,
                                     answer_logits=args.answer_logits)
-        return run_chat(args.question, device=args.device, max_memory=parse_max_memory(args.max_memory))
+        system = Default.BUNDLE if args.system is None else args.system or None
+        return run_chat(args.question, device=args.device, max_memory=parse_max_memory(args.max_memory),
+                        system=system, max_new_tokens=args.max_new_tokens)
     except BundleLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def run_chat(question: str | None, *, device: str, max_memory: dict | None) -> int:
-    """Answer question once, or chat interactively until an empty line or end of input."""
+def run_chat(question: str | None, *, device: str, max_memory: dict | None,
+             system: str | None | Default = Default.BUNDLE,
+             max_new_tokens: int | None = None) -> int:
+    """Answer question once, or chat interactively until an empty line or end of input; system and max_new_tokens
+    as chat() takes them."""
     model, tokenizer = load(device=device, max_memory=max_memory)
+    options: dict[str, Any] = {"system": system, "max_new_tokens": max_new_tokens}
     if question:
-        print(chat(model, tokenizer, question)[0])
+        print(chat(model, tokenizer, question, **options)[0])
         return 0
     history: list = []
     while True:
@@ -282,7 +303,7 @@ def run_chat(question: str | None, *, device: str, max_memory: dict | None) -> i
             return 0
         if not message:
             return 0
-        response, history = chat(model, tokenizer, message, history)
+        response, history = chat(model, tokenizer, message, history, **options)
         print(response)
 
 
