@@ -11,8 +11,7 @@ import typer
 
 import builder
 from builder.errors import EXIT_INTERRUPTED, ModelpackError, SpecError, VerificationError
-from builder.formatting import dump_json
-from builder.json_outputs import JSON_SCHEMA_VERSION
+from builder.formatting import JSON_SCHEMA_VERSION, dump_json
 from builder.runtime.load import DEVICE_PATTERN, DEVICES
 
 app = typer.Typer(

@@ -6,6 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+# The version of every --json output's shape; it changes when a key changes meaning or goes (a new key is no change).
+JSON_SCHEMA_VERSION = 1
+
 
 def describe_bytes(nbytes: float) -> str:
     """A size in decimal units, as disks and the Hub count them: 512 B, 2.3 KB, 15.2 MB, 14.8 GB."""

@@ -9,10 +9,9 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from builder.formatting import JSON_SCHEMA_VERSION
 from builder.report import VerificationReport
 
-# The version of every --json output's shape; it changes when a key changes meaning or goes (a new key is no change).
-JSON_SCHEMA_VERSION = 1
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 _VERSION = {"const": JSON_SCHEMA_VERSION}
