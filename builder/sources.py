@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,14 +464,18 @@ def regex_problem(pattern: str) -> str | None:
     `{m,n}`) repeats one character or character class only, so no repeat is nested in another or in an alternation
     under a repeat (`(a+)+`, `(a|aa)*`, the exponential cases); at most MAX_UNBOUNDED_REPEATS unbounded repeats.
     Lookarounds are allowed (common in real configs: `^(?!.*vision)`) and their contents follow the same rule."""
-    from re import _parser  # type: ignore[attr-defined]  # the parser re.compile itself uses
+    # The parser re.compile itself uses: re._parser from Python 3.11, sre_parse before (the package supports 3.10).
+    if sys.version_info >= (3, 11):
+        from re import _parser
+    else:
+        import sre_parse as _parser
 
     try:
         parsed = _parser.parse(pattern)
     except (re.error, RecursionError, OverflowError):
         return "cannot be parsed"
     unbounded = 0
-    pending = [list(parsed)]
+    pending: list[list] = [list(parsed.data)]
     while pending:
         for op, arg in pending.pop():
             name = str(op)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from builder.errors import BundleError, VerificationError
 from builder.manifest import MANIFEST, read_manifest, sha256_file
@@ -155,7 +156,6 @@ def received_snapshot(bundle: Path, *, expected_digest: str | None = None,
     listed, problems = bundle_check.parse_manifest(data)
     if listed is None:
         _refuse(bundle, problems)
-    assert listed is not None
     progress("checking every file against manifest.json into a private snapshot")
     parent = Path(tempfile.mkdtemp(prefix="modelpack-snapshot-"))  # mode 0700: no other user can enter it
     held: dict[str, tuple[int, tuple[int, ...]]] = {}
@@ -219,7 +219,7 @@ def _copy_signature(bundle: Path, folder: Path) -> str | None:
     return None
 
 
-def _refuse(bundle: Path, problems: list[str]) -> None:
+def _refuse(bundle: Path, problems: list[str]) -> NoReturn:
     raise VerificationError(
         f"verification failed: files of {bundle} differ from its manifest.json, so nothing from it was run:\n  "
         + "\n  ".join(f"integrity: {problem}" for problem in problems[:50])
