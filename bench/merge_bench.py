@@ -2,6 +2,7 @@
 """Merge benchmark: modelpack vs peft's merge flow vs `cp -r` vs the bare delta math, on a Qwen2-shaped model.
 
     python bench/merge_bench.py --size 0.5b|1.5b|7b [--workdir DIR] [--keep] [--repeat N] [--profile]
+                                [--checkout OTHER_TREE]
 
 It generates (once per size, cached in the workdir) a random bfloat16 Qwen2 base with the real Qwen2
 dimensions, saved as sharded safetensors like the hub, and a random LoRA adapter (r=64, alpha=128, all
@@ -16,9 +17,10 @@ seven linear projections) saved as peft saves it. Then, one after another on thi
 The page cache is dropped before every step when this process may write /proc/sys/vm/drop_caches
 (root); otherwise every step starts with the base read once into the cache (`--cache warm`), and the
 results say which. Each step's time is given to process exit and to exit + `sync` (its writes on disk).
-Finally (a)'s tensors are compared with (b)'s bit for bit, tensor by tensor, and a table plus a JSON
-result file are written. Everything big lives in the workdir (default /tmp/modelpack-bench), never in
-the repository.
+With --checkout, (a) runs every tree (this one and the others, each as `python -m builder` from its root) once per
+round, alternating, and the medians are compared. Finally (a)'s tensors are compared with (b)'s bit for bit,
+tensor by tensor, and a table plus a JSON result file are written. Everything big lives in the workdir (default
+/tmp/modelpack-bench), never in the repository.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -400,7 +403,8 @@ def parse_time_v(text: str) -> dict:
 
 
 def run_timed(step: str, command: list[str], *, stat_path: Path | None, log_file: Path,
-              wrap: list[str] | None = None) -> tuple[StepResult, str]:
+              wrap: list[str] | None = None, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> tuple[StepResult, str]:
     """Run a command under /usr/bin/time -v (when present); time it to exit and to the end of a sync."""
     time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     load = machine_load()
@@ -410,8 +414,8 @@ def run_timed(step: str, command: list[str], *, stat_path: Path | None, log_file
         rusage0 = _children_rusage()
         busy0, own0 = cpu_busy_seconds(), own_cpu_seconds()
         started = time.perf_counter()
-        process = subprocess.run(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 env={**os.environ, **BENCH_ENV})
+        process = subprocess.run(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                 env={**(env or os.environ), **BENCH_ENV})
         seconds = time.perf_counter() - started
         busy = cpu_busy_seconds() - busy0 - (own_cpu_seconds() - own0)
         synced = time.perf_counter()
@@ -458,22 +462,42 @@ def step_cp(base: Path, out: Path, **kw) -> StepResult:
     return result
 
 
-def modelpack_command() -> list[str]:
-    found = shutil.which("modelpack")
+def modelpack_command(checkout: Path | None = None) -> list[str]:
+    found = None if checkout else shutil.which("modelpack")
     return [found] if found else [sys.executable, "-m", "builder"]
 
 
+def checkout_environment(checkout: Path) -> dict[str, str]:
+    """`python -m builder` runs that checkout's builder/ package: its root first on PYTHONPATH (and the cwd)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def checkout_package(checkout: Path) -> None:
+    """The checkout's own builder/ is the one its `python -m builder` imports, with its templates."""
+    done = subprocess.run([sys.executable, "-c", "import builder, builder.templates; print(builder.__file__)"],
+                          cwd=checkout, env=checkout_environment(checkout), capture_output=True, text=True)
+    if done.returncode != 0 or not Path(done.stdout.strip()).is_relative_to(checkout):
+        sys.exit(f"{checkout}: `import builder, builder.templates` finds {done.stdout.strip() or done.stderr.strip()}, "
+                 "not the checkout's own package (give it builder/templates, e.g. a link to ../templates)")
+
+
 def step_modelpack(spec: Path, out: Path, *, profile: Path | None = None, extra_args: list[str] = (),
-                   **kw) -> StepResult:
-    command = [*modelpack_command(), "build", str(spec), "--no-verify", "--force", "-o", str(out), *extra_args]
+                   checkout: Path | None = None, **kw) -> StepResult:
+    """(a); with `checkout`, as `python -m builder` from that tree (its root first on PYTHONPATH, and the cwd)."""
+    command = [*modelpack_command(checkout), "build", str(spec), "--no-verify", "--force", "-o", str(out),
+               *extra_args]
     wrap = None
     if profile is not None:
         # --idle keeps samples of threads blocked in read()/write(): disk time must show up in the profile.
         wrap = ["py-spy", "record", "--idle", "--threads", "--full-filenames", "--rate", "50", "--format", "raw",
                 "-o", str(profile), "--"]
-    before = builder_fingerprint()
-    result, output = run_timed("modelpack", command, wrap=wrap, **kw)
-    result.extra["builder_sources_sha256"] = builder_fingerprint()
+    root = checkout or REPO
+    before = builder_fingerprint(root)
+    result, output = run_timed("modelpack", command, wrap=wrap, cwd=checkout,
+                               env=checkout_environment(checkout) if checkout else None, **kw)
+    result.extra["builder_sources_sha256"] = builder_fingerprint(root)
+    if checkout is not None:
+        result.extra["checkout"] = str(checkout)
     if result.extra["builder_sources_sha256"] != before:
         log("warning: builder/ changed while modelpack ran; this measurement mixes two versions")
         result.extra["builder_changed_during_run"] = True
@@ -699,6 +723,47 @@ def render_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def checkout_medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per checkout: the median time to exit and to disk, and of the CPU time (user + system), over its rounds, every
+    round's figures and others' CPU, and the ratio of the first checkout's (this one's) medians to its own."""
+    medians = {}
+    for tree, results in runs.items():
+        medians[tree] = {
+            "rounds": len(results),
+            "median_s": statistics.median(r["seconds"] for r in results),
+            "median_to_disk_s": statistics.median(r["seconds"] + r["sync_seconds"] for r in results),
+            "seconds": [round(r["seconds"], 2) for r in results],
+            "others_cpu_percent": [None if r["others_cpu_percent"] is None else round(r["others_cpu_percent"])
+                                   for r in results],
+            "max_rss_mb": max((r["max_rss_mb"] or 0) for r in results),
+            # CPU time is what a change adds to the work; on a busy machine it moves much less than the wall time.
+            "median_cpu_s": statistics.median((r["user_s"] or 0) + (r["system_s"] or 0) for r in results),
+            "cpu_s": [round((r["user_s"] or 0) + (r["system_s"] or 0), 1) for r in results],
+        }
+    this = medians[next(iter(runs))]
+    for values in medians.values():
+        values["this_over_median"] = this["median_s"] / values["median_s"]
+        values["this_over_median_cpu"] = this["median_cpu_s"] / values["median_cpu_s"]
+    return medians
+
+
+def render_checkouts(medians: dict[str, dict]) -> str:
+    rows = [("(a) checkout", "rounds", "median exit s", "median +sync s", "runs s", "others' CPU %",
+             "median CPU s", "runs CPU s", "peak RSS MiB", "this / it (exit)", "this / it (CPU)")]
+    for tree, m in medians.items():
+        rows.append((tree, str(m["rounds"]), f"{m['median_s']:.1f}", f"{m['median_to_disk_s']:.1f}",
+                     " ".join(f"{x:.1f}" for x in m["seconds"]),
+                     " ".join(_fmt(x, ".0f") for x in m["others_cpu_percent"]), f"{m['median_cpu_s']:.1f}",
+                     " ".join(f"{x:.1f}" for x in m["cpu_s"]), f"{m['max_rss_mb']:.0f}",
+                     f"{m['this_over_median']:.3f}", f"{m['this_over_median_cpu']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def render_profile(profile: dict) -> str:
     lines = [f"\nprofile of (a) (py-spy --idle --threads, {profile['seconds_under_profiler']} s under the profiler); "
              "% of wall time", "main thread, modelpack functions (inclusive):"]
@@ -749,10 +814,10 @@ def versions() -> dict:
     return out
 
 
-def builder_fingerprint() -> str:
+def builder_fingerprint(root: Path = REPO) -> str:
     """sha256 of builder/*.py: the code that ran, since builder/ may carry uncommitted work or change mid-run."""
     digest = hashlib.sha256()
-    for path in sorted((REPO / "builder").glob("*.py")):
+    for path in sorted((root / "builder").glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -795,8 +860,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modelpack-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `modelpack build` (repeat for several), e.g. "
                              "--modelpack-arg=--merge-device --modelpack-arg=cuda")
+    parser.add_argument("--checkout", type=Path, action="append", default=[], metavar="PATH",
+                        help="another checkout's root (e.g. the code before a change), timed in (a) with this one: "
+                             "each runs `python -m builder` from its root, first on PYTHONPATH; the trees alternate "
+                             "in each of --repeat rounds (ABBA) and the median is reported; repeatable")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    checkouts = [c.resolve() for c in args.checkout]
+    trees = [REPO, *checkouts] if checkouts else []
+    for tree in trees:
+        checkout_package(tree)
 
     workdir = args.workdir.resolve()
     if REPO in [workdir, *workdir.parents] and (REPO / "bench" / "out") not in [workdir, *workdir.parents]:
@@ -835,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
                    "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size,
                    "adapter_dtype": args.adapter_dtype, "lora": {"r": LORA_RANK, "alpha": LORA_ALPHA,
                                                                  "target_modules": TARGET_MODULES}},
-        "config": SIZES[args.size], "steps": {}, "all_runs": collections.defaultdict(list),
+        "config": SIZES[args.size], "steps": {}, "all_runs": collections.defaultdict(list), "checkouts": {},
     }
     common = dict(stat_path=stat_path)
 
@@ -853,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in args.steps:
         repeats = 1 if step == "b" else max(1, args.repeat)
         for _attempt in range(repeats):
-            if step != "d":
+            if step != "d" and not (step == "a" and trees):  # with trees, before each tree's run
                 prepare_cache(cache, base)
             if step == "c":
                 log("(c) cp -r base")
@@ -867,6 +940,22 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"    {result.seconds:.1f} s; (d') the same math into reused buffers")
                 result = step_math_floor(args.size, seed=args.seed, reuse_buffers=True)
                 keep_best("math_floor_reused", result)
+            elif step == "a" and trees:
+                # Alternating trees, in reversed order every other round, so that a busy stretch of a shared
+                # machine and the disk's drift fall on every tree alike.
+                for tree in (trees if _attempt % 2 == 0 else trees[::-1]):
+                    # Every tree's build writes into an empty destination: none pays for removing an older bundle,
+                    # and the disk holds one output at a time (a 7b one is 15 GB).
+                    shutil.rmtree(outs["modelpack"], ignore_errors=True)
+                    prepare_cache(cache, base)
+                    log(f"(a) modelpack build --no-verify, {tree}")
+                    result = step_modelpack(spec, outs["modelpack"], extra_args=args.modelpack_arg, checkout=tree,
+                                            log_file=run_dir / "modelpack.log", **common)
+                    results["checkouts"].setdefault(str(tree), []).append(asdict(result))
+                    if tree == REPO:
+                        keep_best("modelpack", result)
+                    log(f"    {result.seconds:.1f} s (+{result.sync_seconds:.1f} s sync), others' CPU "
+                        f"{_fmt(result.others_cpu_percent, '.0f')}%")
             elif step == "a":
                 log("(a) modelpack build --no-verify")
                 result = step_modelpack(spec, outs["modelpack"], extra_args=args.modelpack_arg,
@@ -878,8 +967,9 @@ def main(argv: list[str] | None = None) -> int:
                 keep_best("peft", result)
             else:
                 parser.error(f"unknown step {step!r} in --steps")
-            log(f"    {result.seconds:.1f} s (+{result.sync_seconds:.1f} s sync), "
-                f"peak RSS {_fmt(result.max_rss_mb, '.0f')} MiB")
+            if not (step == "a" and trees):
+                log(f"    {result.seconds:.1f} s (+{result.sync_seconds:.1f} s sync), "
+                    f"peak RSS {_fmt(result.max_rss_mb, '.0f')} MiB")
 
     if args.profile:
         # A separate run: sampling slows the build and hides its RSS behind py-spy's, so report where the
@@ -898,12 +988,16 @@ def main(argv: list[str] | None = None) -> int:
         results["comparison"] = compare_models(outs["modelpack"], outs["peft"])
         results["comparison"]["seconds"] = round(time.perf_counter() - started, 1)
     results["ratios"] = ratios_of(results["steps"])
+    if results["checkouts"]:
+        results["checkout_medians"] = checkout_medians(results["checkouts"])
     results["load_after"] = machine_load()
     if not args.keep:
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
 
     table = render_table(results)
+    if "checkout_medians" in results:
+        table += "\n\n" + render_checkouts(results["checkout_medians"])
     print(f"\nmerge benchmark, Qwen2 {args.size} (bf16 base {results['inputs']['base_bytes'] / 1e9:.2f} GB, "
           f"LoRA r={LORA_RANK} on {len(TARGET_MODULES)} projections, {args.adapter_dtype} adapter)")
     print(table)

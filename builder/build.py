@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -30,12 +31,13 @@ from builder.render import (
     render_runtime,
 )
 from builder.report import VerificationReport, bundle_record, failure_message, skipped_failure
-from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder
-from builder.spec import load_spec
+from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder, require_text_path
+from builder.spec import VerifySpec, load_spec
 from builder.staging import check_output_location, publish, staged_output
 from builder.subprocesses import verifying_python
 from builder.trust import seal
 from builder.verify import ReferenceAdapter, ReferenceSources, verify_bundle
+from builder.vllm_stage import NO_INTERPRETER, ServingStage, not_asked, vllm_engine
 from builder.weights import copy_side_files, write_concatenated_adapter, write_weights
 
 # Receives one line per step of the build, for the terminal.
@@ -56,6 +58,7 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None,
                    merge_device: Literal["cpu", "cuda", "auto"] | None = None) -> BuildPlan:
     """Load and check the spec and both sources, and plan the build; nothing is written. output_dir and
     merge_device override the spec's output.dir and output.merge_device (build's -o and --merge-device)."""
+    require_text_path(spec_path, "the spec file")
     spec = load_spec(spec_path)
     if output_dir is not None:
         # Absolute but unresolved, as the spec's own paths: a symlink given as the output must stay visible.
@@ -64,6 +67,7 @@ def plan_from_spec(spec_path: Path, *, output_dir: Path | None = None,
     if merge_device is not None:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge_device": merge_device})})
     require_merge_device(spec.output.merge_device)
+    require_text_path(spec.output.dir, "output.dir")
     base = read_base_model(spec.base.path)
     adapters = tuple(
         WeightedAdapter(s.key, read_adapter_checkpoint(s.path, allow_pickle=s.allow_pickle), s.weight)
@@ -81,14 +85,18 @@ def run_file_path(dest: Path) -> Path:
 
 
 def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, device: str | None = None,
-                 strict: bool = False, progress: Progress = lambda line: None,
+                 strict: bool = False, vllm_python: Path | None = None,
+                 vllm_tensor_parallel_size: int | None = None, progress: Progress = lambda line: None,
                  weights_progress: Callable[[int], None] = lambda nbytes: None) -> BuildResult:
     """The build's phases, in a staging folder beside the destination (see staging.staged_output): write the
     weights, write the other files, export GGUF (with export.gguf), verify, finalise (card, requirements, report,
     manifest, digest), publish. weights_progress receives the bytes of each chunk of weights as it is written.
-    strict: a check that did not run (report.Skipped) fails verification, as a failed one does (exit 3)."""
+    strict: a check that did not run (report.Skipped) fails verification, as a failed one does (exit 3).
+    vllm_python: the vLLM interpreter (overrides verify.vllm_python), checked before any work;
+    vllm_tensor_parallel_size overrides verify.vllm_tensor_parallel_size."""
     spec = plan.spec
     dest = spec.output.dir
+    serving = serving_stage(spec.verify, vllm_python, vllm_tensor_parallel_size) if verify else None
     check_output_location(
         dest, sources={"base.path": spec.base.path, **{f"{a.key}.path": a.path for a in spec.adapter_sources},
                        **({"tokenizer.path": spec.tokenizer.path} if spec.tokenizer else {})},
@@ -122,7 +130,8 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
         verification = None
         if verify:
             verify_started = time.perf_counter()
-            verification = _verify(plan, staging, manifest, device=device, strict=strict, progress=progress)
+            verification = _verify(plan, staging, manifest, device=device, strict=strict, serving=serving,
+                                   progress=progress)
             timings["verify"] = time.perf_counter() - verify_started
 
         digest = _finalise(plan, staging, context, provenance, manifest, verification)
@@ -152,6 +161,9 @@ def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFac
     chat = read_chat_facts({c.dest: c.source for c in plan.copies if c.role == "tokenizer"},
                            template_file=plan.spec.chat.template, generation_config=plan.base.generation_config,
                            bundle=staging, python=verifying_python(plan.spec.verify.python))
+    if chat.template is not None and plan.spec.chat.system_prompt:  # else the template is left as it is
+        carrying = configs.default_system_template(chat.template, plan.spec.chat.system_prompt, chat.tokenizer_config)
+        chat = dataclasses.replace(chat, template=carrying) if carrying is not None else chat
     generation = configs.generation_config(plan.base.generation_config, overrides=plan.spec.generation.overrides(),
                                            model_config=plan.base.config, end_of_turn_id=chat.end_of_turn_id)
     _write(staging / "config.json", dump_json(configs.model_config(
@@ -190,8 +202,22 @@ def _export_gguf(plan: BuildPlan, staging: Path, chat: ChatFacts, *, progress: P
     export_gguf(plan, staging, chat, {t: staging / name for t, name in names.items()})
 
 
+def serving_stage(verify: VerifySpec, vllm_python: Path | None,
+                  tensor_parallel_size: int | None = None) -> ServingStage | None:
+    """The serving stage verify.serve asks for: vLLM from the interpreter given (--vllm-python, else
+    verify.vllm_python), checked now (exit 2 when it cannot import vllm); not run, saying why, without one."""
+    if "vllm" not in verify.serve:
+        return None
+    python = vllm_python or verify.vllm_python
+    if python is None:
+        return not_asked(NO_INTERPRETER)
+    option = "--vllm-python" if vllm_python is not None else "verify.vllm_python"
+    return ServingStage(engine=vllm_engine(python, option=option),
+                        tensor_parallel_size=tensor_parallel_size or verify.vllm_tensor_parallel_size)
+
+
 def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None, strict: bool,
-            progress: Progress) -> VerificationReport:
+            serving: ServingStage | None, progress: Progress) -> VerificationReport:
     """Reload-and-chat verification of the staged bundle; a failed check (with strict, also one that did not run)
     stops the build (exit 3)."""
     spec = plan.spec
@@ -207,6 +233,7 @@ def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | Non
         # Hashed by this process as it wrote them; the check still covers listing, sizes and links.
         known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()},
         staged=True,
+        serving=serving,
         progress=progress,
     )
     message = failure_message(verification) or (skipped_failure(verification) if strict else None)
@@ -229,8 +256,10 @@ def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance
     listed = len({*bundle_files(staging), "README.md", "requirements.txt"})
     exported = [staging / gguf_path(spec.name, t) for t in spec.export.gguf.types] if spec.export.gguf else []
     gguf_bytes = {path.name: path.stat().st_size for path in exported if path.is_file()}
-    _write(staging / "README.md", render_card(context, verification=verification, files_listed=listed,
-                                              gguf_bytes=gguf_bytes))
+    template = staging / "chat_template.jinja"
+    _write(staging / "README.md", render_card(
+        context, verification=verification, files_listed=listed, gguf_bytes=gguf_bytes,
+        system_prompt_in_template=template.is_file() and configs.DEFAULT_SYSTEM_MARK in template.read_text("utf-8")))
     environment = verification["environment"] if verification else None
     _write(staging / "requirements.txt",
            render_requirements(context, environment=environment, extra_packages=_extra_packages(plan)))

@@ -28,6 +28,7 @@ from builder.report import (
     gguf_expectations,
     gguf_prompt_tokens,
     report_verdict,
+    served_summary,
 )
 from builder.serving import OllamaTemplate, ServingCommand
 from builder.trust import DIGEST_PLACEHOLDER
@@ -45,6 +46,8 @@ class ServingSection:
     model: str | None  # the `model` requests name
     health: str | None
     request: str | None
+    # What verification saw when it served the bundle in this runtime (verify.serve), or why it did not.
+    verified: list[str]
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class CardContext:
     composed_rank: int | None
     generation_defaults: str
     system_prompt: str | None
+    system_prompt_note: str | None  # who applies it when a request sends no system message
     verification: VerificationSection | None  # None: built with --no-verify
     digest: str
     limitations: str
@@ -198,12 +202,26 @@ DTYPE_KEYWORD_SINCE = Version("4.56")
 
 
 def render_card(context: RenderContext, *, verification: VerificationReport | None, files_listed: int,
-                gguf_bytes: dict[str, int] | None = None) -> str:
+                gguf_bytes: dict[str, int] | None = None, system_prompt_in_template: bool = False) -> str:
     """README.md, the model card: what the bundle is, how to load, size and serve it, its adapters, what verification
     found, and how to receive it. files_listed: how many files the final manifest lists; gguf_bytes: the size of each
-    GGUF file (its name in gguf/)."""
+    GGUF file (its name in gguf/); system_prompt_in_template: the chat template carries the system prompt
+    (configs.default_system_template)."""
     return render_template("README.md.jinja", card_context(context, verification=verification,
-                                                           files_listed=files_listed, gguf_bytes=gguf_bytes))
+                                                           files_listed=files_listed, gguf_bytes=gguf_bytes,
+                                                           system_prompt_in_template=system_prompt_in_template))
+
+
+def system_prompt_note(context: RenderContext, in_template: bool) -> str | None:
+    """Whether a server's client that sends no system message gets the system prompt: the chat template applies it,
+    or (a template without a system role) the client must send it."""
+    if not context.system_prompt or not context.has_chat_template:
+        return None
+    if in_template:
+        return ("the chat template applies it to a conversation that does not open with a system message, so a "
+                "request without one gets the answer `load.py` gives in every server (vLLM, SGLang, llama-server)")
+    return ("the chat template has no system role that can carry it: clients of vLLM, SGLang and llama-server must "
+            "send it as the first message themselves (`load.py` and the Modelfile add it)")
 
 
 def dtype_keyword(transformers_version: str) -> str:
@@ -212,7 +230,8 @@ def dtype_keyword(transformers_version: str) -> str:
 
 
 def card_context(context: RenderContext, *, verification: VerificationReport | None,
-                 files_listed: int, gguf_bytes: dict[str, int] | None = None) -> CardContext:
+                 files_listed: int, gguf_bytes: dict[str, int] | None = None,
+                 system_prompt_in_template: bool = False) -> CardContext:
     """The card's rows and sentences: the bundle's facts and, when it was verified, what verification found."""
     card = context.card
     generation = context.generation
@@ -234,7 +253,7 @@ def card_context(context: RenderContext, *, verification: VerificationReport | N
         intended_use=card["intended_use"],
         loader_packages="torch, transformers and peft" if context.mode == "separate" else "torch and transformers",
         memory=memory_section(context, gguf_bytes or {}),
-        serving=serving_sections(context.serving, context.ollama),
+        serving=serving_sections(context.serving, context.ollama, verification),
         ollama_notes=ollama_notes(context.ollama),
         without_chat_template=not context.has_chat_template,
         chat_format=str(generation["chat_format"]) if "chat_format" in generation else None,
@@ -244,6 +263,7 @@ def card_context(context: RenderContext, *, verification: VerificationReport | N
         composed_rank=context.composed_rank,
         generation_defaults=", ".join(f"`{key}={value}`" for key, value in generation.items()),
         system_prompt=context.system_prompt,
+        system_prompt_note=system_prompt_note(context, system_prompt_in_template),
         verification=(verification_section(verification, context.adapters, files_listed=files_listed)
                       if verification is not None else None),
         # The digest exists only once manifest.json is final; trust.seal writes it over the placeholder.
@@ -292,13 +312,26 @@ def memory_section(context: RenderContext, gguf_bytes: dict[str, int]) -> Memory
     return MemorySection(kv.context_length, rows, list(kv.approximations))
 
 
-def serving_sections(commands: list[ServingCommand], ollama: OllamaTemplate | None) -> list[ServingSection]:
+def serving_sections(commands: list[ServingCommand], ollama: OllamaTemplate | None,
+                     verification: VerificationReport | None = None) -> list[ServingSection]:
     """Each runtime's command, port, request and health check, and notes; Ollama's says what its Modelfile holds
-    when it has a TEMPLATE."""
+    when it has a TEMPLATE; vLLM's, what verification's serving stage found."""
     translated = ollama.format if ollama is not None and ollama.template is not None else None
     return [ServingSection(c.runtime, c.command, translated if c.runtime == "Ollama" else None, c.notes, c.port,
-                           c.model, c.health, c.request)
+                           c.model, c.health, c.request, served_lines(c.runtime, verification))
             for c in commands]
+
+
+def served_lines(runtime: str, verification: VerificationReport | None) -> list[str]:
+    """The engine line of each serving run of this runtime ("served in vLLM 0.32.0 on CPU: 5/5 answers
+    token-identical", with the flags that ran), or why verification did not serve the bundle in it."""
+    engine = {"vLLM": "vllm"}.get(runtime)
+    if verification is None or engine is None:
+        return []
+    lines = [f"Verification {served_summary(run)}, started with `{' '.join(run['flags'])}` on a free local port"
+             for run in verification.get("served", []) if run["engine"] == engine]
+    return lines + [f"Not served by verification: {s['reason']}" for s in verification["skipped"]
+                    if s["check"] == engine]
 
 
 def ollama_notes(ollama: OllamaTemplate | None) -> list[str]:

@@ -27,6 +27,11 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only (a
 AsJson = Annotated[bool, typer.Option("--json", help="print one JSON result on stdout (errors too)")]
 Strict = Annotated[bool, typer.Option(
     "--strict", help="a check that did not run (no llama.cpp, no sources, ...) fails verification (exit 3)")]
+VllmPython = Annotated[Path | None, typer.Option(
+    help="Python of a virtualenv with vLLM: serves the bundle in vLLM and compares its answers (verify.serve; "
+         "overrides verify.vllm_python)")]
+VllmTensorParallelSize = Annotated[int | None, typer.Option(
+    min=1, help="vLLM's --tensor-parallel-size for the serving stage (overrides verify.vllm_tensor_parallel_size)")]
 
 
 @app.callback(invoke_without_command=True)
@@ -161,6 +166,8 @@ def build(
         help=f"verification device: {DEVICES} (default: verify.device)")] = None,
     merge_device: Annotated[Literal["cpu", "cuda", "auto"] | None, typer.Option(
         help="where the LoRA deltas are computed: cpu | cuda | auto (default: output.merge_device)")] = None,
+    vllm_python: VllmPython = None,
+    vllm_tensor_parallel_size: VllmTensorParallelSize = None,
     strict: Strict = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -189,6 +196,7 @@ def build(
         console.say(f"warning: {warning}")
     with console.weights(plan) as weights_progress:
         result = build_bundle(plan, force=force, verify=not no_verify, device=device, strict=strict,
+                              vllm_python=vllm_python, vllm_tensor_parallel_size=vllm_tensor_parallel_size,
                               progress=console.say, weights_progress=weights_progress)
     if as_json:
         _print_json(build_json(result))
@@ -219,6 +227,8 @@ def verify(
     max_memory: Annotated[str | None, typer.Option(
         help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
     report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
+    vllm_python: VllmPython = None,
+    vllm_tensor_parallel_size: VllmTensorParallelSize = None,
     strict: Strict = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -230,12 +240,16 @@ def verify(
     """
     from builder.report import failure_message, not_run, report_table, skipped_failure
     from builder.verify import reverify_bundle
+    from builder.vllm_stage import ServingStage, vllm_engine
 
     _checked_device(device, "--device")
     bundle = bundle.resolve()
+    serving = ServingStage(engine=vllm_engine(vllm_python, option="--vllm-python"),
+                           tensor_parallel_size=vllm_tensor_parallel_size) if vllm_python else None
     console = _console(quiet)
     report = reverify_bundle(bundle, expected_digest=digest, public_key=public_key, trust_remote_code=trust_remote_code,
-                             python=python, device=device, max_memory=max_memory, progress=console.say)
+                             python=python, device=device, max_memory=max_memory, serving=serving,
+                             progress=console.say)
     if report_path:
         try:
             report_path.write_text(dump_json(report), encoding="utf-8")
@@ -291,6 +305,71 @@ def inspect(
         _print_json(found.as_json())
         return
     typer.echo(describe_inspection(found) + "\n", nl=False)
+
+
+PlainHttp = Annotated[bool, typer.Option(
+    "--plain-http", help="talk HTTP, not HTTPS, to the registry (a local registry without TLS)")]
+
+
+@app.command()
+@user_errors_exit
+def push(
+    bundle: Annotated[Path, typer.Argument(help="a bundle folder built by modelpack")],
+    reference: Annotated[str, typer.Argument(help="where to push it: REGISTRY/REPOSITORY:TAG")],
+    plain_http: PlainHttp = False,
+    chunk_mb: Annotated[int | None, typer.Option(
+        "--chunk-mb", min=1, help="upload blobs in chunks of this many MiB (default: one request per blob)")] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Push a bundle to an OCI registry as a CNCF ModelPack artifact, after checking every file against its
+    manifest.json; prints the artifact's digest beside the bundle's.
+
+    Example: modelpack push dist/med registry.example.com/models/med:v1
+    """
+    from builder.handoff import push_bundle
+
+    result = push_bundle(bundle, reference, plain_http=plain_http,
+                         chunk_bytes=chunk_mb << 20 if chunk_mb else None, progress=_console(quiet).say)
+    if as_json:
+        _print_json(result.as_json())
+        return
+    typer.echo(f"pushed {bundle} ({result.bundle_digest}): {result.artifact}")
+
+
+@app.command()
+@user_errors_exit
+def pull(
+    reference: Annotated[str, typer.Argument(help="REGISTRY/REPOSITORY@sha256:... or REGISTRY/REPOSITORY:TAG")],
+    dest: Annotated[Path, typer.Argument(help="the bundle folder to create")],
+    digest: Annotated[str | None, typer.Option(
+        help="the bundle digest the sender gave you (sha256:...); another bundle is refused")] = None,
+    public_key: Annotated[Path | None, typer.Option(
+        help="the sender's public key (PEM): the bundle's model.sig must be theirs, over exactly these files")] = None,
+    plain_http: PlainHttp = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing bundle")] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Pull a bundle from an OCI registry: every blob's sha256 checked as it streams, the bundle checked like
+    `verify` does before anything of it runs, then published as DEST; on any failure nothing is written there.
+
+    Example: modelpack pull registry.example.com/models/med@sha256:3f5c... dist/med
+    """
+    from builder.handoff import INTEGRITY_ONLY, INTEGRITY_ONLY_WARNING, pull_bundle
+
+    console = _console(quiet)
+    result = pull_bundle(reference, dest, expected_digest=digest, public_key=public_key, plain_http=plain_http,
+                         force=force, progress=console.say)
+    if as_json:
+        _print_json(result.as_json())
+        return
+    if result.anchor == INTEGRITY_ONLY:
+        console.say(f"warning: {INTEGRITY_ONLY_WARNING}")
+    typer.echo(f"pulled {result.artifact} into {dest}: {result.files} files, bundle {result.bundle_digest}, "
+               f"checked against the {result.anchor}" if result.anchor != INTEGRITY_ONLY
+               else f"pulled {result.artifact} into {dest}: {result.files} files, bundle {result.bundle_digest}, "
+               "integrity only")
 
 
 @app.command()

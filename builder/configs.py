@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+from builder.chat_template import ChatTemplateError, compile_chat_template
 from builder.dtypes import BFLOAT16, FLOAT16, FLOAT32, Dtype
+from builder.tokenizer_files import TEMPLATE_TOKEN_KEYS
 
 # Qwen-v1 style configs pick the load dtype from boolean flags; they must agree with the weights.
 DTYPE_FLAGS = {"bf16": BFLOAT16, "fp16": FLOAT16, "fp32": FLOAT32}
@@ -97,3 +101,50 @@ def _is_lora_default(key: str, value: object) -> bool:
     default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
     return value == default or value in (None, {}, []) and default in (None, {}, [])
 
+
+
+# Opens a chat template that carries the spec's system prompt (default_system_template): a Jinja comment, which
+# renders as nothing.
+DEFAULT_SYSTEM_MARK = "{# modelpack: a conversation that does not open with a system message gets chat.system_prompt #}"
+# Conversations default_system_template is checked on: with a system message (rendered byte for byte as before) and
+# without one, one turn and several.
+_CONVERSATIONS = (
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+     {"role": "user", "content": "And then?"}],
+)
+
+
+def default_system_template(template: str, system_prompt: str, tokenizer_config: dict | None) -> str | None:
+    """The chat template with the spec's system prompt as its default: a conversation whose first message is not a
+    system message is rendered as if it opened with one holding system_prompt, and every other conversation byte
+    for byte as before. So a client of a server (vLLM, SGLang, llama-server) that sends no system message gets the
+    answer load.py gives, which sends the bundle's system prompt itself.
+
+    None where the template cannot carry it, checked by rendering both forms: a template without a system role (it
+    raises on one, as Gemma's do, or renders another prompt than the default's), or one the wrapper would change.
+    """
+    literal = json.dumps(system_prompt, ensure_ascii=False)  # a JSON string is a Jinja string literal
+    wrapped = (f"{DEFAULT_SYSTEM_MARK}{{% if not (messages and messages[0]['role'] == 'system') %}}"
+               f"{{% set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}{{% endif %}}{template}")
+    tokens = {}
+    for key in TEMPLATE_TOKEN_KEYS:
+        value = (tokenizer_config or {}).get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            tokens[key] = value
+    original, carrying = compile_chat_template(template), compile_chat_template(wrapped)
+    system = [{"role": "system", "content": system_prompt}]
+    try:
+        for conversation in _CONVERSATIONS:
+            for prompt in (True, False):
+                with_system = original.render(messages=system + conversation, add_generation_prompt=prompt, **tokens)
+                if system_prompt not in with_system:  # the template drops or rewrites system messages
+                    return None
+                if (carrying.render(messages=conversation, add_generation_prompt=prompt, **tokens) != with_system
+                        or carrying.render(messages=system + conversation, add_generation_prompt=prompt,
+                                           **tokens) != with_system):
+                    return None
+    except ChatTemplateError:  # no system role (raise_exception), or a template that refuses the probes
+        return None
+    return wrapped

@@ -189,6 +189,9 @@ def verification_checks(plan: BuildPlan, *, verification: bool) -> list[tuple[st
                                 f"probes (answers recorded), up to {verify.max_new_tokens} new tokens each")]
     if verify.compare_base:
         rows.append(("verify: base", "the same prompts answered by the base alone"))
+    if "vllm" in verify.serve:
+        rows.append(("verify: vllm", "the bundle served in vLLM with the card's flags, every answer's token ids "
+                                     "compared with the bundle's"))
     rows.append(("verify: cost", plan.verification_cost.describe().removeprefix("verification: ")))
     return rows
 
@@ -198,7 +201,7 @@ def verification_plan(plan: BuildPlan, *, verification: bool) -> dict:
     and what they count."""
     verify, cost = plan.spec.verify, plan.verification_cost
     checks = ["integrity", "serving", "equivalence", "answers", *(["base"] if verify.compare_base else []),
-              *(["gguf"] if plan.spec.export.gguf is not None else [])]
+              *(["gguf"] if plan.spec.export.gguf is not None else []), *(["vllm"] if "vllm" in verify.serve else [])]
     return {"run": verification, "checks": checks if verification else [], "prompts": len(verify.prompts),
             "probes": len(verify.probes), "max_new_tokens": verify.max_new_tokens, "model_loads": len(cost.loads),
             "device": verify.device}

@@ -20,6 +20,9 @@ class ModelpackError(Exception):
     exit_code = EXIT_INVALID_INPUT
 
     def __init__(self, message: str, exit_code: int | None = None):
+        # A name that is not UTF-8 reaches Python as lone surrogates, which no terminal or JSON text can hold: shown
+        # escaped, so that the message about it can always be printed.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.message = message
         if exit_code is not None:
@@ -53,6 +56,11 @@ class OutputError(ModelpackError):
 
 class BundleError(ModelpackError):
     """An existing bundle is incomplete or was changed after it was built."""
+
+
+class RegistryError(ModelpackError):
+    """A registry cannot be used: unreachable, refused the credentials (401/403), has no such tag or digest, or a
+    reference is malformed (exit 2; a refused artifact is a VerificationError)."""
 
 
 class VerificationError(ModelpackError):

@@ -12,6 +12,7 @@ import base64
 import fnmatch
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -23,17 +24,21 @@ from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
 from builder.chat import ChatFacts
 from builder.errors import SourceError
+from builder.finite import ggml_block_finite
 from builder.gguf_facts import (
     EXPERT,
     NORM_EPSILON_KEYS,
     GgufArchitecture,
+    VocabularySource,
     embedded_chat_template,
     gguf_architecture,
     gguf_tensor_name,
     pre_tokenizer,
+    read_sentencepiece_model,
     rope_scaling,
     skipped_tensor,
     stacked_name,
+    vocabulary_source,
 )
 from builder.plan import BuildPlan
 from builder.render import base_model_id
@@ -57,6 +62,8 @@ QWEN_V1_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|e
 ROPE_SCALING_TYPES = {"linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
 # Tensors are converted in row blocks whose float32 working copy stays under this size.
 BLOCK_BYTES = 64 << 20
+# The bundle's files a vocabulary may be read from (gguf_facts.vocabulary_source chooses).
+VOCABULARY_FILES = ("tokenizer.model", "tokenizer.json", "qwen.tiktoken")
 # The converter's keys for the context length, first found wins (conversion/base.py TextModel).
 CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
                        "model_max_length")
@@ -170,20 +177,44 @@ def converted_blocks(tensor: GgufTensor) -> Iterator[np.ndarray]:
     does, and converted by gguf.quants (Q8_0 blocks run along rows, so row blocks quantize exactly as a whole, and
     stacked experts are their sources' bytes one after another)."""
     if tensor.values is not None:
-        yield gguf.quants.quantize(tensor.values, tensor.qtype)
+        yield quantized(tensor, tensor.values)
         return
     for source in tensor.sources:
         if len(source.shape) < 2 or tensor.transform is not None:  # small: 1-D, or transformed as a whole
             values = read_tensor(source).float().numpy()
             if tensor.transform is not None:
                 values = tensor.transform(values)
-            yield gguf.quants.quantize(values, tensor.qtype)
+            yield quantized(tensor, values)
             continue
         row_bytes = 4 * math.prod(source.shape[1:])
         rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
         for start in range(0, source.shape[0], rows):
             block = read_tensor_rows(source, start, min(source.shape[0], start + rows))
-            yield gguf.quants.quantize(block.float().numpy(), tensor.qtype)
+            yield quantized(tensor, block.float().numpy())
+
+
+# The largest magnitude each GGUF tensor type holds: Q8_0's float16 block scale is the block's largest / 127.
+GGUF_LARGEST = {GGMLQuantizationType.F16: 65504.0, GGMLQuantizationType.BF16: 3.3895313892515355e38,
+                GGMLQuantizationType.Q8_0: 127 * 65504.0, GGMLQuantizationType.F32: 3.4028234663852886e38}
+
+
+def quantized(tensor: GgufTensor, values: np.ndarray) -> np.ndarray:
+    """A block of the tensor's values converted by gguf.quants, checked for NaN and Inf: a finite bundle's values can
+    still overflow a narrower type (float32 or bfloat16 into F16, or a Q8_0 block's float16 scale)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as one sentence
+        block = gguf.quants.quantize(values, tensor.qtype)
+    if ggml_block_finite(block, tensor.qtype.name):
+        return block
+    bundle = " and ".join(repr(s.name) for s in tensor.sources) or "config.json"
+    kind = tensor.qtype.name
+    if not np.isfinite(values).all():  # the bundle is finite (checked as written): the converter's arithmetic is not
+        raise SourceError(f"GGUF tensor {tensor.name!r} contains NaN or Inf as the converter computes it from the "
+                          f"bundle's {bundle}; those values (or config.json's parameters) are beyond its range")
+    raise SourceError(
+        f"GGUF tensor {tensor.name!r} (from the bundle's {bundle}) overflows {kind}: its largest magnitude is "
+        f"{float(np.abs(values).max()):.4g}, beyond the {GGUF_LARGEST[tensor.qtype]:.6g} that {kind} holds; export "
+        + ("bf16 instead (float32's range)" if kind != "BF16" else "f16 or q8_0 only if the values fit them")
+    )
 
 
 class StreamedTensor:
@@ -208,18 +239,25 @@ class StreamedTensor:
 
 @dataclass(frozen=True)
 class GgufVocabulary:
-    """tokenizer.ggml.*: one token per embedding row (rows past the tokenizer are [PADi], unused), merges, pre."""
+    """tokenizer.ggml.*: one token per embedding row (rows past the tokenizer are [PADi], unused), and either BPE's
+    merges and pre-tokenizer (model "gpt2") or SentencePiece's scores and space prefix (model "llama")."""
 
     tokens: list[str]
     token_types: list[TokenType]
     merges: list[str]
     pre: str
+    model: str = "gpt2"
+    scores: list[float] | None = None
+    space_prefix: bool | None = None
+    rstrip: bool = False  # some special token strips the whitespace after it (Phi-3's)
 
 
 def looks_special(token: str) -> bool:
     """Added tokens the converter marks as control tokens even when their config says otherwise (its
-    does_token_look_special, the patterns of the supported families)."""
-    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+    does_token_look_special)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def vocabulary_from_tokenizer_json(tokenizer: dict, rows: int, pre: str, tokenizer_file: Path) -> GgufVocabulary:
@@ -247,6 +285,84 @@ def vocabulary_from_tokenizer_json(tokenizer: dict, rows: int, pre: str, tokeniz
         for m in tokenizer["model"].get("merges", [])
     ]
     return GgufVocabulary(tokens, types, merges, pre)
+
+
+# SentencePiece piece types as gguf's token types (the converter's SentencePieceTokenTypes; the same numbers).
+# User-defined pieces stay user-defined: SentencePiece matches them whole, as llama.cpp does its user-defined tokens
+# (the converter types them NORMAL and relies on the tokenizer config listing them again).
+SENTENCEPIECE_TOKEN_TYPES = {"NORMAL": TokenType.NORMAL, "UNKNOWN": TokenType.UNKNOWN, "CONTROL": TokenType.CONTROL,
+                             "USER_DEFINED": TokenType.USER_DEFINED, "UNUSED": TokenType.UNUSED,
+                             "BYTE": TokenType.BYTE}
+# The converter's score for added tokens and rows past the tokenizer.
+ADDED_TOKEN_SCORE = -1000.0
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def added_tokens(bundle: Path) -> dict[int, dict]:
+    """The tokenizer's added tokens by id ({content, special, rstrip, ...}), as the converter collects them for a
+    SentencePiece vocabulary: added_tokens.json, then tokenizer_config.json's added_tokens_decoder, then
+    tokenizer.json's added_tokens (where transformers 5 keeps them)."""
+    found: dict[int, dict] = {}
+    if (bundle / "added_tokens.json").is_file():
+        for content, token_id in json.loads((bundle / "added_tokens.json").read_text(encoding="utf-8")).items():
+            found[token_id] = {"content": content, "special": False}
+    if (bundle / "tokenizer_config.json").is_file():
+        config = json.loads((bundle / "tokenizer_config.json").read_text(encoding="utf-8"))
+        found.update({int(i): t for i, t in (config.get("added_tokens_decoder") or {}).items()})
+    if (bundle / "tokenizer.json").is_file():
+        tokenizer = json.loads((bundle / "tokenizer.json").read_text(encoding="utf-8"))
+        found.update({t["id"]: t for t in tokenizer.get("added_tokens", [])})
+    return found
+
+
+def sentencepiece_vocabulary(pieces: list[tuple[str, float, TokenType]], added: dict[int, dict], rows: int,
+                             source: VocabularySource) -> GgufVocabulary:
+    """A SentencePiece vocabulary as the converter writes it (_create_vocab_sentencepiece): the pieces with their
+    scores and types, then the added tokens (control when special or special-looking, else user-defined with
+    their ▁ written as spaces, since llama.cpp matches those in the raw text), padded to the embedding's rows."""
+    if len(pieces) > rows or (added and max(added) >= rows):
+        raise SourceError(f"{source.file}: token id {max(len(pieces) - 1, *added)} is past the model's {rows} "
+                          "embedding rows")
+    tokens = [f"[PAD{i}]" for i in range(rows)]
+    scores = [ADDED_TOKEN_SCORE] * rows
+    types = [TokenType.UNUSED] * rows
+    for i, (text, score, kind) in enumerate(pieces):
+        tokens[i] = text.replace("\u2581", " ") if kind == TokenType.USER_DEFINED else text
+        scores[i], types[i] = score, kind
+    for i, token in added.items():
+        content = token["content"]
+        special = bool(token.get("special")) or looks_special(content)
+        tokens[i] = content if special else content.replace("\u2581", " ")
+        scores[i] = ADDED_TOKEN_SCORE
+        types[i] = TokenType.CONTROL if special else TokenType.USER_DEFINED
+    rstrip = any(t.get("rstrip") for t in added.values())
+    return GgufVocabulary(tokens, types, [], "default", model="llama", scores=scores,
+                          space_prefix=source.space_prefix, rstrip=rstrip)
+
+
+def sentencepiece_model_pieces(source: VocabularySource) -> list[tuple[str, float, TokenType]]:
+    """A tokenizer.model's pieces, scores and types (what the converter reads with SentencePieceProcessor)."""
+    model = read_sentencepiece_model(source.file)
+    return [(text, score, SENTENCEPIECE_TOKEN_TYPES[kind]) for text, score, kind in model.pieces]
+
+
+def sentencepiece_json_pieces(tokenizer: dict) -> list[tuple[str, float, TokenType]]:
+    """A SentencePiece BPE tokenizer.json's pieces. Their scores are not in the file: llama.cpp merges the pair whose
+    result scores highest, so each piece scores minus the rank of the first merge that makes it, which merges in the
+    file's order (the converter's LlamaHfVocab scores every piece -1000, and llama.cpp then merges left to right).
+    <0xXX> pieces are bytes, the model's unk_token unknown."""
+    vocab = tokenizer["model"]["vocab"]
+    made: dict[str, int] = {}
+    for rank, merge in enumerate(tokenizer["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        made.setdefault(left + right, rank)
+    pieces: list[tuple[str, float, TokenType]] = [("", 0.0, TokenType.UNUSED)] * len(vocab)
+    for text, i in vocab.items():
+        kind = TokenType.BYTE if BYTE_PIECE.fullmatch(text) else TokenType.NORMAL
+        if text == tokenizer["model"].get("unk_token"):
+            kind = TokenType.UNKNOWN
+        pieces[i] = (text, -float(made[text]) if text in made else 0.0, kind)
+    return pieces
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -372,10 +488,14 @@ def add_model_parameters(writer: gguf.GGUFWriter, arch: GgufArchitecture, config
 
 def add_tokenizer(writer: gguf.GGUFWriter, vocabulary: GgufVocabulary, special: gguf.SpecialVocab,
                   *, chat_template: str | None, end_of_turn_id: int | None) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocabulary.model)
     writer.add_tokenizer_pre(vocabulary.pre)
     writer.add_token_list(vocabulary.tokens)
+    if vocabulary.scores is not None:
+        writer.add_token_scores(vocabulary.scores)
     writer.add_token_types(vocabulary.token_types)
+    if vocabulary.space_prefix is not None:
+        writer.add_add_space_prefix(vocabulary.space_prefix)
     special.merges = vocabulary.merges
     special.chat_template = None  # the bundle's template, from the chat facts, below
     special.add_to_gguf(writer, quiet=True)
@@ -424,7 +544,7 @@ def special_vocabulary(bundle: Path, arch: GgufArchitecture, vocabulary: GgufVoc
     as the converter uses it). Qwen v1 declares none: the converter then names <|endoftext|> for bos and eos, and
     always for unk."""
     special = gguf.SpecialVocab(bundle, load_merges=False, n_vocab=len(vocabulary.tokens))
-    if arch.vocabulary == "qwen.tiktoken":
+    if "tiktoken" in arch.tokenizers:
         endoftext = vocabulary.tokens.index("<|endoftext|>")
         if not special.special_token_ids:
             special.special_token_ids.update(bos=endoftext, eos=endoftext)
@@ -433,13 +553,31 @@ def special_vocabulary(bundle: Path, arch: GgufArchitecture, vocabulary: GgufVoc
 
 
 def read_vocabulary(bundle: Path, arch: GgufArchitecture, rows: int) -> GgufVocabulary:
-    """The bundle's tokenizer as GGUF vocabulary, from the file the architecture's entry names."""
-    if arch.vocabulary == "qwen.tiktoken":
-        return vocabulary_from_tiktoken(read_tiktoken_ranks(bundle / "qwen.tiktoken"), rows)
-    tokenizer_file = bundle / "tokenizer.json"
-    tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    pre = pre_tokenizer(tokenizer, tokenizer_file, arch.name)
-    return vocabulary_from_tokenizer_json(tokenizer, rows, pre, tokenizer_file)
+    """The bundle's tokenizer as GGUF vocabulary, of the kind and from the file the architecture's entry and the
+    bundle's tokenizer files decide (gguf_facts.vocabulary_source)."""
+    files = {name: bundle / name for name in VOCABULARY_FILES if (bundle / name).is_file()}
+    source = vocabulary_source(arch, files)
+    if source.kind == "tiktoken":
+        return vocabulary_from_tiktoken(read_tiktoken_ranks(source.file), rows)
+    if source.kind == "SentencePiece":
+        if source.file.name == "tokenizer.model":
+            pieces = sentencepiece_model_pieces(source)
+        else:
+            pieces = sentencepiece_json_pieces(json.loads(source.file.read_text(encoding="utf-8")))
+        return sentencepiece_vocabulary(pieces, added_tokens(bundle), rows, source)
+    tokenizer = json.loads(source.file.read_text(encoding="utf-8"))
+    pre = pre_tokenizer(tokenizer, source.file, arch.name)
+    return vocabulary_from_tokenizer_json(tokenizer, rows, pre, source.file)
+
+
+def gguf_model_name(name: str, arch: GgufArchitecture, vocabulary: GgufVocabulary) -> str:
+    """general.name: the spec's name; where llama.cpp gives special tokens their rstrip by the model's name alone
+    (Phi-3's), and the tokenizer strips, the name carries that marker, or llama.cpp would keep the whitespace the
+    bundle's tokenizer strips after <|user|>, <|end|>, <|assistant|>."""
+    marker = arch.rstrip_name
+    if marker is None or not vocabulary.rstrip or marker in name.lower() or marker.replace("-", "") in name.lower():
+        return name
+    return f"{name} ({marker})"
 
 
 def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[str, Path]) -> None:
@@ -460,7 +598,7 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
         writer = gguf.GGUFWriter(out, arch.name)
         try:
             writer.add_type(gguf.GGUFType.MODEL)
-            writer.add_name(plan.spec.name)
+            writer.add_name(gguf_model_name(plan.spec.name, arch, vocabulary))
             add_provenance(writer, plan)
             add_model_parameters(writer, arch, config, file_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,14 @@ class GgufArchitecture:
     (conversion/base.py), as data that gguf_export applies; adding an architecture is one entry and one test."""
 
     name: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
-    vocabulary: str = "tokenizer.json"  # the file the vocabulary is read from; "qwen.tiktoken" is Qwen v1's
+    # the tokenizer kinds the converter reads for it, the first the model's files hold wins: "SentencePiece"
+    # (tokenizer.model, or a tokenizer.json with byte fallback), "byte-level BPE" (tokenizer.json), "tiktoken"
+    tokenizers: tuple[str, ...] = ("byte-level BPE",)
+    # tokenizer.ggml.add_space_prefix as the converter forces it for a SentencePiece vocabulary (Gemma's: False);
+    # None: the tokenizer's own dummy prefix
+    space_prefix: bool | None = None
+    # llama.cpp gives special tokens their rstrip only when general.name contains this (Phi-3's, llama-vocab.cpp)
+    rstrip_name: str | None = None
     # GGUF name pattern (fnmatch) -> how the converter changes those tensors' values; the first match applies
     transforms: tuple[tuple[str, Transform], ...] = ()
     dropped: tuple[str, ...] = ()  # GGUF names llama.cpp does not load, which the converter leaves out
@@ -78,7 +86,7 @@ def llama_like(name: str, metadata: tuple[tuple[str, str], ...] = (), **own: Any
     """An architecture the converter handles as a LlamaModel subclass: its rope layout, parameters and rope_freqs."""
     return GgufArchitecture(name, transforms=(("blk.*.attn_q.*", undo_rotary_halves),
                                               ("blk.*.attn_k.*", undo_rotary_halves)),
-                            rope_dimensions=True, llama3_rope=True,
+                            rope_dimensions=True, llama3_rope=True, tokenizers=("SentencePiece", "byte-level BPE"),
                             metadata=(("vocab_size", "add_vocab_size"), *metadata), **own)
 
 
@@ -105,8 +113,22 @@ ARCHITECTURES = {
         # llama.cpp's qwen3moe always renormalises the chosen experts' weights
         fixed=(("norm_topk_prob", lambda c: True, "the top-k experts' weights renormalised"),),
     ),
+    "Gemma2ForCausalLM": GgufArchitecture(
+        "gemma2", transforms=(("*_norm.weight", plus_one),), tokenizers=("SentencePiece",), space_prefix=False,
+        dropped=("output.weight",),  # llama.cpp's Gemma always ties the head to the embedding
+        metadata=(("attn_logit_softcapping", "add_attn_logit_softcapping"),
+                  ("final_logit_softcapping", "add_final_logit_softcapping"), ("sliding_window", "add_sliding_window")),
+        fixed=(
+            # llama.cpp scales queries by 1/sqrt(head_dim) (the 27B's own rule aside)
+            ("query_pre_attn_scalar", lambda c: c.get("head_dim", 256), "queries scaled by 1/sqrt(head_dim)"),
+            # and makes every 2nd layer a global one, starting with the second
+            ("layer_types", lambda c: ["full_attention" if (i + 1) % 2 == 0 else "sliding_attention"
+                                       for i in range(c["num_hidden_layers"])], "every 2nd layer global"),
+        ),
+    ),
     "Gemma3ForCausalLM": GgufArchitecture(
-        "gemma3", transforms=(("*_norm.weight", plus_one),),
+        "gemma3", transforms=(("*_norm.weight", plus_one),), tokenizers=("SentencePiece", "byte-level BPE"),
+        space_prefix=False,
         dropped=("output.weight",),  # llama.cpp's Gemma always ties the head to the embedding
         metadata=(("final_logit_softcapping", "add_final_logit_softcapping"), ("sliding_window", "add_sliding_window")),
         fixed=(
@@ -124,7 +146,7 @@ ARCHITECTURES = {
     # Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are; its LongRoPE (128k)
     # scaling is refused by rope_scaling.
     "Phi3ForCausalLM": GgufArchitecture(
-        "phi3", rope_dimensions=True,
+        "phi3", rope_dimensions=True, tokenizers=("SentencePiece", "byte-level BPE"), rstrip_name="phi-3",
         metadata=(("original_max_position_embeddings", "add_rope_scaling_orig_ctx_len"),
                   ("sliding_window", "add_sliding_window")),
     ),
@@ -134,7 +156,7 @@ ARCHITECTURES = {
     # loader requires attention.layer_norm_rms_epsilon (today's converter writes attention.layer_norm_epsilon, which
     # it does not read; its earlier QwenModel wrote the RMS key, as here). Its rope spans whole heads.
     "QWenLMHeadModel": GgufArchitecture(
-        "qwen", vocabulary="qwen.tiktoken", rope_dimensions=True,
+        "qwen", tokenizers=("tiktoken",), rope_dimensions=True,
         metadata=(("layer_norm_epsilon", "add_layer_norm_rms_eps"),),
     ),
 }
@@ -215,18 +237,192 @@ def refuse_unexportable(spec: Spec, base: BaseModelFolder, *, tensor_names: list
         if key in base.config and base.config[key] != assumed(base.config):
             raise SourceError(f"{config_file}: {key} is {base.config[key]}, and llama.cpp's {arch.name} assumes "
                               f"{sentence} ({assumed(base.config)}); remove `export.gguf` from the spec")
-    if arch.vocabulary not in tokenizer_files:
-        raise SourceError(f"base.path {base.path}: the {arch.name} GGUF export reads the vocabulary from "
-                          f"{arch.vocabulary}, which the model's tokenizer files lack; save the tokenizer with it "
-                          "(a fast tokenizer's tokenizer.json, or the original model's file)")
-    if arch.vocabulary == "tokenizer.json":
-        tokenizer_file = tokenizer_files["tokenizer.json"]
-        pre_tokenizer(json.loads(tokenizer_file.read_text(encoding="utf-8")), tokenizer_file, arch.name)
+    vocabulary_source(arch, tokenizer_files)
     unknown = [n for n in tensor_names
                if gguf_tensor_name(arch.name, base.config, stacked_name(n)) is None and not skipped_tensor(n)]
     if unknown:
         raise SourceError(f"{config_file}: tensor {unknown[0]!r} has no {arch.name} GGUF name "
                           f"({len(unknown)} such tensors); remove `export.gguf` from the spec")
+
+
+@dataclass(frozen=True)
+class VocabularySource:
+    """Where the export reads the vocabulary: its kind (GgufArchitecture.tokenizers) and file, and for SentencePiece
+    whether llama.cpp is to prefix a space to the text (tokenizer.ggml.add_space_prefix)."""
+
+    kind: str
+    file: Path
+    space_prefix: bool = False
+
+
+def vocabulary_source(arch: GgufArchitecture, tokenizer_files: dict[str, Path]) -> VocabularySource:
+    """The vocabulary the converter would read for this architecture from these files, checked so that llama.cpp
+    tokenizes as the bundle does; a user error naming the architecture and what is missing otherwise.
+
+    In the entry's order: a SentencePiece `tokenizer.model` (the converter's _set_vocab_sentencepiece), else a
+    tokenizer.json that is SentencePiece's BPE with byte fallback (its LlamaHfVocab), else a byte-level BPE
+    tokenizer.json (its _set_vocab_gpt2), or Qwen v1's qwen.tiktoken.
+    """
+    json_file = tokenizer_files.get("tokenizer.json", Path("tokenizer.json"))
+    tokenizer = json.loads(json_file.read_text(encoding="utf-8")) if "tokenizer.json" in tokenizer_files else None
+    sentencepiece_json = tokenizer is not None and is_sentencepiece_json(tokenizer)
+    for kind in arch.tokenizers:
+        if kind == "tiktoken" and "qwen.tiktoken" in tokenizer_files:
+            return VocabularySource(kind, tokenizer_files["qwen.tiktoken"])
+        if kind == "SentencePiece" and "tokenizer.model" in tokenizer_files:
+            model_file = tokenizer_files["tokenizer.model"]
+            model = read_sentencepiece_model(model_file)
+            refuse_unusable_sentencepiece(model, model_file, arch.name)
+            prefix = model.add_dummy_prefix
+            if tokenizer is not None and sentencepiece_json:  # the bundle's tokenizer prefixes as its tokenizer.json
+                prefix = sentencepiece_json_space_prefix(tokenizer, json_file, arch)
+            return VocabularySource(kind, model_file, prefix if arch.space_prefix is None else arch.space_prefix)
+        if kind == "SentencePiece" and tokenizer is not None and sentencepiece_json:
+            prefix = sentencepiece_json_space_prefix(tokenizer, json_file, arch)
+            return VocabularySource(kind, json_file, prefix if arch.space_prefix is None else arch.space_prefix)
+        if kind == "byte-level BPE" and tokenizer is not None and not sentencepiece_json:
+            pre_tokenizer(tokenizer, json_file, arch.name)
+            return VocabularySource(kind, json_file)
+    wanted = {"tiktoken": "qwen.tiktoken", "SentencePiece": "tokenizer.model, or a tokenizer.json of a BPE model with "
+              "byte fallback", "byte-level BPE": "tokenizer.json of a byte-level BPE model"}
+    needed = " or ".join(f"a {kind} vocabulary ({wanted[kind]})" for kind in arch.tokenizers)
+    if tokenizer is not None:
+        section = tokenizer.get("model") or {}
+        found = f"a {section.get('type')} model{' with byte fallback' if section.get('byte_fallback') else ''}"
+        raise SourceError(f"{json_file}: the {arch.name} GGUF export needs {needed}, and this tokenizer is {found}; "
+                          "llama.cpp would tokenize it differently, so remove `export.gguf` from the spec")
+    folder = next(iter(tokenizer_files.values())).parent if tokenizer_files else "the base model"
+    raise SourceError(f"{folder}: the {arch.name} GGUF export needs {needed}, which the model's tokenizer files "
+                      "lack; save the tokenizer with it (the original model's files), or remove `export.gguf` from "
+                      "the spec")
+
+
+def is_sentencepiece_json(tokenizer: dict) -> bool:
+    """A tokenizer.json written from a SentencePiece BPE model (Llama 2, Mistral, Gemma, Phi-3): BPE over ▁-marked
+    text with byte fallback, where byte-level BPE has no fallback."""
+    model = tokenizer.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def sentencepiece_json_space_prefix(tokenizer: dict, tokenizer_file: Path, arch: GgufArchitecture) -> bool:
+    """Whether a SentencePiece tokenizer.json prefixes a space to each text (its dummy prefix): the steps
+    transformers writes for these families, the normalizer replacing spaces by ▁ (with Prepend("▁") before it in
+    the older files) or a Metaspace pre-tokenizer; any other step is refused, since llama.cpp runs none."""
+    steps: list[dict] = []
+    for section in ("normalizer", "pre_tokenizer"):
+        step = tokenizer.get(section) or {}
+        steps += step.get("normalizers" if section == "normalizer" else "pretokenizers", [step]) \
+            if step.get("type") == "Sequence" else ([step] if step else [])
+    prefix = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Prepend" and step.get("prepend") == "\u2581":
+            prefix = True
+        elif kind == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == "\u2581":
+            continue
+        elif kind == "Metaspace" and step.get("replacement") == "\u2581" and not step.get("split"):
+            prefix = step.get("prepend_scheme", "always") != "never"
+        elif (kind == "Split" and step.get("pattern") == {"String": " "}
+              and step.get("behavior") == "MergedWithPrevious"):
+            continue  # Gemma's: after spaces became ▁, there is no space left to split at
+        else:
+            raise SourceError(
+                f"{tokenizer_file}: the {arch.name} GGUF export reads this SentencePiece tokenizer as llama.cpp's, "
+                f"which replaces spaces by \u2581 and runs no other step, and this one has "
+                f"{json.dumps(step, ensure_ascii=False)[:200]}; llama.cpp would tokenize it differently, so remove "
+                "`export.gguf` from the spec"
+            )
+    return prefix
+
+
+# sentencepiece_model.proto: ModelProto.SentencePiece.Type values, and TrainerSpec.ModelType's BPE.
+SENTENCEPIECE_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+SENTENCEPIECE_BPE = 2
+
+
+@dataclass(frozen=True)
+class SentencePieceModel:
+    """What the export reads of a SentencePiece tokenizer.model: its pieces (text, score, type name) and the
+    trainer's and normalizer's settings llama.cpp depends on."""
+
+    pieces: list[tuple[str, float, str]]
+    model_type: int  # TrainerSpec.model_type: 1 unigram, 2 BPE, 3 word, 4 char
+    byte_fallback: bool
+    add_dummy_prefix: bool
+
+
+def read_sentencepiece_model(path: Path) -> SentencePieceModel:
+    """A tokenizer.model (a serialized sentencepiece ModelProto), read from the protobuf wire format itself: the
+    three messages it needs are small, and so validation needs neither sentencepiece nor protobuf."""
+    data = path.read_bytes()
+    try:
+        fields = _protobuf_fields(data)
+        pieces = []
+        for piece in fields.get(1, []):
+            own = _protobuf_fields(piece)
+            text = own[1][-1].decode("utf-8") if 1 in own else ""
+            score = struct.unpack("<f", own[2][-1])[0] if 2 in own else 0.0
+            pieces.append((text, score, SENTENCEPIECE_TYPES.get(own[3][-1] if 3 in own else 1, "NORMAL")))
+        trainer = _protobuf_fields(fields[2][-1]) if 2 in fields else {}
+        normalizer = _protobuf_fields(fields[3][-1]) if 3 in fields else {}
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError, struct.error):
+        raise SourceError(f"{path}: not a SentencePiece model (a serialized ModelProto)") from None
+    return SentencePieceModel(pieces, trainer.get(3, [1])[-1], bool(trainer.get(35, [0])[-1]),
+                              bool(normalizer.get(3, [1])[-1]))
+
+
+def _protobuf_fields(data: bytes) -> dict[int, list]:
+    """A protobuf message's fields by number: varints as ints, 32-bit values and length-delimited ones as bytes."""
+    fields: dict[int, list] = {}
+    position = 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        number, wire = key >> 3, key & 7
+        value: int | bytes
+        if wire == 0:
+            value, position = _varint(data, position)
+        elif wire == 2:
+            size, position = _varint(data, position)
+            value, position = data[position:position + size], position + size
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, position = data[position:position + width], position + width
+        else:
+            raise ValueError(f"wire type {wire}")
+        if position > len(data):
+            raise ValueError("truncated")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        shift += 7
+        if not byte & 0x80:
+            return value, position
+
+
+def refuse_unusable_sentencepiece(model: SentencePieceModel, model_file: Path, arch: str) -> None:
+    """llama.cpp's SentencePiece tokenizer merges pieces by score, as BPE does, and spells a character outside the
+    vocabulary with <0xXX> byte pieces: a Unigram model (the most probable split) would be split otherwise, and
+    without byte pieces llama.cpp aborts (an uncaught std::out_of_range in llama-cpp-python 0.3.36) at the first
+    such character."""
+    missing = []
+    if model.model_type != SENTENCEPIECE_BPE:
+        kinds = {1: "Unigram", 3: "word", 4: "char"}
+        missing.append(f"it is a {kinds.get(model.model_type, model.model_type)} model, not BPE (llama.cpp would "
+                       "merge its pieces by score instead of choosing the most probable split)")
+    if not model.byte_fallback:
+        missing.append("it has no byte fallback (<0x00>...<0xFF> pieces), and llama.cpp aborts at the first "
+                       "character outside the vocabulary")
+    if missing:
+        raise SourceError(f"{model_file}: the {arch} GGUF export reads SentencePiece BPE models with byte fallback, "
+                          f"as llama.cpp tokenizes them, and {'; and '.join(missing)}; remove `export.gguf` from the "
+                          "spec")
 
 
 def pre_tokenizer(tokenizer: dict, tokenizer_file: Path, arch: str) -> str:

@@ -11,10 +11,18 @@ from pathlib import Path
 from typing import Literal
 
 from builder.chat import CHAT_FORMAT_END_OF_TURN, end_of_turn_token
+from builder.chat_template import ChatTemplateLimitError
 from builder.errors import SourceError
 from builder.formatting import describe_bytes, describe_count
 from builder.manifest import MANIFEST, read_manifest, written_by_modelpack
-from builder.sources import AdapterCheckpoint, BaseModelFolder, read_adapter_checkpoint, read_base_model, read_json
+from builder.sources import (
+    AdapterCheckpoint,
+    BaseModelFolder,
+    read_adapter_checkpoint,
+    read_base_model,
+    read_json,
+    require_text_path,
+)
 from builder.tokenizer_files import tokenizer_declarations
 from builder.trust import SIGNATURE, bundle_digest, check_integrity
 from builder.trust import code_files as bundle_code_files
@@ -110,6 +118,7 @@ def _sized(files: dict[str, int]) -> list[dict]:
 
 def inspect_folder(path: Path) -> Inspection:
     """Say what `path` is and what it holds; a folder that is none of the four kinds is a user error."""
+    require_text_path(path, "the folder to inspect")
     if not path.is_dir():
         raise SourceError(f"{path}: folder not found")
     shown = str(path)
@@ -132,6 +141,7 @@ def inspect_folder(path: Path) -> Inspection:
 def choose_checkpoint(folder: Path) -> ChosenCheckpoint:
     """A peft checkpoint folder as given, or one of a Trainer output folder's `checkpoint-N` folders: the best by
     trainer_state.json when training tracked one (best_model_checkpoint), else the last (highest step)."""
+    require_text_path(folder, "checkpoint")
     if not folder.is_dir():
         raise SourceError(f"checkpoint {folder}: folder not found; give the folder holding adapter_config.json "
                           "(e.g. output/checkpoint-1560) or the Trainer output folder above it")
@@ -182,7 +192,8 @@ def model_facts(base: BaseModelFolder, *, skip_code: bool = False) -> ModelFacts
     if declared.template is not None:
         template_home = "chat_template.jinja" if any(p.name == "chat_template.jinja" for p in base.tokenizer_files) \
             else "tokenizer_config.json"
-        token = end_of_turn_token(declared.template, declared.special_ids, declared.template_tokens)
+        token = end_of_turn_token(declared.template, declared.special_ids, declared.template_tokens,
+                                  source=declared.template_source)
     else:  # a remote-code model names its prompt format instead (Qwen-v1: chat_format chatml)
         token = CHAT_FORMAT_END_OF_TURN.get(str((base.generation_config or {}).get("chat_format")))
     dtypes = Counter(t.dtype.name for t in base.tensors.values() if t.dtype.is_floating_point)
@@ -273,6 +284,8 @@ def _inspect_bundle(path: Path) -> Inspection:
         # Headers and configs only; the model's code is listed from the manifest, never imported.
         try:
             model = model_facts(read_base_model(path), skip_code=True)
+        except ChatTemplateLimitError:  # the sender's template is code that would hang or flood whoever renders it
+            raise
         except SourceError:  # a damaged bundle: its integrity problems above say which files
             model = None
     facts = BundleInspection(

@@ -19,6 +19,7 @@ _NAMES_AND_BYTES = {"type": "array", "items": {
     "type": "object", "required": ["name", "bytes"], "additionalProperties": False,
     "properties": {"name": {"type": "string"}, "bytes": {"type": "integer", "minimum": 0}}}}
 _STRINGS = {"type": "array", "items": {"type": "string"}}
+_DIGEST = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}
 _CHOSEN_RULE = {"enum": ["given", "best_model_checkpoint", "only", "last"]}
 
 
@@ -110,6 +111,16 @@ def output_schemas() -> dict[str, dict]:
         "sign": _output("modelpack sign --json", {
             "bundle": {"type": "string"}, "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
             "signature": {"type": "string"}}),
+        "push": _output("modelpack push --json", {
+            "reference": {"type": "string"}, "artifact": {"type": "string", "pattern": "@sha256:[0-9a-f]{64}$"},
+            "digest": _DIGEST, "bundle_digest": _DIGEST, "layers": {"type": "integer", "minimum": 1},
+            "uploaded": {"type": "integer", "minimum": 0}, "bytes": {"type": "integer", "minimum": 0}}),
+        "pull": _output("modelpack pull --json", {
+            "reference": {"type": "string"}, "artifact": {"type": "string", "pattern": "@sha256:[0-9a-f]{64}$"},
+            "digest": _DIGEST, "bundle": {"type": "string"}, "bundle_digest": _DIGEST,
+            "files": {"type": "integer", "minimum": 0},
+            "anchor": {"enum": ["signature", "bundle digest", "artifact digest", "integrity only"]},
+            "warnings": _STRINGS}),
         "verification": {"$schema": DIALECT, **_report_schema(),
                          "title": "a bundle's verification.json (report.bundle_record)"},
     }

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from builder.adapter_match import LoraDelta
-from builder.dtypes import FLOAT16, FLOAT32
+from builder.dtypes import BFLOAT16, FLOAT16, FLOAT32
 from builder.errors import SourceError
+from builder.finite import all_finite, nonfinite_found, read_from, remedy
 from builder.merge import (
     embedding_lora_delta,
     linear_lora_delta,
@@ -32,7 +33,14 @@ if TYPE_CHECKING:
 # Blocks and tiles are whole multiples of this many rows: matmuls over a single row take another BLAS path (gemv)
 # whose rounding differs, and the merge must be bit-identical to peft's full-matrix product.
 BLOCK_ROW_MULTIPLE = 64
-FLOAT16_MAX = 65504.0  # torch.finfo(torch.float16).max
+# The largest finite value of each output dtype (torch.finfo(...).max), and what to do when a tensor exceeds it.
+FLOAT16_MAX = 65504.0
+LARGEST = {FLOAT16: FLOAT16_MAX, BFLOAT16: 3.3895313892515355e38, FLOAT32: 3.4028234663852886e38}
+WIDER = {
+    FLOAT16: "set `output.dtype: bfloat16` (float32's range) or float32",
+    BFLOAT16: "set `output.dtype: float32`",
+    FLOAT32: "no output dtype holds it: the base's values are broken; use another copy of the base",
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class MergedBlock:
     start: int
     end: int
     data: torch.Tensor
-    # False when the block holds NaN/Inf (or overflowed float16); a host tensor the GPU fills in, on the GPU path.
+    # False when the block holds NaN/Inf (or overflowed its dtype); a host tensor the GPU fills in, on the GPU path.
     finite: torch.Tensor | bool = True
     # Recorded on the GPU's stream after the copy back to host memory; None on the CPU.
     ready: torch.cuda.Event | None = None
@@ -86,29 +94,72 @@ class MergedBlock:
     keep: tuple = field(default=())
 
     def result(self) -> torch.Tensor:
-        """The block once the device has written it; raises the user error if the merge produced NaN or Inf."""
+        """The block once the device has written it; raises the user error if it holds NaN or Inf."""
         if self.ready is not None:
             self.ready.synchronize()
             self.keep = ()
         if not bool(self.finite):
-            raise merge_failure(self.tensor, self.start, self.end)
+            raise nonfinite_error(self.tensor, self.start, self.end)
         return self.data
 
 
-def merge_failure(tensor: TensorPlan, start: int, end: int) -> SourceError:
-    """Why a block is not finite, from the block merged again on the CPU in float32 (a failing build's last step)."""
+def nonfinite_error(tensor: TensorPlan, start: int, end: int) -> SourceError:
+    """Why rows [start, end) of an output tensor came out NaN or Inf, found by reading them again (a failing build's
+    last step): its source holds them, an adapter tensor merged into it does, the merge overflowed float32, or the
+    result is beyond the output dtype's range. One sentence naming the tensor, where the values came from and the fix.
+    """
+    merged = "merged tensor" if tensor.action == "merge" else "tensor"
     source = read_tensor_rows(tensor.source, start, end) if tensor.source.shape else read_tensor(tensor.source)
-    exact = merged_block(source, tensor, read_factors(tensor), start, end, out_dtype=FLOAT32.torch)
-    if tensor.out_dtype == FLOAT16 and exact.isfinite().all():
+    if not all_finite(source):
         return SourceError(
-            f"merged tensor {tensor.name!r} overflows float16: its largest magnitude is "
-            f"{exact.abs().max().item():.4g}, beyond float16's {FLOAT16_MAX:g}. Set `output.dtype: bfloat16` "
-            "(float32's range) or float32"
+            f"{merged} {tensor.name!r} contains NaN or Inf ({nonfinite_found(source, first_row=start)}) as read from "
+            f"{read_from(tensor.source, tensor.name)}: {remedy(tensor.source)}"
+        )
+    factors = read_factors(tensor)
+    for location, values in factor_tensors(tensor, factors):
+        if not all_finite(values):
+            return SourceError(
+                f"merged tensor {tensor.name!r} contains NaN or Inf ({nonfinite_found(values)}) from "
+                f"{read_from(location)}: {remedy(location)}"
+            )
+    # The merge's own float32 arithmetic, before the rounding into the output dtype.
+    exact = merged_block(source, tensor, factors, start, end, out_dtype=FLOAT32.torch)
+    if tensor.action == "merge" and not all_finite(exact):
+        return SourceError(
+            f"merged tensor {tensor.name!r} overflows float32 after merging {merged_adapters(tensor)}, from finite "
+            "base and adapter weights: the adapter diverged in training; pick another checkpoint"
+        )
+    out_dtype = tensor.out_dtype
+    cast = not all_finite(source.to(out_dtype.torch))
+    if cast or not all_finite(exact.to(out_dtype.torch)):
+        largest = (source if cast else exact).abs().max().item()
+        how = f"cast from {tensor.source.dtype.name}" if cast else f"after merging {merged_adapters(tensor)}"
+        return SourceError(
+            f"{merged} {tensor.name!r} overflows {out_dtype.name}: its largest magnitude is {largest:.4g}, beyond "
+            f"{out_dtype.name}'s {LARGEST[out_dtype]:g} ({how}); {WIDER[out_dtype]}"
         )
     return SourceError(
-        f"merged tensor {tensor.name!r} contains NaN or Inf: the adapter's weights for it are broken "
-        f"(check {', '.join(d.module for d in tensor.deltas) or 'its replacement'} in the adapter)"
+        f"{merged} {tensor.name!r} contains NaN or Inf in rows {start}-{end}, yet its sources read again are finite: "
+        "were they changed while the build read them? Build again"
     )
+
+
+def factor_tensors(tensor: TensorPlan, factors: Factors) -> list[tuple[TensorLocation, torch.Tensor]]:
+    """Every adapter tensor merged into an output tensor, with where it was read from."""
+    pairs = [(location, values) for delta, a, b, magnitude in factors.deltas
+             for location, values in ((delta.a, a), (delta.b, b), (delta.magnitude, magnitude))
+             if location is not None and values is not None]
+    if tensor.token_rows is not None and factors.token_rows is not None:
+        pairs.append((tensor.token_rows.values, factors.token_rows))
+    return pairs
+
+
+def merged_adapters(tensor: TensorPlan) -> str:
+    """The adapters whose updates an output tensor takes, for messages: "adapter (/runs/ckpt-200)"."""
+    sources = [(d.adapter, d.b.file.parent) for d in tensor.deltas]
+    if tensor.token_rows is not None:
+        sources.append(("the trainable token rows of the adapter", tensor.token_rows.values.file.parent))
+    return " and ".join(f"{key} ({folder})" for key, folder in dict.fromkeys(sources))
 
 
 def merged_block(source: torch.Tensor, tensor: TensorPlan, factors: Factors, start: int, end: int, *,

@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from builder.dtypes import FLOAT16
+from builder.finite import all_finite
 from builder.merge_blocks import BLOCK_ROW_MULTIPLE, Factors, MergedBlock, merged_block
 from builder.plan import TensorPlan
 from builder.refusals import require_merge_device
@@ -63,14 +63,17 @@ class CpuMerge:
         rows = tile_rows(tensor)
         if source.dim() == 0 or end - start <= rows or any(d.needs_whole_tensor for d in tensor.deltas):
             block = merged_block(source, tensor, factors, start, end, out_dtype=tensor.out_dtype.torch)
-        else:
-            block = torch.empty(source.shape, dtype=tensor.out_dtype.torch)
-            for tile in range(0, end - start, rows):
-                stop = min(end - start, tile + rows)
-                block[tile:stop] = merged_block(
-                    source[tile:stop], tensor, factors, start + tile, start + stop, out_dtype=tensor.out_dtype.torch
-                )
-        return MergedBlock(tensor, start, end, block, finite=not needs_check(tensor) or all_finite(block))
+            return MergedBlock(tensor, start, end, block, finite=all_finite(block))
+        block = torch.empty(source.shape, dtype=tensor.out_dtype.torch)
+        finite = True
+        for tile in range(0, end - start, rows):
+            stop = min(end - start, tile + rows)
+            merged = merged_block(
+                source[tile:stop], tensor, factors, start + tile, start + stop, out_dtype=tensor.out_dtype.torch
+            )
+            finite = finite and all_finite(merged)  # checked while the tile is still in the cache
+            block[tile:stop] = merged
+        return MergedBlock(tensor, start, end, block, finite=finite)
 
     def close(self) -> None:
         torch.set_num_threads(self._threads)
@@ -102,7 +105,7 @@ class CudaMerge:
             on_device = source.to(self.device, non_blocking=True)
             block = merged_block(on_device, tensor, factors, start, end, out_dtype=tensor.out_dtype.torch)
             finite: torch.Tensor | bool = True
-            if needs_check(tensor):
+            if block.is_floating_point():  # on the GPU, as finite.all_finite does it, without waiting for the result
                 low, high = torch.aminmax(block)
                 finite = (torch.isfinite(low) & torch.isfinite(high)).to("cpu", non_blocking=True)
             data = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
@@ -121,14 +124,3 @@ def tile_rows(tensor: TensorPlan) -> int:
     row_elements = source.nbytes // source.dtype.itemsize // source.shape[0] if source.shape and source.shape[0] else 1
     row_fp32_bytes = 4 * max(1, row_elements)
     return max(1, TILE_BYTES // row_fp32_bytes // BLOCK_ROW_MULTIPLE) * BLOCK_ROW_MULTIPLE
-
-
-def needs_check(tensor: TensorPlan) -> bool:
-    """Merged blocks can hold NaN/Inf from a broken adapter; a cast to float16 can overflow."""
-    return bool(tensor.deltas or tensor.token_rows) or tensor.out_dtype == FLOAT16
-
-
-def all_finite(block: torch.Tensor) -> bool:
-    """No NaN or Inf: aminmax propagates NaN and exposes +/-inf, in one pass and without a boolean buffer."""
-    low, high = torch.aminmax(block)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

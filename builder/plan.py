@@ -16,10 +16,16 @@ from builder.adapter_compose import (
     tokenizer_adapter,
 )
 from builder.adapter_match import TIED_HEAD, AdapterMatch, LoraDelta, TokenRows, tied_embedding_name
+from builder.chat import refuse_runaway_spec_template
 from builder.dtypes import FLOAT32, OUTPUT_DTYPES, Dtype
 from builder.errors import SourceError
 from builder.gguf_facts import estimated_gguf_bytes, refuse_unexportable
-from builder.refusals import refuse_chatless, refuse_oversized_tokenizer, refuse_unpackageable
+from builder.refusals import (
+    refuse_chatless,
+    refuse_oversized_tokenizer,
+    refuse_unpackageable,
+    refuse_unservable_lora,
+)
 from builder.runtimes import vllm_max_lora_rank
 from builder.safetensors_io import TensorEntry, TensorLocation
 from builder.sources import AdapterCheckpoint, BaseModelFolder, TokenizerFolder, code_files
@@ -183,6 +189,8 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
     match = match_adapters(base, adapters, mode=spec.output.mode)
     concat = concatenation(base, adapters, match) if spec.output.mode == "separate" and len(adapters) > 1 else None
     if spec.output.mode == "separate":
+        refuse_unservable_lora(spec, concat.config if concat is not None else adapters[0].checkpoint.config,
+                               tied_head=tied_embedding_name(base) is not None)
         match = AdapterMatch(deltas={}, replacements={}, token_rows={})
     out_dtype = output_dtype(spec.output.dtype, base)
     summed = len(adapters) > 1
@@ -199,6 +207,9 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
     copies = _file_copies(spec, base, adapters, tokenizer)
     tokenizer_files = {c.dest: c.source for c in copies if c.role == "tokenizer"}
     refuse_chatless(spec, base, tokenizer_files, tokenizer or tokenizer_adapter(adapters))
+    refuse_runaway_spec_template(tokenizer_files, template_file=spec.chat.template,
+                                 prompts=[p.prompt for p in (*spec.verify.prompts, *spec.verify.probes)],
+                                 system_prompt=spec.chat.system_prompt)
     vocab_size = _resized_vocabulary(base, tensors)
     if tokenizer is not None:
         refuse_oversized_tokenizer(tokenizer, base, vocab_size)

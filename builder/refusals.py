@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.adapter_compose import WeightedAdapter, tokenizer_adapter
-from builder.errors import ModelpackError, OutputError, SourceError
+from builder.errors import ModelpackError, OutputError, SourceError, SpecError
+from builder.runtimes import vllm_lora_refusals
 from builder.sources import AdapterCheckpoint, BaseModelFolder, TokenizerFolder, code_files, tokenizer_vocabulary_size
 from builder.spec import Spec
 from builder.tokenizer_files import tokenizer_declarations
@@ -133,3 +134,15 @@ def require_merge_device(requested: str) -> None:
             f"the merge device is cuda (output.merge_device or --merge-device), but torch {torch.__version__} sees "
             "no CUDA GPU on this machine; use cpu, or auto to merge on a GPU only where there is one"
         )
+
+
+def refuse_unservable_lora(spec: Spec, config: dict, *, tied_head: bool) -> None:
+    """verify.serve: [vllm] in separate mode with an adapter vLLM cannot load as a LoRA: vLLM's rule, and the fix
+    (served merged, the adapter is part of the weights and every rule is moot)."""
+    if spec.output.mode != "separate" or "vllm" not in spec.verify.serve:
+        return
+    rules = vllm_lora_refusals(config, tied_head=tied_head)
+    if rules:
+        raise SpecError(f"verify.serve: [vllm] with output.mode: separate: vLLM cannot serve this adapter as a LoRA "
+                        f"({'; '.join(rules)}); serve it merged (`output.mode: merge`), or drop vllm from "
+                        "verify.serve")

@@ -6,7 +6,7 @@ boundary (the model card reads it), so its shape is declared once here and valid
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from rich.table import Table
@@ -28,12 +28,25 @@ class RecordedExpectation(TypedDict):
 
 
 @with_config(_STRICT)
+class GeneratedTokens(TypedDict):
+    """A greedy answer as the bundle runtime generated it (bundle_check.GenerationClock): the reference a serving
+    engine's answer is compared with, token by token."""
+
+    prompt_ids: list[int]  # the rendered prompt's ids
+    ids: list[int]  # the generated ids, the end-of-turn token included when the answer ended on it
+    gaps: list[float]  # at each generated position: the largest score minus the second (a log-probability gap)
+    max_abs_scores: list[float]  # at each generated position: the largest |score|, which scales the tolerance
+
+
+@with_config(_STRICT)
 class PromptResult(TypedDict):
     prompt: str
     answer: str
     expect: RecordedExpectation
     failures: list[str]
     ok: bool
+    # The runtime's generated ids and score gaps: read by the serving stage, left out of verification.json.
+    tokens: NotRequired[GeneratedTokens | None]
     base_answer: NotRequired[str]  # with verify.compare_base: the base model's answer to the same prompt
     # with verify.compare_base and several adapters: each adapter's answer alone, at its weight, by its spec key
     adapter_answers: NotRequired[dict[str, str]]
@@ -165,6 +178,52 @@ class GgufCheck(TypedDict):
 
 
 @with_config(_STRICT)
+class ServedDivergence(TypedDict):
+    """Where a served answer first parts from the bundle's answer in transformers (builder/vllm_stage.py)."""
+
+    part: Literal["prompt", "answer"]  # the server's ids of the rendered prompt, or the generated ids
+    position: int
+    reference: int | None  # the reference's token id there (None: past its end)
+    served: int | None  # the server's (None: past its end)
+    gap: float | None  # the reference's top-2 score gap there (None in the prompt: no choice was made)
+    tolerance: float | None  # the bundle dtype's: atol + rtol * max|score| at that position
+    near_tie: bool  # gap <= tolerance: two runtimes that round differently may part there without either wrong
+
+
+@with_config(_STRICT)
+class ServedAnswer(TypedDict):
+    prompt: str
+    answer: str  # the served text
+    identical: bool  # the same prompt ids and generated ids as the reference
+    divergence: ServedDivergence | None
+    failures: list[str]  # the spec's expectations the served answer misses
+    ok: bool
+
+
+@with_config(_STRICT)
+class ServedRun(TypedDict):
+    """One serving engine run of the bundle (verify.serve): every verification prompt and probe, served."""
+
+    engine: str  # "vllm"
+    version: str
+    mode: Literal["merged", "lora"]
+    device: str
+    flags: list[str]  # after the bundle folder, as run; the free localhost port left out
+    prompts: int  # answers compared: every verification prompt and probe
+    identical: int
+    first_divergence: ServedDivergence | None  # the first answer's, in prompt order, that is not identical
+    answers: list[ServedAnswer]
+    # The first prompt asked without a system message, where the chat template carries the system prompt
+    # (configs.default_system_template): compared with load.py's answer, which sends it.
+    without_system: NotRequired[ServedAnswer]
+    ok: bool
+    # A run's figures, left out of the bundle's verification.json: until /health answered, and the whole stage
+    # (start, answers, stop).
+    startup_seconds: NotRequired[float]
+    seconds: NotRequired[float]
+
+
+@with_config(_STRICT)
 class Skipped(TypedDict):
     check: str
     reason: str
@@ -205,6 +264,8 @@ class VerificationReport(_Answers):
     skipped: list[Skipped]
     equivalence: NotRequired[Equivalence]
     gguf: NotRequired[GgufCheck]  # when the bundle has GGUF files and llama-cpp-python is installed
+    # verify.serve: one entry per serving engine run. Not `serving`, which is the runtime's serving contract.
+    served: NotRequired[list[ServedRun]]
 
 
 # verification.json's format: 2 since its run figures left it (bundles before that carry no schema_version).
@@ -215,6 +276,7 @@ RUN_FIGURES = ("seconds", "peak_rss_gb")
 _RUNTIME = TypeAdapter(RuntimeReport)
 _EQUIVALENCE = TypeAdapter(EquivalenceReport)
 _GGUF = TypeAdapter(GgufCheck)
+_SERVED = TypeAdapter(ServedRun)
 _REPORT = TypeAdapter(VerificationReport)
 
 
@@ -232,6 +294,10 @@ def read_gguf_check(data: object, *, python: str) -> GgufCheck:
     return _validated(_GGUF, data, f"the report of the GGUF check (run with {python})")
 
 
+def read_served_run(data: object, *, engine: str) -> ServedRun:
+    return _validated(_SERVED, data, f"the {engine} serving stage's entry")
+
+
 def read_verification(data: object) -> VerificationReport:
     """A verification.json, e.g. to show it again or to check a bundle's recorded results."""
     return _validated(_REPORT, data, "verification.json")
@@ -247,13 +313,14 @@ def _validated(adapter: TypeAdapter, data: object, what: str) -> Any:
 
 def verification_report(runtime: RuntimeReport, *, files: FilesCheck, digest: str, remote_code: dict[str, str],
                         skipped: list[Skipped], gguf: GgufCheck | None,
-                        equivalence: EquivalenceReport | None) -> VerificationReport:
+                        equivalence: EquivalenceReport | None,
+                        served: list[ServedRun] | None = None) -> VerificationReport:
     """verification.json, whole, from its parts: the runtime's report with modelpack's own check of the files in
     place of the runtime's, each answer beside the reference's answers to its prompt, the digest it records (the
     bundle's, or the placeholder a build seals later), what was not checked, and `ok` only when every part passed."""
     report: VerificationReport = {
         "bundle": runtime["bundle"],
-        "ok": runtime["ok"] and all(part["ok"] for part in (gguf, equivalence) if part is not None),
+        "ok": runtime["ok"] and all(part["ok"] for part in (gguf, equivalence, *(served or [])) if part is not None),
         "integrity": files,
         "serving": runtime["serving"],
         "prompts": [_beside_reference(result, equivalence) for result in runtime["prompts"]],
@@ -268,6 +335,8 @@ def verification_report(runtime: RuntimeReport, *, files: FilesCheck, digest: st
         report["gguf"] = gguf
     if equivalence is not None:
         report["equivalence"] = _comparison(equivalence)
+    if served is not None:
+        report["served"] = served
     return report
 
 
@@ -285,6 +354,10 @@ def bundle_record(report: VerificationReport) -> VerificationReport:
     if gguf is not None:
         record["gguf"] = {**gguf, "files": [{k: v for k, v in f.items() if k != "load_seconds"}  # type: ignore
                                             for f in gguf["files"]]}
+    served = report.get("served")
+    if served is not None:
+        record["served"] = [{k: v for k, v in run.items()  # type: ignore[misc]
+                             if k not in ("startup_seconds", "seconds")} for run in served]
     return record
 
 
@@ -292,6 +365,7 @@ def _beside_reference(result: PromptResult, equivalence: EquivalenceReport | Non
     """A bundle's answer with the reference's answers to the same prompt: the base alone, each adapter alone."""
     prompt = result["prompt"]
     beside = result.copy()
+    beside.pop("tokens", None)  # the serving stage's reference, not part of the report
     if equivalence is not None and "base_answers" in equivalence:
         beside["base_answer"] = equivalence["base_answers"][prompt]
     if equivalence is not None and "adapter_answers" in equivalence:  # keyed as the spec and the card name them
@@ -329,6 +403,8 @@ def failure_message(report: VerificationReport) -> str | None:
                     f"{compared['max_abs_logit_diff']:.4g} vs tolerance {compared['tolerance']:.4g}, "
                     f"{compared['greedy_disagreements']} greedy tokens differ from {equivalence['reference']}"
                 )
+    for run in report.get("served", []):
+        lines += served_problems(run)
     gguf = report.get("gguf")
     if gguf:
         bundle_answers = {r["prompt"]: r["answer"] for r in report["prompts"] + report["probes"]}
@@ -353,6 +429,51 @@ def skipped_failure(report: VerificationReport) -> str | None:
 def not_run(report: VerificationReport | None) -> list[str]:
     """The checks that did not run, in the report's order; every check when there was no verification."""
     return ["verification"] if report is None else [s["check"] for s in report["skipped"]]
+
+
+def served_problems(run: ServedRun) -> list[str]:
+    """One sentence per served answer that failed: a divergence from the reference beyond a near tie, the spec's
+    expectations."""
+    problems = []
+    without_system = [run["without_system"]] if "without_system" in run else []
+    for number, answer in enumerate(run["answers"] + without_system):
+        where = f"{run['engine']}: prompt {answer['prompt']!r}"
+        if number == len(run["answers"]):
+            where += " without a system message (the chat template's default)"
+        part = answer["divergence"]
+        if part is not None and not part["near_tie"]:
+            problems.append(f"{where}: {served_parting(part)}; served answer {answer['answer']!r}")
+        if answer["failures"]:
+            problems.append(f"{where}: expected {', '.join(answer['failures'])}; {run['engine']} answered "
+                            f"{answer['answer']!r}")
+    return problems
+
+
+def served_parting(part: ServedDivergence) -> str:
+    """Where a served answer parts from the reference, in words."""
+    if part["part"] == "prompt":
+        return (f"the server's ids of the rendered prompt differ from the reference's from token {part['position']} "
+                f"(id {part['served']} instead of {part['reference']}): it rendered another prompt")
+    where = f"the served answer parts from the reference at token {part['position']} (id {part['served']} instead " \
+            f"of {part['reference']})"
+    if part["gap"] is None:
+        return f"{where}, past the reference's last scored position"
+    tie = "a near tie" if part["near_tie"] else "beyond the tolerance"
+    return f"{where}, where the reference's top-2 gap is {part['gap']:.3g} ({tie}: tolerance {part['tolerance']:.3g})"
+
+
+def served_summary(run: ServedRun) -> str:
+    """The engine line of the card and the terminal: "served in vLLM 0.32.0 on CPU: 5/5 answers token-identical"."""
+    engine = {"vllm": "vLLM"}.get(run["engine"], run["engine"])
+    line = (f"served in {engine} {run['version']} on {run['device'].upper()}: {run['identical']}/{run['prompts']} "
+            "answers token-identical")
+    ties = sum(1 for a in run["answers"] if a["divergence"] is not None and a["divergence"]["near_tie"])
+    if ties:
+        line += f", {ties} parting at a near tie"
+    if "without_system" in run:
+        same = "the same" if run["without_system"]["identical"] else "NOT the same"
+        line += f"; a request without a system message answers {same} as with the default one"
+    return line
 
 
 def gguf_problems(file: GgufFile, answer: GgufAnswer, bundle_answer: str) -> list[str]:
@@ -450,6 +571,14 @@ def report_table(report: VerificationReport) -> Table:
     if gguf:
         table.add_row("gguf", "",
                       f"{gguf['runtime']}, {gguf['threads']} threads, greedy, each file's own chat template")
+    for run in report.get("served", []):
+        table.add_row(f"served {run['engine']}", check_verdict(run["ok"]),
+                      f"{served_summary(run)} ({run['mode']}; {' '.join(run['flags'])})")
+        for served in run["answers"]:
+            if served["divergence"] is not None:
+                table.add_row(f"served {run['engine']}", "differs",
+                              f"{served['prompt'][:40]} -> {served['answer'][:60]}  "
+                              f"({served_parting(served['divergence'])})")
     runtime = report.get("runtime")
     if runtime is not None:  # a bundle's verification.json holds no run figures (bundle_record)
         spread = ", ".join(f"{device}: {count / 1e6:.1f}M"

@@ -29,6 +29,7 @@ from builder.sources import (
     read_adapter_checkpoint,
     read_base_model,
     read_tokenizer_folder,
+    require_text_path,
 )
 from builder.spec import NAME_PATTERN, GenerationSpec, hub_model_id
 from builder.tokenizer_files import tokenizer_declarations
@@ -80,6 +81,8 @@ def find_base(adapter: AdapterCheckpoint, base_option: Path | None) -> tuple[Pat
 
 def draft_spec(checkpoint: Path, *, base: Path | None = None, spec_file: Path | None = None) -> Draft:
     """Read the checkpoint and its base (configs and headers only) and draft a spec that validates as written."""
+    if spec_file is not None:
+        require_text_path(spec_file, "-o")
     chosen = choose_checkpoint(checkpoint)
     allow_pickle = not (chosen.path / "adapter_model.safetensors").is_file() and \
         (chosen.path / "adapter_model.bin").is_file()
@@ -235,7 +238,9 @@ def _template_system_prompt(tokenizer: AdapterCheckpoint | TokenizerFolder, base
     tokenizer, if any)."""
     files = tokenizer.tokenizer_files or base.tokenizer_files
     declared = tokenizer_declarations({p.name: p for p in files})
-    return default_system_prompt(declared.template, declared.template_tokens) if declared.template else None
+    if declared.template is None:
+        return None
+    return default_system_prompt(declared.template, declared.template_tokens, source=declared.template_source)
 
 
 def _base_card_metadata(folder: Path) -> dict:

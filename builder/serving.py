@@ -371,6 +371,24 @@ def _health(port: int, path: str = "/health") -> str:
     return f"curl -sf http://localhost:{port}{path}"
 
 
+def vllm_arguments(folder: str, *, name: str, separate: bool, max_lora_rank: int, context_length: int | None,
+                   trust_remote_code: bool, port: int = 8000) -> list[str] | None:
+    """What follows `vllm serve` in the card's command, the model folder first: the card prints them (folder
+    ./NAME, port 8000) and verification's serving stage runs them (the bundle's folder, a free port, a shorter
+    context). In separate mode requests name the adapter `name`, and the base alone answers as name-base. None
+    where vLLM cannot serve the adapter as a LoRA (its rank is above every --max-lora-rank vLLM accepts)."""
+    served_as = f"{name}-base" if separate else name
+    arguments = [folder, "--served-model-name", served_as, "--port", str(port)]
+    arguments += ["--max-model-len", str(context_length)] if context_length else []
+    arguments += ["--trust-remote-code"] if trust_remote_code else []
+    if separate:
+        rank = vllm_max_lora_rank(max_lora_rank)
+        if rank is None:
+            return None
+        arguments += ["--enable-lora", "--lora-modules", f"{name}={folder}/adapter", "--max-lora-rank", str(rank)]
+    return arguments
+
+
 def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
     """The command line of each runtime that can serve the bundle, run from the folder that holds it."""
     name, folder = bundle.name, f"./{bundle.name}"
@@ -381,10 +399,11 @@ def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
         "(`--chat-template FILE`); the completions endpoint works without"])
     commands = []
 
-    context = f" --max-model-len {bundle.context_length}" if bundle.context_length else ""
     # Separate mode: requests name the adapter `name`; the base alone answers as name-base.
     served_as = f"{name}-base" if separate else name
-    vllm: str | None = f"vllm serve {folder} --served-model-name {served_as} --port 8000{context}{remote}"
+    arguments = vllm_arguments(folder, name=name, separate=separate, max_lora_rank=bundle.max_lora_rank,
+                               context_length=bundle.context_length, trust_remote_code=bundle.trust_remote_code)
+    vllm = "vllm serve " + shlex.join(arguments) if arguments is not None else None
     vllm_notes = ["vLLM reads `generation_config.json` for its default sampling and stop tokens "
                   "(`--generation-config vllm` ignores it)", *template_note]
     if bundle.max_new_tokens:
@@ -398,9 +417,7 @@ def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
             vllm_notes.insert(0, f"vLLM cannot serve this adapter as a LoRA: its rank {bundle.max_lora_rank} is "
                                  f"above {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM accepts; "
                                  "build with `mode: merge` to serve it")
-            vllm = None
         else:
-            vllm = f"{vllm} --enable-lora --lora-modules {name}={folder}/adapter --max-lora-rank {rank}"
             vllm_notes.insert(0, f"requests name the model `{name}` to use the adapter (rank {bundle.max_lora_rank}, "
                                  f"served with --max-lora-rank {rank}, the smallest vLLM accepts that holds it)")
     commands.append(ServingCommand("vLLM", vllm, vllm_notes, 8000, name, _health(8000), _curl(8000, name, bundle))

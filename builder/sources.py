@@ -91,40 +91,123 @@ class TokenizerFolder:
 
 # The largest JSON file modelpack parses (configs, tokenizer files, reports), so a hostile one fails with a sentence
 # within bounded memory: four times Gemma 3's tokenizer.json (33 MB, a 262k vocabulary) and far above a 72B model's
-# safetensors index (about 100 KB). The nesting depth is bounded by the decoder itself (RecursionError).
+# safetensors index (about 100 KB).
 MAX_JSON_BYTES = 128 << 20
+# The deepest nesting of arrays and objects modelpack accepts in a JSON file. The files it copies into a bundle are
+# parsed again by tokenizers and safetensors (Rust serde_json, which stops at 128 levels) and by transformers and
+# peft (Python's json, about 1,000); real ones nest 6 levels at most (a tokenizer.json's pre-tokenizer sequence).
+MAX_JSON_DEPTH = 64
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a source or bundle file, or one SourceError naming the file (exit 2)."""
+def read_json(path: Path, *, shown: Path | None = None) -> dict:
+    """A JSON object from a source or bundle file, or one SourceError naming the file (exit 2): at most
+    MAX_JSON_BYTES, UTF-8, nested at most MAX_JSON_DEPTH levels. shown: the path to name in messages, where path is
+    a private copy (a received bundle's snapshot)."""
+    where = shown or path
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_JSON_BYTES:
-                raise SourceError(f"{path}: {size} bytes, over modelpack's limit of {MAX_JSON_BYTES} for a JSON file")
-            data = json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
+                raise SourceError(f"{where}: {size} bytes, over modelpack's limit of {MAX_JSON_BYTES} for a JSON file")
+            raw = f.read(MAX_JSON_BYTES + 1)
+            data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
-        raise SourceError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        raise SourceError(f"{where}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not UTF-8 text (byte {exc.start}); JSON files must be UTF-8") from exc
+        raise SourceError(f"{where}: not UTF-8 text (byte {exc.start}); JSON files must be UTF-8") from exc
     except RecursionError as exc:
-        raise SourceError(f"{path}: JSON nested too deeply to read") from exc
+        raise SourceError(f"{where}: JSON nested deeper than modelpack's limit of {MAX_JSON_DEPTH} levels") from exc
     except (OSError, ValueError) as exc:  # ValueError: a name with a NUL byte
-        raise SourceError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise SourceError(f"{where}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
     if not isinstance(data, dict):
-        found = "a list" if isinstance(data, list) else repr(data)
-        raise SourceError(f"{path}: expected a JSON object at the top level, found {found}")
+        found = "a list" if isinstance(data, list) else repr(data)[:80]
+        raise SourceError(f"{where}: expected a JSON object at the top level, found {found}")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise SourceError(f"{where}: JSON nested deeper than modelpack's limit of {MAX_JSON_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: emoji written with ensure_ascii; only then is every string looked at
+        lone = _lone_surrogate(data)
+        if lone is not None:
+            raise SourceError(f"{where}: the text {ascii(lone[:80])} is not Unicode (a \\u escape of half a "
+                              "UTF-16 pair, which no UTF-8 file can hold and tokenizers refuse); re-save the file")
     return data
 
 
-def read_text(path: Path) -> str:
-    """A UTF-8 text file (a chat template, a vocabulary), or one SourceError naming it (exit 2)."""
+# A JSON escape of a UTF-16 surrogate: half of a pair (as ensure_ascii writes an emoji), or alone (not text at all).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(data: object) -> str | None:
+    """The first string (key or value) of a parsed JSON value that holds a lone surrogate, or None."""
+    level: list = [data]
+    while level:
+        below: list = []
+        for item in level:
+            for text in (*item, *item.values()) if isinstance(item, dict) else item if isinstance(item, list) else ():
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return text
+                elif isinstance(text, dict | list):
+                    below.append(text)
+        level = below
+    return None
+
+
+def json_depth(value: object) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (a scalar is 0, {} or [] is 1), level by level
+    without recursion (a 33 MB tokenizer.json in about 0.15 s); stops counting once past MAX_JSON_DEPTH."""
+    depth = 0
+    level: list[dict | list] = [value] if isinstance(value, dict | list) else []
+    while level and depth <= MAX_JSON_DEPTH:
+        depth += 1
+        below: list[dict | list] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            below.extend([v for v in children if type(v) in (dict, list)])
+        level = below
+    return depth
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as messages show it: a byte that is not UTF-8 (read by Python as a lone surrogate) as \\xNN, and
+    control and other unprintable characters escaped, so a message about any name can be printed."""
+    shown = []
+    for char in str(path):
+        if "\udc80" <= char <= "\udcff":  # os.fsdecode's stand-in for an undecodable byte
+            shown.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif char.isprintable():
+            shown.append(char)
+        else:
+            shown.append(char.encode("unicode_escape").decode("ascii"))
+    return "".join(shown)
+
+
+def require_text_path(path: Path, what: str) -> None:
+    """Refuse (exit 2) a path modelpack would write into JSON (manifest.json, verification.json, --json output,
+    DIR.run.json), YAML (init's spec), the card and messages, when its name is not UTF-8 (bytes that no JSON or
+    YAML text can hold) or holds a control or other unprintable character; named with escapes, with the fix."""
+    text = str(path)
+    if all(char.isprintable() for char in text):
+        return
+    undecodable = any("\udc80" <= char <= "\udcff" for char in text)
+    problem = "is not UTF-8" if undecodable else "holds a control or unprintable character"
+    raise SourceError(
+        f"{shown_path(path)} ({what}): the name {problem}, and modelpack writes source paths and file names into "
+        "JSON, YAML and the model card as text; rename it"
+    )
+
+
+def read_text(path: Path, *, shown: Path | None = None) -> str:
+    """A UTF-8 text file (a chat template, a vocabulary), or one SourceError naming it (exit 2); shown as in
+    read_json."""
+    where = shown or path
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+        raise SourceError(f"{where}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     except (OSError, ValueError) as exc:  # ValueError: a name with a NUL byte
-        raise SourceError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise SourceError(f"{where}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def _tokenizer_files(folder: Path) -> tuple[Path, ...]:
@@ -176,6 +259,7 @@ def find_remote_code(folder: Path, *configs: dict | None) -> tuple[Path, ...]:
 
 def read_base_model(path: Path) -> BaseModelFolder:
     """Read a base model folder's config, safetensors headers and side files."""
+    require_text_path(path, "base.path")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SourceError(f"base.path {path}: no config.json; point base.path at a Hugging Face model folder")
@@ -184,7 +268,7 @@ def read_base_model(path: Path) -> BaseModelFolder:
     tokenizer_config_path = path / "tokenizer_config.json"
     tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else None
     generation_config_path = path / "generation_config.json"
-    return BaseModelFolder(
+    base = BaseModelFolder(
         path=path,
         config=config,
         tensors=tensors,
@@ -198,6 +282,9 @@ def read_base_model(path: Path) -> BaseModelFolder:
             p for p in path.iterdir() if p.is_file() and p.name.upper().startswith(("LICENSE", "NOTICE"))
         )),
     )
+    for file in (*base.weight_files, *base.tokenizer_files, *base.remote_code_files, *base.license_files):
+        require_text_path(file, "a file in base.path")
+    return base
 
 
 def _weight_locations(path: Path) -> tuple[tuple[Path, ...], dict[str, TensorLocation]]:
@@ -529,6 +616,7 @@ def _json(value: object) -> str:
 
 def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> AdapterCheckpoint:
     """Read a peft checkpoint folder's adapter config and tensor headers, skipping training leftovers."""
+    require_text_path(path, "adapter.path")
     config_path = path / "adapter_config.json"
     if not config_path.is_file():
         raise SourceError(
@@ -565,6 +653,8 @@ def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> Adapte
     tokenizer_files: tuple[Path, ...] = ()
     if tokenizer_config_path.is_file():
         tokenizer_files = _tokenizer_files(path) + find_remote_code(path, read_json(tokenizer_config_path))
+    for file in (*tokenizer_files, *ignored):
+        require_text_path(file, "a file in adapter.path")
     return AdapterCheckpoint(
         path=path,
         config=config,
@@ -578,6 +668,7 @@ def read_adapter_checkpoint(path: Path, *, allow_pickle: bool = False) -> Adapte
 def read_tokenizer_folder(path: Path) -> TokenizerFolder:
     """Read the folder `tokenizer.path` names: its tokenizer files, and the code its tokenizer_config.json's
     auto_map names, which must be there (a remote-code tokenizer without its code cannot load)."""
+    require_text_path(path, "tokenizer.path")
     files = _tokenizer_files(path)
     if not any(p.name in VOCABULARY_FILE_NAMES or p.suffix == ".tiktoken" for p in files):
         found = f"only {', '.join(p.name for p in files)}" if files else "no tokenizer files"
@@ -595,6 +686,8 @@ def read_tokenizer_folder(path: Path) -> TokenizerFolder:
             f"{config_path}: auto_map names the tokenizer code {named[0]}.py, which is not in tokenizer.path "
             f"{path}; copy it there from the original model (with the files it reads, e.g. qwen.tiktoken)"
         )
+    for file in (*files, *code):
+        require_text_path(file, "a file in tokenizer.path")
     return TokenizerFolder(path=path, tokenizer_files=files + code)
 
 

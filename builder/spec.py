@@ -341,6 +341,28 @@ class VerifySpec(_Section):
         description="Also answer every prompt and probe with the base model alone, shown beside the tuned "
         "answers in the report and the card (costs a second generation pass).",
     )
+    serve: list[Literal["vllm"]] = Field(
+        default=[],
+        description="Serving engines that verification starts the bundle in, the way the card's command does, "
+        "asking every prompt and probe and comparing the token ids with the bundle's answers in transformers.",
+    )
+    vllm_python: SpecPath | None = Field(
+        default=None,
+        description="Python interpreter of a virtualenv with vLLM (it pins its own torch and transformers), for "
+        "serve: [vllm]; without one the stage is reported as not run (build and verify take --vllm-python too).",
+    )
+    vllm_tensor_parallel_size: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="vLLM's --tensor-parallel-size: the GPUs one model is split over; shown in the card's vLLM "
+        "command and passed to the serving stage.",
+    )
+
+    @field_validator("serve")
+    @classmethod
+    def _engines_once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each serving engine once")
+        return value
 
 
 class GgufExportSpec(_Section):

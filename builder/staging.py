@@ -194,7 +194,9 @@ def staging_folder(dest: Path) -> Iterator[Path]:
     dest, so the final rename stays on one filesystem and is atomic.
     """
     root = staging_root(dest, os.getpid())
-    root.mkdir()  # a folder a killed build with our pid left behind was removed as stale
+    # mode 0700: only this user can enter it, so what is written and checked there stays what was checked (a
+    # pull trusts the hashes it computed while writing); a folder a killed build with our pid left was removed
+    root.mkdir(mode=0o700)
     bundle = root / dest.name
     try:
         with interrupts_recorded():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from builder.errors import BundleError, VerificationError
+from builder.errors import BundleError, ModelpackError, VerificationError
 from builder.manifest import MANIFEST, read_manifest, sha256_file
 
 # The integrity rules have one implementation, in the bundle's runtime (receivers without modelpack run it from the
@@ -28,6 +28,8 @@ from builder.manifest import MANIFEST, read_manifest, sha256_file
 from builder.runtime import bundle_check
 from builder.runtime.bundle_check import DIGEST_CARRIERS, DIGEST_PLACEHOLDER, SIGNATURE
 from builder.runtime.load import CHECK_MODULE
+from builder.safetensors_io import read_safetensors_header
+from builder.sources import MAX_JSON_DEPTH, json_depth, read_json, require_text_path
 
 # Files of a bundle that run when it is loaded with trust_remote_code: model code, unless it is the bundle's own.
 CODE_SUFFIXES = (".py", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")
@@ -142,6 +144,7 @@ def received_snapshot(bundle: Path, *, expected_digest: str | None = None,
     result if one was written in place meanwhile.
     """
     wanted = normalized_digest(expected_digest) if expected_digest is not None else None
+    require_text_path(bundle, "the bundle")
     if not (bundle / LOADER).exists() and not (bundle / MANIFEST).exists():
         raise BundleError(f"{bundle} is not a modelpack bundle (no manifest.json and load.py)")
     data, problem = bundle_check.read_manifest_bytes(bundle)
@@ -227,6 +230,37 @@ def _refuse(bundle: Path, problems: list[str]) -> NoReturn:
     )
 
 
+def refuse_unloadable_files(bundle: Path, manifest: dict, *, shown: Path) -> None:
+    """Refuse (exit 3) a bundle with a JSON file or safetensors header that the verification process would hand to
+    transformers, tokenizers, peft or safetensors and that is over modelpack's limits: every listed `.json` file
+    (configs, tokenizer files, adapter_config.json, indexes; sources.read_json: at most MAX_JSON_BYTES, UTF-8, a JSON
+    object nested at most MAX_JSON_DEPTH levels) and every `.safetensors` header (the format's own checks, nested
+    at most as deep). Run in this process before any other starts, so a hostile file is one sentence naming it and
+    the limit, not a crash or a RecursionError inside the child. bundle: a received bundle's snapshot; shown: the
+    bundle's own path, for messages."""
+    for name in sorted(manifest.get("files", {})):
+        path, where = bundle.joinpath(*name.split("/")), shown.joinpath(*name.split("/"))
+        try:
+            if name.endswith(".json"):
+                read_json(path, shown=where)
+            elif name.endswith(".safetensors"):
+                read_safetensors_header(path)
+                _refuse_deep_header(path, where)
+        except ModelpackError as exc:
+            message = exc.message.replace(str(path), str(where))
+            raise VerificationError(f"verification failed: {message}; nothing from the bundle was run") from exc
+
+
+def _refuse_deep_header(path: Path, where: Path) -> None:
+    """A safetensors header that read_safetensors_header accepted, nested no deeper than MAX_JSON_DEPTH (extra keys
+    of a tensor's entry are free-form JSON, which safetensors' own parser stops reading at 128 levels)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    if json_depth(header) > MAX_JSON_DEPTH:
+        raise VerificationError(f"{where}: its safetensors header nests JSON deeper than modelpack's limit of "
+                                f"{MAX_JSON_DEPTH} levels")
+
+
 def code_files(manifest: dict) -> dict[str, str]:
     """The model's own code a bundle runs with trust_remote_code, name -> sha256 (not the bundle's own runtime)."""
     return {name: meta["sha256"] for name, meta in sorted(manifest.get("files", {}).items())
@@ -270,6 +304,7 @@ def require_consent_to_code(manifest: dict, *, trust_remote_code: bool) -> dict[
 def sign_bundle(bundle: Path, private_key: Path) -> Path:
     """Sign every file of the bundle with an elliptic-curve private key (PEM), offline, through OpenSSF's
     model_signing; the signature goes into the bundle as model.sig."""
+    require_text_path(bundle, "the bundle")
     signing = _model_signing()
     read_manifest(bundle)
     signature = bundle / SIGNATURE

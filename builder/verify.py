@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import os
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import builder
+from builder.chat import refuse_runaway_bundle_templates
 from builder.configs import adapter_config
 from builder.dtypes import BY_NAME
 from builder.errors import ModelpackError, VerificationError
@@ -35,18 +37,20 @@ from builder.report import (
 # The runtime's marker before its own progress lines (bundle_check.progress, which equivalence.py uses too).
 from builder.runtime.bundle_check import PROGRESS_MARKER
 from builder.runtime.load import FACTS_FILE
-from builder.sources import read_json
+from builder.sources import read_json, shown_path
 from builder.subprocesses import describe_crash, die_with_parent, model_code_env, verifying_python
 from builder.trust import (
     DIGEST_PLACEHOLDER,
     Integrity,
     Snapshot,
     received_snapshot,
+    refuse_unloadable_files,
     require_consent_to_code,
     require_integrity,
     require_signature,
 )
 from builder.verification_cost import VerificationCost, verification_cost
+from builder.vllm_stage import ServingStage, serve_in_vllm, serving_recorded
 
 # Not shipped in bundles: modelpack's installed copy runs in the verifying interpreter and imports the bundle's runtime.
 EQUIVALENCE_SCRIPT = Path(str(importlib.resources.files("builder.runtime") / "equivalence.py"))
@@ -98,6 +102,7 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
                   sources_unavailable: str = NO_SOURCES,
                   compare_base: bool = False, max_memory: str | None = None, trust_remote_code: bool = False,
                   expected_digest: str | None = None, known_sha256: dict[str, str] | None = None, staged: bool = False,
+                  serving: ServingStage | None = None,
                   progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """Check the bundle's files in this process, then run `load.py --verify` in a subprocess that cannot import
     modelpack, then its GGUF files in llama.cpp, then (with the sources) the equivalence check; return the report,
@@ -109,11 +114,12 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     versions. Without sources, the report names sources_unavailable as the reason equivalence was not checked.
     staged: a build's staging folder, whose manifest.json is written again once the card and this report are added,
     so the report records DIGEST_PLACEHOLDER, which trust.seal replaces with the final digest. The report is
-    returned whether or not the checks passed; `failure_message` says what failed.
+    returned whether or not the checks passed; `failure_message` says what failed. serving: the serving stage
+    (verify.serve), run after the other checks, or reported as not run with its reason.
     """
     python = verifying_python(python)
     steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=compare_base,
-                   trust_remote_code=trust_remote_code, progress=progress)
+                   trust_remote_code=trust_remote_code, progress=progress, serving=serving)
     if staged:  # the build's own staging folder, written by this process: checked in place
         manifest = read_manifest(bundle)
         progress("checking every file against manifest.json")
@@ -126,18 +132,21 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
 
 def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_key: Path | None = None,
                     trust_remote_code: bool = False, python: str | os.PathLike | None = None, device: str = "auto",
-                    max_memory: str | None = None,
+                    max_memory: str | None = None, serving: ServingStage | None = None,
                     progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """A received bundle, from a private snapshot of it: its signature (when a key is given), then the checks of
     verify_bundle against the sources manifest.json names when they are on this machine (else equivalence is
-    reported as skipped, saying why)."""
+    reported as skipped, saying why). serving: the serving stage when the receiver gave a vLLM interpreter; without
+    one it is reported as not run where the bundle's own report shows the build served it."""
     python = verifying_python(python)
     steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=False,
-                   trust_remote_code=trust_remote_code, progress=progress)
+                   trust_remote_code=trust_remote_code, progress=progress, serving=serving)
     with received_snapshot(bundle, expected_digest=expected_digest, progress=progress) as snapshot:
         if public_key is not None:
             progress("checking the signature")
             require_signature(snapshot.folder, public_key, shown=bundle)
+        if serving is None:
+            steps = dataclasses.replace(steps, serving=serving_recorded(snapshot.folder))
         sources, unavailable = recorded_sources(snapshot.manifest)
         return steps.run(snapshot.folder, snapshot.manifest, snapshot.integrity, snapshot.digest, sources,
                          unavailable or NO_SOURCES, snapshot=snapshot, origin=bundle)
@@ -153,6 +162,7 @@ class _Steps:
     compare_base: bool
     trust_remote_code: bool
     progress: Callable[[str], None]
+    serving: ServingStage | None = None
 
     def run(self, bundle: Path, manifest: dict, integrity: Integrity, digest: str, sources: ReferenceSources | None,
             sources_unavailable: str, *, snapshot: Snapshot | None = None,
@@ -168,8 +178,12 @@ class _Steps:
             spread = ["--max-memory", self.max_memory] if self.max_memory else []
             answer_logits = Path(workdir) / "answer-logits"
             scoring = ["--answer-logits", str(answer_logits)] if sources is not None else []
+            # What the processes below hand to transformers, tokenizers, safetensors, Jinja and llama.cpp, checked
+            # here within modelpack's limits: a hostile file or template is one sentence, not a crash or hang there.
+            refuse_unloadable_files(bundle, manifest, shown=origin or bundle)
             cost = verification_cost_of(bundle, equivalence=sources is not None, compare_base=self.compare_base,
                                         adapters=len(sources.adapters) if sources is not None else 1)
+            refuse_runaway_bundle_templates(bundle, shown=origin or bundle)
             progress(cost.describe())
             # One model per process, one after the other: the bundle answers (and, for the equivalence check, keeps
             # its logits over those answers), then the reference is compared with them. The files were checked
@@ -184,6 +198,12 @@ class _Steps:
             runtime_report = read_runtime_report(json.loads(report_path.read_text(encoding="utf-8")), python=python)
             gguf, gguf_skipped = _check_gguf(bundle, manifest, runtime_report["prompts"] + runtime_report["probes"],
                                              python, workdir, progress, pass_fds=pass_fds)
+            served, served_skipped = [], []
+            if self.serving is not None and self.serving.engine is None:
+                served_skipped.append(Skipped(check="vllm", reason=self.serving.reason))
+            elif self.serving is not None:
+                served.append(serve_in_vllm(self.serving, bundle, runtime_report["prompts"] + runtime_report["probes"],
+                                            workdir=workdir, progress=progress, pass_fds=pass_fds))
             equivalence = None
             if sources is not None:
                 progress(f"verification step 2 of {len(cost.loads)}: {cost.loads[1]}")
@@ -200,10 +220,11 @@ class _Steps:
                    "checked_by": f"modelpack {builder.__version__}"},
             digest=digest,
             remote_code=code,
-            skipped=[*gguf_skipped, *([] if sources is not None else [
+            skipped=[*gguf_skipped, *served_skipped, *([] if sources is not None else [
                 Skipped(check="equivalence", reason=sources_unavailable)])],
             gguf=gguf,
             equivalence=equivalence,
+            served=served if self.serving is not None and self.serving.engine is not None else None,
         )
 
 
@@ -361,14 +382,14 @@ def recorded_sources(manifest: dict) -> tuple[ReferenceSources | None, str | Non
     except OSError:  # a name over the file system's limits
         present = False
     if not present:
-        shown = ", ".join(str(p) for p in (base, *(path for _, path, _ in adapters)))
+        shown = ", ".join(shown_path(p) for p in (base, *(path for _, path, _ in adapters)))
         return None, f"the sources recorded in manifest.json ({shown[:500]}) are not on this machine"
     for key, path, _ in adapters:
         fingerprint = fingerprints.get(f"{key}/adapter_config.json")
         try:
             changed = bool(fingerprint) and fingerprint != sha256_file(path / "adapter_config.json")
         except OSError as exc:
-            return None, f"the adapter at {path} cannot be read ({exc.strerror})"
+            return None, f"the adapter at {shown_path(path)} cannot be read ({exc.strerror})"
         if changed:
-            return None, f"the adapter at {path} changed since the build"
+            return None, f"the adapter at {shown_path(path)} changed since the build"
     return ReferenceSources(base, tuple(ReferenceAdapter(path, weight) for _, path, weight in adapters)), None

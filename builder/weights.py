@@ -17,10 +17,18 @@ from typing import TYPE_CHECKING
 from builder.adapter_compose import Concatenation
 from builder.adapter_match import ADAPTER_PREFIX
 from builder.errors import SourceError
+from builder.finite import all_finite, nonfinite_found, read_from, remedy
 from builder.formatting import dump_json
-from builder.merge_blocks import BLOCK_ROW_MULTIPLE, MergedBlock, read_factors
+from builder.merge_blocks import BLOCK_ROW_MULTIPLE, MergedBlock, nonfinite_error, read_factors
 from builder.plan import BuildPlan, ShardPlan, TensorPlan
-from builder.safetensors_io import ShardWriter, TensorLocation, read_into, read_tensor, tensor_bytes
+from builder.safetensors_io import (
+    ShardWriter,
+    TensorLocation,
+    read_into,
+    read_safetensors_header,
+    read_tensor,
+    tensor_bytes,
+)
 
 # torch comes in with the merge device, when write_weights starts: build.py imports this module for validate and
 # --dry-run too, which must not pay for it.
@@ -257,6 +265,9 @@ def merge_pieces(device: MergeDevice, inbox: Pipe, outbox: Pipe, adapter_digests
     factors, current = None, None
     for piece, buffer in inbox:
         if piece.rows is None:
+            # Copied bytes are checked here, in host memory, as any block is where it is made.
+            if not all_finite(buffer.view(piece.tensor.source.dtype.torch)):
+                raise nonfinite_error(piece.tensor, *copied_rows(piece))
             outbox.put(buffer)
             continue
         tensor = piece.tensor
@@ -270,6 +281,16 @@ def merge_pieces(device: MergeDevice, inbox: Pipe, outbox: Pipe, adapter_digests
     outbox.put(_END)
     for digest in adapter_digests.values():
         digest.done.set()
+
+
+def copied_rows(piece: Piece) -> tuple[int, int]:
+    """The rows (along the first dimension) a copied slice of a tensor's bytes touches."""
+    source = piece.tensor.source
+    if not source.shape:
+        return 0, 1
+    row_bytes = source.nbytes // source.shape[0]
+    first = (piece.offset - source.start) // row_bytes
+    return first, -(-(piece.offset + piece.nbytes - source.start) // row_bytes)
 
 
 def _write_shard(shard: ShardPlan, path: Path, written: Pipe, pipeline: Pipeline, on_bytes: Progress) -> str:
@@ -378,9 +399,39 @@ def copy_side_files(plan: BuildPlan, staging: Path) -> list[str]:
     for copy in plan.copies:
         dest = staging / copy.dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(copy.source, dest)
+        if copy.role == "adapter weights":
+            copy_finite_safetensors(copy.source, dest, bundle_name=copy.dest)
+        else:
+            shutil.copyfile(copy.source, dest)
         written.append(copy.dest)
     return written
+
+
+def copy_finite_safetensors(source: Path, dest: Path, *, bundle_name: str) -> None:
+    """Copy a safetensors file byte for byte in slices, checking each float tensor's slices for NaN and Inf as they
+    pass (separate mode's adapter, shipped as the training run saved it)."""
+    import torch
+
+    tensors = sorted(read_safetensors_header(source).values(), key=lambda t: t.start)
+    header_bytes = tensors[0].start if tensors else source.stat().st_size
+    buffer = torch.empty(COPY_CHUNK_BYTES, dtype=torch.uint8)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with open(dest, "wb") as out:
+            out.write(os.pread(fd, header_bytes, 0))
+            for location in tensors:
+                for offset in range(location.start, location.end, COPY_CHUNK_BYTES):
+                    chunk = buffer[:min(COPY_CHUNK_BYTES, location.end - offset)]
+                    read_into(fd, offset, tensor_bytes(chunk), file=source, name=location.name)
+                    if not all_finite(chunk.view(location.dtype.torch)):
+                        raise SourceError(
+                            f"tensor {location.name!r} of the bundle's {bundle_name} contains NaN or Inf "
+                            f"({nonfinite_found(read_tensor(location))}) as read from "
+                            f"{read_from(location, location.name)}: {remedy(location)}"
+                        )
+                    out.write(tensor_bytes(chunk))
+    finally:
+        os.close(fd)
 
 
 def concatenated_tensors(concat: Concatenation) -> dict[str, torch.Tensor]:
@@ -388,13 +439,27 @@ def concatenated_tensors(concat: Concatenation) -> dict[str, torch.Tensor]:
     cat does)."""
     import torch
 
+    def finite(location: TensorLocation, values: torch.Tensor) -> torch.Tensor:
+        if not all_finite(values):
+            raise SourceError(
+                f"tensor {location.name!r} of the bundle's concatenated adapter contains NaN or Inf "
+                f"({nonfinite_found(values)}) as read from {read_from(location)}: {remedy(location)}"
+            )
+        return values
+
     tensors = {}
     for module, parts in concat.modules.items():
         a_parts, b_parts = [], []
         for delta in parts:
             assert delta.a is not None  # refuse_inexact_concatenation refused lora_bias
-            a_parts.append(read_tensor(delta.a).float() * delta.scaling)
-            b_parts.append(read_tensor(delta.b).float())
+            a = finite(delta.a, read_tensor(delta.a).float()) * delta.scaling
+            if not all_finite(a):
+                raise SourceError(
+                    f"tensor {delta.a.name!r} of the bundle's concatenated adapter overflows float32 when scaled by "
+                    f"{delta.scaling:g} ({delta.adapter}'s weight times its alpha / r); lower the weight in the spec"
+                )
+            a_parts.append(a)
+            b_parts.append(finite(delta.b, read_tensor(delta.b).float()))
         a, b = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
         padding = concat.rank - a.shape[0]
         a = torch.cat([a, a.new_zeros(padding, a.shape[1])], dim=0)

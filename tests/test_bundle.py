@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builder.build
 from builder.build import build_bundle, plan_from_spec
+from builder.configs import default_system_template
 from builder.errors import OutputError
 from builder.manifest import sha256_file
 from builder.trust import DIGEST_CARRIERS, DIGEST_PLACEHOLDER, bundle_digest
@@ -58,8 +59,10 @@ def test_training_leftovers_are_not_copied_and_are_recorded(merged_bundle):
 
 def test_chat_template_is_kept_in_both_places_and_eos_covers_end_of_turn(merged_bundle):
     bundle = merged_bundle.bundle
-    assert (bundle / "chat_template.jinja").read_text() == CHATML_TEMPLATE
-    assert json.loads((bundle / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
+    # The base's template, carrying the spec's system prompt (tests/test_serving.py: rendered byte for byte as before).
+    carrying = default_system_template(CHATML_TEMPLATE, "You are a careful assistant.", None)
+    assert (bundle / "chat_template.jinja").read_text() == carrying
+    assert json.loads((bundle / "tokenizer_config.json").read_text())["chat_template"] == carrying
     tokenizer = AutoTokenizer.from_pretrained(bundle)
     generation = json.loads((bundle / "generation_config.json").read_text())
     eos = generation["eos_token_id"]

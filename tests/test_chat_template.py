@@ -120,8 +120,8 @@ def rendered(compile_template, template: str, **variables) -> str | tuple[str, s
     wrong argument names the Python function, which is transformers' local `tojson` in one and ours in the other)."""
     try:
         return compile_template(template).render(**variables)
-    except Exception as error:
-        return type(error).__name__, re.sub(r"^\S+\(\) got ", "() got ", str(error))
+    except Exception as error:  # ours comes from the process that rendered it, and names the class it had there
+        return getattr(error, "kind", type(error).__name__), re.sub(r"^\S+\(\) got ", "() got ", str(error))
 
 
 def assert_same_rendering(template: str, **variables) -> None:

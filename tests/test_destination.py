@@ -219,7 +219,7 @@ def a_name_too_long(t):
     return ["-o", t.tmp / ("x" * 240)], []
 
 
-@case("contains a NUL character")
+@case("dist/tiny\\x00med (output.dir): the name holds a control or unprintable character", "rename it")
 def a_nul_in_the_name(t):
     write_spec(t.project, t.base, t.adapter, output={"dir": "dist/tiny\0med"})
     return [], []

@@ -359,3 +359,39 @@ def test_a_manifest_is_parsed_or_refused_and_no_clean_name_leaves_the_bundle(nam
         assert name not in ("manifest.json", "model.sig") and "\\" not in name
     folded = [name.casefold() for name in clean]
     assert len(set(folded)) == len(folded)
+
+
+@FUZZ
+@given(name=st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b))
+def test_any_folder_name_is_read_or_refused_in_a_message_that_prints(tmp_path_factory, name):
+    """A base folder named by arbitrary bytes: read (its name is printable UTF-8) or a SourceError whose message
+    encodes as UTF-8 and names the folder with its bytes escaped; never a UnicodeEncodeError later."""
+    import os
+
+    from builder.sources import require_text_path, shown_path
+
+    folder = Path(os.fsdecode(bytes(tmp_path_factory.mktemp("names")) + b"/" + name))
+    try:
+        require_text_path(folder, "base.path")
+    except ModelpackError as error:
+        error.message.encode("utf-8")
+        assert shown_path(folder) in error.message and shown_path(folder).isprintable()
+    else:
+        str(folder).encode("utf-8")
+        assert str(folder).isprintable()
+
+
+@FUZZ
+@given(value=st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=30),
+       wrap=st.integers(0, 80))
+def test_the_json_depth_is_counted_as_deep_as_the_nesting(value, wrap):
+    from builder.sources import MAX_JSON_DEPTH, json_depth
+
+    def depth(item) -> int:
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        return 0 if children is None else 1 + max((depth(c) for c in children), default=0)
+
+    for _ in range(wrap):
+        value = [value]
+    assert min(json_depth(value), MAX_JSON_DEPTH + 1) == min(depth(value), MAX_JSON_DEPTH + 1)

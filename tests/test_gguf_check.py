@@ -17,6 +17,7 @@ from builder.manifest import write_manifest
 from builder.report import failure_message, read_verification, report_table
 from builder.verify import verify_bundle
 from helpers import RUNTIME, import_file, write_spec
+from sentencepiece_fixtures import save_sentencepiece_tokenizer
 
 # Imported by path, as modelpack runs it; its sibling equivalence.py is found through sys.path there.
 sys.path.insert(0, str(RUNTIME))
@@ -90,6 +91,17 @@ class LetterTokenizer:
 ])
 def test_shared_tokens_reads_the_answers_text_not_its_retokenization(generated, bundle_answer, shared):
     assert gguf_check.shared_tokens(generated, bundle_answer, LetterTokenizer()) == shared
+
+
+def test_the_rest_of_an_answer_is_tokenized_as_a_continuation(tmp_path):
+    """A SentencePiece tokenizer marks a text's start with ▁ (its dummy prefix): the middle of an answer, fed to
+    llama.cpp token by token, must not get one, or the tokens fed are not the ones the bundle generated."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(save_sentencepiece_tokenizer(tmp_path, "llama2", json_only=True))
+    assert tokenizer.convert_ids_to_tokens(tokenizer("'y", add_special_tokens=False).input_ids) == ["▁", "'", "y"]
+    assert tokenizer.convert_ids_to_tokens(gguf_check.continuation_ids(tokenizer, "'y")) == ["'", "y"]
+    assert tokenizer.convert_ids_to_tokens(gguf_check.continuation_ids(tokenizer, " 12")) == ["▁", "1", "2"]
 
 
 @pytest.mark.parametrize(("answer", "prompt_difference", "exact", "failures", "ok"), [

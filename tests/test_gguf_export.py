@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from builder import gguf_export, gguf_facts
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
-from builder.errors import VerificationError
+from builder.errors import SourceError, VerificationError
 from builder.gguf_export import (
     GgufTensor,
     StreamedTensor,
@@ -39,6 +39,12 @@ from helpers import (
     qwen_base,
     random_checkpoint,
     write_spec,
+)
+from sentencepiece_fixtures import (
+    SENTENCEPIECE_FAMILIES,
+    SENTENCEPIECE_VOCABULARY,
+    save_sentencepiece_tokenizer,
+    train_sentencepiece,
 )
 
 TYPES = ["bf16", "f16", "q8_0"]
@@ -414,3 +420,109 @@ def test_row_blocks_convert_exactly_as_the_whole_tensor(qtype, tmp_path, monkeyp
     whole = gguf.quants.quantize(weight.float().numpy(), tensor.qtype)
     assert b"".join(b.tobytes() for b in blocks) == whole.tobytes()
     assert StreamedTensor(tensor).nbytes == whole.nbytes
+
+
+# --- SentencePiece vocabularies -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(SENTENCEPIECE_FAMILIES))
+def test_the_sentencepiece_model_reader_reads_what_sentencepiece_reads(family, tmp_path):
+    """gguf_facts reads tokenizer.model's protobuf itself: every piece, score and type, and the trainer's and
+    normalizer's settings, as the sentencepiece library (which the converter uses) reads them."""
+    import sentencepiece
+
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(train_sentencepiece(family))
+    model = gguf_facts.read_sentencepiece_model(path)
+    library = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    assert len(model.pieces) == library.vocab_size() == SENTENCEPIECE_VOCABULARY
+    for i, (text, score, kind) in enumerate(model.pieces):
+        assert text == library.id_to_piece(i) and score == library.get_score(i)
+        expected = ("UNKNOWN" if library.is_unknown(i) else "CONTROL" if library.is_control(i) else
+                    "BYTE" if library.is_byte(i) else "UNUSED" if library.is_unused(i) else None)
+        assert kind == expected or (expected is None and kind in ("NORMAL", "USER_DEFINED")), (i, text, kind)
+    assert [t for t, _, k in model.pieces if k == "BYTE"] == [f"<0x{b:02X}>" for b in range(256)]
+    settings = SENTENCEPIECE_FAMILIES[family]
+    assert {t for t, _, k in model.pieces if k == "USER_DEFINED"} == set(settings.user_defined)
+    assert model.model_type == gguf_facts.SENTENCEPIECE_BPE and model.byte_fallback
+    assert model.add_dummy_prefix is settings.dummy_prefix
+
+
+def test_a_file_that_is_not_a_sentencepiece_model_is_a_user_error(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"\x0a\xff\xff\xff\x0fno")
+    with pytest.raises(SourceError, match="not a SentencePiece model"):
+        gguf_facts.read_sentencepiece_model(path)
+
+
+def test_sentencepiece_json_pieces_score_by_their_merges_rank():
+    """llama.cpp merges the pair whose result scores highest: a piece scores minus the rank of the first merge that
+    makes it, so merges apply in tokenizer.json's order; bytes are typed BYTE and the unk token UNKNOWN."""
+    tokenizer = {"model": {"type": "BPE", "byte_fallback": True, "unk_token": "<unk>",
+                           "vocab": {"<unk>": 0, "<0x41>": 1, "▁": 2, "a": 3, "b": 4, "▁a": 5, "ab": 6, "▁ab": 7},
+                           "merges": ["▁ a", "a b", "▁a b", "▁ ab"]}}
+    pieces = gguf_export.sentencepiece_json_pieces(tokenizer)
+    assert [score for _, score, _ in pieces] == [0.0, 0.0, 0.0, 0.0, 0.0, -0.0, -1.0, -2.0]
+    assert [kind for _, _, kind in pieces][:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.BYTE, gguf.TokenType.NORMAL]
+
+
+@pytest.mark.parametrize(("normalizer", "pre", "prefix"), [
+    ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                          {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+     None, True),  # Llama 2's and Mistral v0.1's published tokenizer.json
+    (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}, True),
+    (None, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never", "split": False}, False),
+    ({"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+     {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}, False),  # Gemma
+])
+def test_the_space_prefix_of_a_sentencepiece_tokenizer_json(normalizer, pre, prefix):
+    tokenizer = {"model": {"type": "BPE", "byte_fallback": True}, "normalizer": normalizer, "pre_tokenizer": pre}
+    arch = ARCHITECTURES["LlamaForCausalLM"]
+    assert gguf_facts.sentencepiece_json_space_prefix(tokenizer, Path("tokenizer.json"), arch) is prefix
+
+
+def test_sentencepiece_json_scores_tokenize_as_the_bundle_where_the_converters_do_not(tmp_path):
+    """From tokenizer.json alone, pieces scored by their merge's rank tokenize in llama.cpp as the bundle's
+    tokenizer does; with the converter's LlamaHfVocab scores (-1000 for every piece) llama.cpp merges left to right
+    and splits "answers", "wherever", "tokenizers" otherwise."""
+    import dataclasses
+
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    folder = save_sentencepiece_tokenizer(tmp_path / "tokenizer", "llama2", json_only=True)
+    arch = ARCHITECTURES["LlamaForCausalLM"]
+    vocabulary = gguf_export.read_vocabulary(folder, arch, 512)
+    texts = ["The   model answers\tin paragraphs", "they've gone wherever the world is",
+             "Hello there tiny tokenizers, don't worry"]
+    bundle = AutoTokenizer.from_pretrained(folder)
+    expected = [bundle(text, add_special_tokens=False).input_ids for text in texts]
+
+    def llama_cpp_ids(scores: list[float]) -> list[list[int]]:
+        path = tmp_path / "vocabulary.gguf"
+        writer = gguf.GGUFWriter(path, "llama")
+        special = gguf_export.special_vocabulary(folder, arch, vocabulary)
+        gguf_export.add_tokenizer(writer, dataclasses.replace(vocabulary, scores=scores), special,
+                                  chat_template=None, end_of_turn_id=None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        return [llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) for text in texts]
+
+    assert vocabulary.model == "llama" and vocabulary.space_prefix is True
+    assert llama_cpp_ids(vocabulary.scores) == expected
+    flat = llama_cpp_ids([-1000.0] * len(vocabulary.tokens))
+    assert all(got != want for got, want in zip(flat, expected, strict=True))
+
+
+@pytest.mark.parametrize(("arch", "name", "rstrip", "expected"), [
+    ("Phi3ForCausalLM", "tiny-med", True, "tiny-med (phi-3)"),  # llama.cpp strips after Phi-3's tokens by name
+    ("Phi3ForCausalLM", "my-phi3-bot", True, "my-phi3-bot"),
+    ("Phi3ForCausalLM", "tiny-med", False, "tiny-med"),  # no token strips: the name would make llama.cpp strip
+    ("MistralForCausalLM", "tiny-med", True, "tiny-med"),  # llama.cpp has no such rule for it
+])
+def test_general_name_carries_phi3_only_where_its_tokens_strip(arch, name, rstrip, expected):
+    vocabulary = gguf_export.GgufVocabulary([], [], [], "default", model="llama", rstrip=rstrip)
+    assert gguf_export.gguf_model_name(name, ARCHITECTURES[arch], vocabulary) == expected

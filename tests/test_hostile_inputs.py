@@ -337,6 +337,11 @@ SAFETENSORS_CASES = [
 ]
 
 ADAPTER_CONFIG_CASES = [
+    # JSON can escape half a UTF-16 pair; such text cannot be written into the bundle's JSON, card or YAML again.
+    ("adapter-base-name-with-a-lone-surrogate", lambda p: adapter_config(p, base_model_name_or_path="/m/Qwen\udcff"),
+     2, ["{adapter}/adapter_config.json: the text '/m/Qwen\\udcff' is not Unicode"]),
+    ("base-config-key-with-a-lone-surrogate", lambda p: base_config(p, **{"note\ud800": 1}), 2,
+     ["{base}/config.json: the text 'note\\ud800' is not Unicode"]),
     ("adapter-target-modules-match-a-decoder-block", lambda p: adapter_config(p, target_modules=r".*layers\.\d+"), 2,
      ["match model.layers.0, model.layers.1", "which peft cannot wrap"]),
     ("adapter-target-modules-name-a-norm", lambda p: adapter_config(p, target_modules=["q_proj", "input_layernorm"]),
@@ -455,7 +460,7 @@ BASE_CONFIG_CASES = [
     ("base-tokenizer-config-not-utf8", lambda p: overwrite(p.base / "tokenizer_config.json", b'{"a": "\xff"}'), 2,
      ["{base}/tokenizer_config.json: not UTF-8 text"]),
     ("base-config-nested-deeply", lambda p: overwrite(p.base / "config.json", b'{"a": ' + nested(100_000) + b"}"), 2,
-     ["{base}/config.json: JSON nested too deeply"]),
+     ["{base}/config.json: JSON nested deeper than modelpack's limit of 64 levels"]),
     ("base-added-tokens-decoder-malformed", lambda p: edit_json(p.base / "tokenizer_config.json", added_tokens_decoder={
         "x": {"content": "<a>"}}), 2, ["{base}/tokenizer_config.json: added_tokens_decoder holds 'x'"]),
     ("base-added-tokens-decoder-entry-a-string", lambda p: edit_json(p.base / "tokenizer_config.json",
@@ -610,6 +615,51 @@ def many_entries(count: int) -> bytes:
     return ('{"files": {' + ", ".join(entry % i for i in range(count)) + "}}").encode()
 
 
+def with_file(name: str, data: bytes) -> Callable[[Path], None]:
+    """A break that adds (or replaces) a file of the bundle and lists it in manifest.json, as a sender would."""
+    import hashlib
+
+    def add(bundle: Path) -> None:
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_bytes(data)
+        manifest = json.loads((bundle / "manifest.json").read_bytes())
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    return add
+
+
+def safetensors_file(header: bytes, *, length: int | None = None, data: bytes = b"\0" * 4) -> bytes:
+    return struct.pack("<Q", len(header) if length is None else length) + header + data
+
+
+def nested_in(depth: int) -> bytes:
+    return b'{"x": ' + nested(depth) + b"}"
+
+
+# What the verification process hands to transformers, tokenizers, peft and safetensors: refused by modelpack first.
+LOADED_FILE_CASES = [
+    ("tokenizer-json-nested-past-the-limit", with_file("tokenizer.json", nested_in(100)),
+     ["received/tokenizer.json: JSON nested deeper than modelpack's limit of 64 levels", "nothing from the bundle"]),
+    ("tokenizer-json-nested-past-the-decoder", with_file("tokenizer.json", nested_in(200_000)),
+     ["received/tokenizer.json: JSON nested deeper than modelpack's limit of 64 levels"]),
+    ("config-json-nested", with_file("config.json", nested_in(65)), ["received/config.json: JSON nested deeper"]),
+    ("tokenizer-config-nested", with_file("tokenizer_config.json", nested_in(500)),
+     ["received/tokenizer_config.json: JSON nested deeper"]),
+    ("adapter-config-nested", with_file("adapter/adapter_config.json", nested_in(300)),
+     ["received/adapter/adapter_config.json: JSON nested deeper"]),
+    ("special-tokens-map-a-list", with_file("special_tokens_map.json", b"[]"),
+     ["received/special_tokens_map.json: expected a JSON object"]),
+    ("generation-config-oversized", with_file("generation_config.json", b'{"x": "' + b"a" * (129 << 20) + b'"}'),
+     ["received/generation_config.json: 135266313 bytes, over modelpack's limit of 134217728"]),
+    ("safetensors-header-too-large", with_file("model.safetensors", safetensors_file(b"{}", length=1 << 40)),
+     ["received/model.safetensors: not a safetensors file (header length 1099511627776 is implausible)"]),
+    ("safetensors-header-nested", with_file("model.safetensors", safetensors_file(
+        b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": ' + nested(100) + b"}}")),
+     ["received/model.safetensors: its safetensors header nests JSON deeper than modelpack's limit of 64"]),
+]
+
+
 RECEIVED_CASES = [
     ("manifest-nested-deeply", lambda b: manifest_with(b, b'{"files": {}, "x": ' + nested(200_000) + b"}"),
      ["manifest.json: nested too deeply"]),
@@ -628,6 +678,7 @@ RECEIVED_CASES = [
     ("manifest-name-with-bidi", lambda b: manifest_with(b, json.dumps({"files": {
         "config\u202e.json": {"sha256": "0" * 64, "size": 1}}}).encode()), ["config\\u202e.json: not a file name"]),
     ("tree-thousands-of-levels-deep", lambda b: deep_tree(b, 3000), ["d/d/d/", "not in manifest.json"]),
+    *LOADED_FILE_CASES,
 ]
 
 
@@ -659,3 +710,300 @@ def test_a_hostile_received_bundle_is_refused_in_bounded_time_and_memory(tmp_pat
         assert result.returncode in (0, 2, 3), output  # 0: it listed the problems it found
     for fragment in fragments:
         assert fragment in output, output
+
+
+# --- hostile chat templates: each rendering within limits, before anything runs -----------------------------------
+# A chat template is the sender's code: every command that renders one (its own renderings, and the conversations
+# the verification process will render) stops it at a limit with exit 2, naming the template's file and the limit.
+
+TIME_LIMIT = "did not finish rendering within 2 s"
+# A string grown in steps fills the memory limit, or on a loaded machine runs out of time first: either stops it.
+MEMORY_LIMIT = ("needed more than 512 MiB of memory", "did not finish rendering within 2 s")
+FRAMES_LIMIT = "nests or recurses deeper than modelpack's limit of 300 Python frames"
+OUTPUT_LIMIT = "rendered more than 1,048,576 characters"
+CHATML_BODY = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def empty_loops(depth: int) -> str:
+    """Nested loops over the sandbox's largest range that call nothing: no hook on calls or attributes sees them."""
+    return "{% for i in range(100000) %}" * depth + "{% endfor %}" * depth
+
+
+def doubling(step: str) -> str:
+    """A string doubled 64 times through a namespace (a plain {% set %} inside a loop is the loop's own)."""
+    return ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = " + step + " %}{% endfor %}"
+            "{{ ns.s | length }}")
+
+
+HOSTILE_TEMPLATES = {
+    "nested-empty-loops": (empty_loops(2), TIME_LIMIT),
+    "three-nested-empty-loops": (empty_loops(3), TIME_LIMIT),
+    "string-times-a-billion": ("{{ 'x' * 10**9 }}", MEMORY_LIMIT),
+    "string-doubled-by-concatenation": (doubling("ns.s ~ ns.s"), MEMORY_LIMIT),
+    "string-doubled-by-join": (doubling("[ns.s, ns.s] | join"), MEMORY_LIMIT),
+    "string-grown-by-replace": (doubling("ns.s | replace('a', ns.s)"), MEMORY_LIMIT),
+    "string-padded-to-a-billion": ("{{ 'ab' | center(10**9) }}", MEMORY_LIMIT),
+    "macro-calling-itself": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", FRAMES_LIMIT),
+    "macros-calling-each-other": ("{% macro f(n) %}{{ g(n) }}{% endmacro %}{% macro g(n) %}{{ f(n) }}{% endmacro %}"
+                                  "{{ f(0) }}", FRAMES_LIMIT),
+    "macro-branching-exponentially": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
+                                      "{% endmacro %}{{ f(40) }}", TIME_LIMIT),
+    "long-output": ("{% for i in range(100000) %}" + "0123456789" * 2 + "{% endfor %}", OUTPUT_LIMIT),
+    "long-output-from-a-macro": ("{% macro line() %}" + "x" * 100 + "{% endmacro %}"
+                                 "{% for i in range(100000) %}{{ line() }}{% endfor %}", OUTPUT_LIMIT),
+}
+# The two that cost the full time limit run for every command; the rest for the cheap ones.
+EVERY_COMMAND = ("nested-empty-loops", "string-doubled-by-concatenation", "macro-calling-itself", "long-output")
+TEMPLATE_COMMANDS = ("validate", "build --dry-run", "build", "inspect", "init")
+TEMPLATE_CASES = [(name, command) for name in HOSTILE_TEMPLATES for command in TEMPLATE_COMMANDS
+                  if command == "validate" or name in EVERY_COMMAND]
+
+
+def limits(limit: str | tuple[str, ...]) -> tuple[str, ...]:
+    return limit if isinstance(limit, tuple) else (limit,)
+
+
+def run_command(project: Project, command: str, spec: Path) -> object:
+    if command == "inspect":
+        arguments = ["inspect", str(project.base)]
+    elif command == "init":
+        arguments = ["init", str(project.adapter), "--base", str(project.base), "-o", str(project.spec_dir / "d.yaml")]
+    else:
+        arguments = [*command.split(), str(spec)] + (["--no-verify"] if command == "build" else [])
+    return CliRunner().invoke(app, arguments, env=project.env)
+
+
+@pytest.mark.parametrize("name, command", TEMPLATE_CASES, ids=[f"{n}-{c.replace(' ', '')}" for n, c in TEMPLATE_CASES])
+def test_a_runaway_chat_template_is_stopped_at_a_limit(project, name, command):
+    import time
+
+    template, limit = HOSTILE_TEMPLATES[name]
+    template = f"{{# {command} #}}" + template  # a text of its own: a template refused once is not rendered again
+    if command in ("inspect", "init"):  # they read the base's own template
+        (project.base / "chat_template.jinja").write_text(template, encoding="utf-8")
+        culprit = project.base / "chat_template.jinja"
+    else:
+        culprit = project.spec_dir / "hostile.jinja"
+        culprit.write_text(template, encoding="utf-8")
+    spec = project.spec(chat={"template": "hostile.jinja"})
+    started = time.monotonic()
+
+    result = run_command(project, command, spec)
+
+    assert time.monotonic() - started < RECEIVED_LIMIT_S
+    assert_user_error(result, 2, str(culprit.resolve()))
+    assert any(phrase in result.output for phrase in limits(limit)), result.output
+    assert not (project.spec_dir / "dist").exists()
+
+
+def on_the_verification_prompt(hostile: str) -> str:
+    """A template that behaves on every conversation but the verification prompt's (add_generation_prompt, the
+    spec's prompt as the last message), as only the verification process would render it."""
+    return ("{% if add_generation_prompt and messages[-1].content == '你好' %}" + hostile + "{% endif %}" + CHATML_BODY)
+
+
+# Names only one runtime defines when it renders: transformers' apply_chat_template, llama-cpp-python's formatter.
+ONLY_IN = {"transformers": "tools is defined and documents is defined and mask_token is undefined",
+           "llama.cpp": "functions is defined and tool_choice is defined and pad_token is undefined"}
+
+
+@pytest.mark.parametrize("command, runtime", [("validate", None), ("build", None), ("validate", "transformers"),
+                                              ("validate", "llama.cpp")])
+def test_the_verification_conversations_are_rendered_before_any_process_starts(project, command, runtime):
+    culprit = project.spec_dir / "hostile.jinja"
+    hostile = f"{{# {command} {runtime} #}}" + empty_loops(2)
+    if runtime is not None:
+        hostile = "{% if " + ONLY_IN[runtime] + " %}" + hostile + "{% endif %}"
+    culprit.write_text(on_the_verification_prompt(hostile), encoding="utf-8")
+    spec = project.spec(chat={"template": "hostile.jinja", "system_prompt": "Be brief."})
+
+    result = CliRunner().invoke(app, [command, str(spec)], env=project.env)  # build: with verification
+
+    assert_user_error(result, 2, str(culprit.resolve()), TIME_LIMIT)
+    assert not (project.spec_dir / "dist").exists()
+
+
+def test_real_chat_templates_pass_the_limits_in_every_command(project):
+    from helpers import QWEN2_TEMPLATE
+
+    (project.base / "chat_template.jinja").write_text(QWEN2_TEMPLATE, encoding="utf-8")
+    (project.spec_dir / "chatml.jinja").write_text(CHATML_BODY, encoding="utf-8")
+    spec = project.spec(chat={"template": "chatml.jinja", "system_prompt": "Be brief."})
+
+    for command in ("validate", "build --dry-run", "inspect", "init"):
+        result = run_command(project, command, spec)
+        assert result.exit_code == 0, (command, result.output)
+
+
+BUNDLE_FACTS = {"mode": "merge", "dtype": "float32", "system_prompt": "Be brief.", "verify_max_new_tokens": 8,
+                "prompts": [{"prompt": "你好"}], "probes": [{"prompt": "What is 2+2?"}]}
+
+
+@pytest.mark.parametrize("name", ["nested-empty-loops", "string-times-a-billion", "macro-branching-exponentially",
+                                  "long-output", "on-the-verification-prompt"])
+@pytest.mark.parametrize("home", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_received_bundles_runaway_template_is_refused_before_verification_runs(tmp_path, name, home):
+    import subprocess
+    import sys
+    import time
+
+    template, limit = HOSTILE_TEMPLATES.get(name) or (on_the_verification_prompt(empty_loops(2)), TIME_LIMIT)
+    config = {"eos_token": "<|im_end|>", "chat_template": template if home == "tokenizer_config.json" else None}
+    files = {"modelpack_bundle.json": json.dumps(BUNDLE_FACTS).encode(), "tokenizer_config.json": json.dumps(config)
+             .encode(), **({"chat_template.jinja": template.encode()} if home == "chat_template.jinja" else {})}
+    bundle = received_bundle(tmp_path, files)
+    started = time.monotonic()
+
+    result = subprocess.run([sys.executable, "-c", "from builder.cli import main; main()", "verify", str(bundle)],
+                            capture_output=True, text=True, timeout=RECEIVED_LIMIT_S,
+                            preexec_fn=lambda: __import__("resource").setrlimit(
+                                __import__("resource").RLIMIT_AS, (RECEIVED_ADDRESS_SPACE, RECEIVED_ADDRESS_SPACE)))
+
+    output = result.stdout + result.stderr
+    assert (result.returncode, "Traceback" in output) == (2, False), output
+    assert f"{bundle / home}: the chat template" in output, output
+    assert any(phrase in output for phrase in limits(limit)), output
+    assert time.monotonic() - started < RECEIVED_LIMIT_S
+
+
+# --- names that are not text: refused up front, shown with escapes --------------------------------------------------
+# A source path or file name flows into manifest.json, verification.json, --json output, DIR.run.json, the card,
+# init's YAML and messages: one whose bytes are not UTF-8, or that holds a control character, is exit 2 naming it.
+
+BAD_NAMES = {  # a name's bytes -> how messages show them
+    "invalid-byte": (b"\xff", "\\xff"),
+    "truncated-sequence": (b"\xc3", "\\xc3"),
+    "encoded-surrogate": (b"\xed\xa0\x80", "\\xed\\xa0\\x80"),
+    "control-character": (b"\x01", "\\x01"),
+    "newline": (b"\n", "\\n"),
+    "terminal-escape": (b"\x1b[31m", "\\x1b[31m"),
+}
+
+
+def bad_path(folder: Path, name: bytes) -> Path:
+    import os
+
+    return Path(os.fsdecode(bytes(folder) + name))
+
+
+def move(source: Path, target: Path) -> Path:
+    source.rename(target)
+    return target
+
+
+def bad_base(p: Project, name: bytes) -> Path:
+    p.env["BAD_FOLDER"] = str(move(p.base, bad_path(p.base, name)))
+    return Path(p.env["BAD_FOLDER"])
+
+
+def bad_adapter(p: Project, name: bytes) -> Path:
+    p.env["BAD_FOLDER"] = str(move(p.adapter, bad_path(p.adapter, name)))
+    return Path(p.env["BAD_FOLDER"])
+
+
+def bad_run_folder(p: Project, name: bytes) -> Path:
+    """A Trainer output folder with a name that is not text, whose checkpoint-10 is found by listing it."""
+    run = bad_path(p.root / "run", name)
+    run.mkdir()
+    p.env["BAD_FOLDER"] = str(move(p.adapter, run / "checkpoint-10"))
+    return run
+
+
+def bad_file_in_base(kind: str) -> Callable[[Project, bytes], Path]:
+    """A file of the base that modelpack copies into the bundle: a license, a tiktoken vocabulary, model code."""
+
+    def plant(p: Project, name: bytes) -> Path:
+        if kind == "model-code":
+            path = bad_path(p.base / "modeling_", name + b".py")
+            path.write_text("class Model: pass\n")
+            edit_json(p.base / "config.json", auto_map={"AutoModelForCausalLM": f"{path.stem}.Model"})
+        else:
+            path = bad_path(p.base / ("LICENSE" if kind == "license" else "extra"),
+                            name + (b"" if kind == "license" else b".tiktoken"))
+            path.write_text("text\n")
+        return p.base
+
+    return plant
+
+
+PLACES = {  # how a bad name gets in -> (plant it, returning the folder commands take; the role of that folder)
+    "base-folder-through-a-variable": (bad_base, "base"),
+    "adapter-folder-through-a-variable": (bad_adapter, "adapter"),
+    "checkpoint-found-by-listing": (bad_run_folder, "adapter"),
+    "license-file-in-the-base": (bad_file_in_base("license"), "base"),
+    "tokenizer-file-in-the-base": (bad_file_in_base("tiktoken"), "base"),
+    "model-code-in-the-base": (bad_file_in_base("model-code"), "base"),
+}
+NAME_COMMANDS = ("validate", "build --dry-run", "build", "inspect", "init")
+# Every name in every place, each with one command in turn, so that every command meets every place.
+NAME_CASES = [(place, name, NAME_COMMANDS[(i + j) % len(NAME_COMMANDS)])
+              for i, place in enumerate(PLACES) for j, name in enumerate(BAD_NAMES)]
+
+
+@pytest.mark.parametrize("place, name, command", NAME_CASES, ids=[f"{p}-{n}-{c.replace(' ', '')}"
+                                                                  for p, n, c in NAME_CASES])
+def test_a_name_that_is_not_text_is_refused_naming_it(project, place, name, command):
+    plant, role = PLACES[place]
+    raw, escaped = BAD_NAMES[name]
+    folder = plant(project, raw)
+    through_variable = {role: {"path": "${BAD_FOLDER}"}} if "BAD_FOLDER" in project.env else {}
+    spec = project.spec(**through_variable)
+    if command == "inspect":
+        arguments = ["inspect", str(folder)]
+    elif command == "init":
+        checkpoint, base = (folder, project.base) if role == "adapter" else (project.adapter, folder)
+        arguments = ["init", str(checkpoint), "--base", str(base), "-o", str(project.spec_dir / "drafted.yaml")]
+    else:
+        arguments = [*command.split(), str(spec)] + (["--no-verify"] if command == "build" else [])
+
+    result = CliRunner().invoke(app, arguments, env=project.env)
+
+    if place == "model-code-in-the-base" and not raw.isascii():  # config.json can name it only by \udcXX escapes
+        assert_user_error(result, 2, "config.json: the text 'modeling_\\udc", "is not Unicode")
+    else:
+        assert_user_error(result, 2, escaped, "rename it")
+    assert not (project.spec_dir / "dist").exists() and not (project.spec_dir / "drafted.yaml").exists()
+
+
+def gguf_with_template(folder: Path, template: str) -> bytes:
+    """A small GGUF file whose metadata holds a vocabulary and the chat template llama.cpp would render."""
+    import gguf
+    import numpy as np
+
+    path = folder / "template.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(1000)])
+    writer.add_chat_template(template)
+    writer.add_tensor("x", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["nested-empty-loops", "macro-calling-itself", "cut-short"])
+def test_a_gguf_files_own_template_is_checked_before_llama_cpp_renders_it(tmp_path, name):
+    import subprocess
+    import sys
+
+    hostile = HOSTILE_TEMPLATES.get(name, (CHATML_BODY, ""))[0]
+    data = gguf_with_template(tmp_path, hostile)
+    data = data[:200] if name == "cut-short" else data
+    files = {"modelpack_bundle.json": json.dumps(BUNDLE_FACTS).encode(), "chat_template.jinja": CHATML_BODY.encode(),
+             "gguf/tiny-Q8_0.gguf": data}
+    bundle = received_bundle(tmp_path, files)
+
+    result = subprocess.run([sys.executable, "-c", "from builder.cli import main; main()", "verify", str(bundle)],
+                            capture_output=True, text=True, timeout=RECEIVED_LIMIT_S)
+
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    if name == "cut-short":
+        assert result.returncode == 3 and "gguf/tiny-Q8_0.gguf: its metadata cannot be read" in output, output
+    else:
+        assert result.returncode == 2, output
+        assert f"{bundle}/gguf/tiny-Q8_0.gguf (tokenizer.chat_template): the chat template" in output, output
+        assert any(phrase in output for phrase in limits(HOSTILE_TEMPLATES[name][1])), output

@@ -22,21 +22,23 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", (
         "builder", "builder.errors", "builder.interrupts", "builder.formatting", "builder.subprocesses",
         "builder.runtime", "builder.runtime.load", "builder.runtime.bundle_check", "builder.runtime.equivalence",
-        "builder.runtime.gguf_check", "builder.manifest", "builder.trust", "builder.dtypes",
+        "builder.runtime.gguf_check", "builder.manifest", "builder.dtypes",
     )),
     ("inputs", (
-        "builder.spec", "builder.safetensors_io", "builder.sources", "builder.tokenizer_files",
-        "builder.adapter_match", "builder.adapter_compose", "builder.merge", "builder.chat_template", "builder.chat",
+        "builder.spec", "builder.safetensors_io", "builder.sources", "builder.trust", "builder.tokenizer_files",
+        "builder.adapter_match", "builder.adapter_compose", "builder.merge", "builder.finite", "builder.chat_template",
+        "builder.chat",
         "builder.remote_code", "builder.gguf_facts", "builder.runtimes", "builder.verification_cost",
         "builder.refusals", "builder.sizing",
     )),
     ("plan", ("builder.plan", "builder.report")),
     ("writers and exporters", (
         "builder.configs", "builder.merge_blocks", "builder.merge_device", "builder.weights", "builder.gguf_export",
-        "builder.serving", "builder.render", "builder.card", "builder.staging",
+        "builder.serving", "builder.render", "builder.card", "builder.staging", "builder.registry",
+        "builder.model_artifact",
     )),
-    ("verification", ("builder.verify",)),
-    ("build orchestration", ("builder.build", "builder.scaffold", "builder.inspection")),
+    ("verification", ("builder.vllm_stage", "builder.verify")),
+    ("build orchestration", ("builder.build", "builder.scaffold", "builder.inspection", "builder.handoff")),
     ("CLI and console", ("builder.console", "builder.json_outputs", "builder.cli", "builder.__main__")),
 )
 

@@ -363,3 +363,56 @@ def test_a_truncated_or_foreign_signature_fails_the_check(bundle, tmp_path, sign
 def test_a_report_path_that_cannot_be_written_is_a_user_error(bundle, tmp_path):
     result = run("verify", bundle, "--report", tmp_path / "no" / "such" / "folder" / "report.json")
     assert_user_error(result, 2, "--report", "cannot write the report there (No such file or directory)")
+
+
+def test_real_sized_files_pass_the_limits_on_what_verification_loads(bundle, tmp_path):
+    """The limits admit real inputs: Gemma 3's tokenizer.json (about 33 MB, a 262k vocabulary, each merge a pair)
+    and the files of a built bundle, checked well within the time a hostile input is given."""
+    import time
+
+    vocabulary = {f"▁token{i:06d}" + "x" * (i % 47): i for i in range(262_144)}
+    names = list(vocabulary)
+    tokenizer = {"version": "1.0", "added_tokens": [{"id": i, "content": f"<unused{i}>", "special": True}
+                                                    for i in range(6_000)],
+                 "normalizer": {"type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"String": " "},
+                                                                     "content": "▁"}]},
+                 "model": {"type": "BPE", "vocab": vocabulary, "merges": [[names[i], names[-i]]
+                                                                          for i in range(262_144)]}}
+    folder = tmp_path / "gemma-sized"
+    shutil.copytree(bundle, folder)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (folder / "tokenizer.json").stat().st_size > 30e6
+    started = time.monotonic()
+
+    trust.refuse_unloadable_files(folder, manifest, shown=folder)
+
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("recorded", ["/models/base\udcff", "/models/base\n", "/models/\x1b[31mbase"])
+def test_recorded_sources_that_are_not_text_are_shown_escaped(recorded):
+    """A proven manifest's `sources` is the sender's text: a path in it that is no printable text (a JSON escape of
+    a byte that is not UTF-8, a control character) is shown escaped in the report's reason, which is printed."""
+    from builder.verify import recorded_sources
+
+    sources, reason = recorded_sources({"sources": {"base": recorded, "adapter": "/models/adapter"}})
+
+    assert sources is None and reason is not None
+    assert reason.isprintable() and reason.encode("utf-8")
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_bundles_runaway_template_is_refused_by_inspect_and_verify(bundle, command):
+    """inspect renders a bundle's template for its end-of-turn token, verify every verification conversation: a
+    template past a rendering limit is exit 2 naming it, whatever the rest of the bundle says."""
+    template = bundle / "chat_template.jinja"
+    template.write_text(f"{{# {command} #}}{{% for i in range(100000) %}}{{% for j in range(100000) %}}"
+                        "{% endfor %}{% endfor %}", encoding="utf-8")
+    arguments = [command, str(bundle)]
+    if command == "verify":  # the sender's own bundle, consistently re-listed, as a hostile sender would send it
+        rewrite_manifest(bundle)
+
+    result = CliRunner().invoke(app, arguments)
+
+    assert_user_error(result, 2, f"{template}: the chat template did not finish rendering within 2 s")

@@ -434,8 +434,23 @@ def answer_all(loader: ModuleType, model, tokenizer, entries: list[dict], max_ne
             answer, _ = loader.chat(model, tokenizer, entry["prompt"], greedy=True, max_new_tokens=max_new_tokens)
         failures = check_expectations(answer, entry.get("expect", {}))
         results.append({"prompt": entry["prompt"], "answer": answer, "expect": entry.get("expect", {}),
-                        "failures": failures, "ok": not failures})
+                        "failures": failures, "ok": not failures, "tokens": clock.last_generation})
     return results
+
+
+class TopTwoScores:
+    """A logits processor that changes nothing and keeps, at each step of a one-sequence generation, the gap between
+    the two largest scores (rounded: the figure is judged against tolerances of 1e-3 and up) and the largest |score|."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self.largest: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        top = scores[0].float().topk(2).values
+        self.gaps.append(round(float(top[0] - top[1]), 5))
+        self.largest.append(round(float(scores[0].float().abs().max()), 3))
+        return scores
 
 
 class GenerationClock:
@@ -446,10 +461,16 @@ class GenerationClock:
     each `with`, on the model and, for a peft model, on the model peft wraps too: remote chat code (Qwen-v1's
     model.chat, which a PeftModel hands to its base model) calls that one's self.generate. A generate called from
     within another (PeftModel.generate calls its base model's) is counted once.
+
+    It also keeps the last generation's token ids (prompt and answer) and, at each generated position, the gap
+    between the two largest scores greedy chose from (a log-probability gap: log-softmax shifts every score alike)
+    and the largest |score|: what a serving engine's answer is compared with (modelpack's vLLM stage), where a
+    divergence is accepted only at a near tie.
     """
 
     def __init__(self, model) -> None:
         self.tokens, self.seconds = 0, 0.0
+        self.last_generation: dict | None = None
         get_base_model = getattr(model, "get_base_model", None)
         self._models = [model] + ([get_base_model()] if callable(get_base_model) else [])
         self._depth = 0
@@ -460,10 +481,15 @@ class GenerationClock:
         return self
 
     def _timed(self, generate):
+        from transformers import LogitsProcessorList
+
         def timed_generate(*args, **kwargs):
             if self._depth:  # inside the generate being timed
                 return generate(*args, **kwargs)
             self._depth += 1
+            scores = TopTwoScores()
+            # Remote chat code (Qwen-v1) passes processors of its own (stop words): ours runs after them.
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), scores])
             started = time.perf_counter()
             try:
                 output = generate(*args, **kwargs)
@@ -473,6 +499,8 @@ class GenerationClock:
             prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
             sequences = getattr(output, "sequences", output)
             self.tokens += (sequences.shape[-1] - prompt.shape[-1]) * sequences.shape[0]
+            self.last_generation = {"prompt_ids": prompt[0].tolist(), "ids": sequences[0, prompt.shape[-1]:].tolist(),
+                                    "gaps": scores.gaps, "max_abs_scores": scores.largest}
             return output
 
         return timed_generate

@@ -53,6 +53,8 @@ from equivalence import TOLERANCES, load_bundle_module  # type: ignore[import-no
 # whitespace and newline runs, contractions in both cases, punctuation runs, CJK, emoji and accented letters.
 PROBE_TEXT = ("In 2024, 1234567 people said: \"I'm sure you're RIGHT, they'VE gone...\"\n\n\t  ok   3.14159!!\n"
               "我家宝宝六个月，吃奶、睡觉。🙂🚀 naïve café  \n")
+# Tokenized before a text that continues an answer, and dropped (continuation_ids).
+CONTINUATION_ANCHOR = "\n"
 # What a tokenizer decodes the bytes of a character split between tokens into.
 SPLIT_CHARACTER = "\ufffd"
 # Export type -> the bundle dtype whose weights it holds unchanged (the answers must then be the same).
@@ -154,7 +156,7 @@ def feed_bundle_answer(llm, prompt_ids: list[int], generated: list[int], bundle_
     shared = generated[:shared_tokens(generated, bundle_answer, tokenizer)]
     rest = bundle_answer[len(tokenizer.decode(shared, skip_special_tokens=True).strip()):]
     faithful = SPLIT_CHARACTER not in rest
-    fed = tokenizer(rest.split(SPLIT_CHARACTER)[0], add_special_tokens=False)["input_ids"] if rest else []
+    fed = continuation_ids(tokenizer, rest.split(SPLIT_CHARACTER)[0]) if rest else []
     if not faithful:
         fed = fed[:-1]
     fed = shared + fed
@@ -165,6 +167,19 @@ def feed_bundle_answer(llm, prompt_ids: list[int], generated: list[int], bundle_
     found = parting(scores, fed, end if faithful else None, dtype=dtype, piece=piece)
     return found or {"position": len(fed), "bundle": None, "gguf": None, "margin": None, "tolerance": None,
                      "near_tie": True}
+
+
+def continuation_ids(tokenizer, text: str) -> list[int]:
+    """The ids of a text that continues an answer. A SentencePiece tokenizer marks the start of a text with a space
+    (its dummy prefix: "'y" -> "▁'", "y"), which the middle of an answer does not have, so the text is tokenized after
+    a newline (a piece of its own in every family here) and the newline's ids are dropped; where the newline would
+    join the text's first piece, as it is."""
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    anchor = tokenizer(CONTINUATION_ANCHOR, add_special_tokens=False)["input_ids"]
+    anchored = tokenizer(CONTINUATION_ANCHOR + text, add_special_tokens=False)["input_ids"]
+    if anchored[:len(anchor)] != anchor or text.startswith(CONTINUATION_ANCHOR):
+        return plain
+    return anchored[len(anchor):]
 
 
 def token_text(tokenizer, token: int) -> str:

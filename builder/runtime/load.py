@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-logits", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="auto", type=device_argument, help=DEVICES)
     parser.add_argument("--system", help="the system message (default: the bundle's system prompt); "
-                        "--system '' sends none")
+                        "--system '' sends none (a chat template that carries the system prompt then applies it, as "
+                        "it does for a server's client that sends none)")
     parser.add_argument("--max-new-tokens", type=int,
                         help="the longest answer, in tokens (default: generation_config.json's max_new_tokens)")
     parser.add_argument("--max-memory",
