@@ -80,7 +80,7 @@ def run_build(spec: Path) -> dict:
         raise SystemExit(f"the build of {spec} failed ({process.returncode}):\n{process.stderr[-3000:]}")
     output_dir = Path(yaml.safe_load(spec.read_text(encoding="utf-8"))["output"]["dir"])
     run = json.loads(output_dir.with_name(f"{output_dir.name}.run.json").read_text(encoding="utf-8"))
-    [served] = run["verification"]["served"]
+    [served] = run["verification"]["serving"]
     timings = run["timings"]
     return {"spec": spec.name, "wall_seconds": round(wall, 1), "build_seconds": timings["total"],
             "verify_seconds": timings["verify"], "stage_seconds": served["seconds"],

@@ -14,7 +14,7 @@ from packaging.version import Version
 
 from builder.dtypes import BY_NAME
 from builder.formatting import describe_bytes
-from builder.render import AdapterCardView, RenderContext, render_template
+from builder.render import AdapterCardView, RenderContext, card_tags, render_template
 from builder.report import (
     AnswerParting,
     Equivalence,
@@ -285,7 +285,7 @@ def front_matter(context: RenderContext) -> str:
         library_name="transformers",
         license=context.card["license"] or "other",
         language=context.card["language"] or None,
-        tags=list(dict.fromkeys([*context.card["tags"], "lora", *(["peft"] if separate else []), "modelpack"])),
+        tags=card_tags(context.card["tags"], separate=separate),
         pipeline_tag="text-generation",
     ).to_yaml() + "\n"
 
@@ -329,7 +329,7 @@ def served_lines(runtime: str, verification: VerificationReport | None) -> list[
     if verification is None or engine is None:
         return []
     lines = [f"Verification {served_summary(run)}, started with `{' '.join(run['flags'])}` on a free local port"
-             for run in verification.get("served", []) if run["engine"] == engine]
+             for run in verification["serving"] if run["engine"] == engine]
     return lines + [f"Not served by verification: {s['reason']}" for s in verification["skipped"]
                     if s["check"] == engine]
 
@@ -366,8 +366,8 @@ def verification_section(report: VerificationReport, adapters: list[AdapterCardV
             prompts=[answer_row(r, probe=False) for r in prompts],
             probes=[answer_row(r, probe=True) for r in probes],
         ),
-        serving_problems=report["serving"]["problems"],
-        serving_warnings=report["serving"]["warnings"],
+        serving_problems=report["serving_contract"]["problems"],
+        serving_warnings=report["serving_contract"]["warnings"],
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -41,8 +42,9 @@ from builder.gguf_facts import (
     vocabulary_source,
 )
 from builder.plan import BuildPlan
-from builder.render import base_model_id
+from builder.render import base_model_id, card_tags
 from builder.safetensors_io import TensorLocation, read_safetensors_header, read_tensor, read_tensor_rows
+from builder.serving import sampling_parameters
 
 # Spec type -> (the tensor type of 2-D weights, the file type recorded in general.file_type).
 GGUF_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
@@ -505,15 +507,45 @@ def add_tokenizer(writer: gguf.GGUFWriter, vocabulary: GgufVocabulary, special: 
         writer.add_chat_template(chat_template)
 
 
+# serving.sampling_parameters' Ollama names -> the GGUFWriter method of each general.sampling key and its value's
+# type; num_predict has no key.
+SAMPLING_KEYS: dict[str, tuple[str, Callable[[Any], float]]] = {
+    "temperature": ("add_sampling_temp", float),
+    "top_p": ("add_sampling_top_p", float),
+    "top_k": ("add_sampling_top_k", int),
+    "min_p": ("add_sampling_min_p", float),
+    "repeat_penalty": ("add_sampling_penalty_repeat", float),
+    "repeat_last_n": ("add_sampling_penalty_last_n", int),
+}
+
+
+def add_sampling(writer: gguf.GGUFWriter, generation: dict) -> None:
+    """general.sampling.*: the bundle's generation_config.json, decoded as transformers decodes it.
+
+    llama.cpp's converter writes these keys from generation_config.json, and its tools (llama-cli, llama-server) take
+    them as their default sampling; without them a GGUF samples at llama.cpp's own defaults (temperature 0.8,
+    top_k 40, top_p 0.95, min_p 0.05), not the bundle's. The values are the Modelfile's (serving.sampling_parameters):
+    greedy (do_sample false) is temperature 0, llama.cpp's greedy path; sampling writes temperature, top_p and top_k
+    with transformers' defaults, and min_p (0 when absent: transformers has none, llama.cpp's 0.05 would cut tokens);
+    the repetition penalty over the whole context (penalty_last_n -1) when it is not 1.0.
+    """
+    parameters, _ = sampling_parameters(generation)
+    if generation.get("do_sample", False):
+        parameters.append(("min_p", generation.get("min_p") or 0.0))
+    for name, value in parameters:
+        if name in SAMPLING_KEYS and value is not None:
+            method, kind = SAMPLING_KEYS[name]
+            getattr(writer, method)(kind(value))
+
+
 def add_provenance(writer: gguf.GGUFWriter, plan: BuildPlan) -> None:
     """general.license, tags, languages and base_model.*, as the converter writes them from a model card
-    (gguf.Metadata), from the spec's card section and the base's Hub id: never a local path, which would name the
-    build machine's folders."""
+    (gguf.Metadata), from the spec's card section (the tags as the card's front matter lists them) and the base's Hub
+    id: never a local path, which would name the build machine's folders."""
     card = plan.spec.card
     if card.license is not None:
         writer.add_license(card.license)
-    if card.tags:
-        writer.add_tags(card.tags)
+    writer.add_tags(card_tags(card.tags, separate=False))  # GGUF files are exported from merged weights only
     if card.language:
         writer.add_languages(card.language)
     hub_id = base_model_id(plan)
@@ -592,6 +624,8 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
     vocabulary = read_vocabulary(bundle, arch, config["vocab_size"])
     special = special_vocabulary(bundle, arch, vocabulary)
     template = embedded_chat_template(chat, plan.base.generation_config)
+    generation_file = bundle / "generation_config.json"  # the spec's generation settings over the base's
+    generation = json.loads(generation_file.read_text(encoding="utf-8")) if generation_file.is_file() else {}
     for gguf_type, out in outputs.items():
         qtype, file_type = GGUF_TYPES[gguf_type]
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -600,6 +634,7 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
             writer.add_type(gguf.GGUFType.MODEL)
             writer.add_name(gguf_model_name(plan.spec.name, arch, vocabulary))
             add_provenance(writer, plan)
+            add_sampling(writer, generation)
             add_model_parameters(writer, arch, config, file_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_tokenizer(writer, vocabulary, special, chat_template=template, end_of_turn_id=chat.end_of_turn_id)

@@ -122,6 +122,12 @@ def adapter_card_view(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterCard
     )
 
 
+def card_tags(spec_tags: list[str], *, separate: bool) -> list[str]:
+    """The model card's tags (its front matter) and the GGUF files' general.tags: the spec's, then what the bundle is
+    (`lora`; `peft` where the adapter stays separate; `modelpack`), each once."""
+    return list(dict.fromkeys([*spec_tags, "lora", *(["peft"] if separate else []), "modelpack"]))
+
+
 def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> RenderContext:
     spec = plan.spec
     facts = [adapter_card_view(plan, weighted) for weighted in plan.adapters]
@@ -145,6 +151,7 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
         context_length=kv.context_length, max_new_tokens=generation.get("max_new_tokens"),
         system_prompt=spec.chat.system_prompt,
         example_prompt=next((p.prompt for p in (*spec.verify.prompts, *spec.verify.probes)), "Hello"),
+        tensor_parallel_size=spec.verify.vllm_tensor_parallel_size,
     )
     return RenderContext(
         name=spec.name,

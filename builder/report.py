@@ -236,7 +236,6 @@ class _Answers(TypedDict):
     bundle: str
     ok: bool
     integrity: FilesCheck
-    serving: Serving
     prompts: list[PromptResult]
     probes: list[PromptResult]
     environment: dict[str, Any]  # package -> version, and `imports`: import name -> [distribution, version]
@@ -246,6 +245,7 @@ class _Answers(TypedDict):
 class RuntimeReport(_Answers):
     """What the bundle's own `load.py --verify` writes."""
 
+    serving: Serving  # the runtime's serving contract (verification.json's serving_contract)
     runtime: Runtime
 
 
@@ -264,12 +264,15 @@ class VerificationReport(_Answers):
     skipped: list[Skipped]
     equivalence: NotRequired[Equivalence]
     gguf: NotRequired[GgufCheck]  # when the bundle has GGUF files and llama-cpp-python is installed
-    # verify.serve: one entry per serving engine run. Not `serving`, which is the runtime's serving contract.
-    served: NotRequired[list[ServedRun]]
+    # The bundle's serving contract as its runtime checked it (eos ids, chat template, vocabulary).
+    serving_contract: Serving
+    # verify.serve: one entry per serving engine run (empty when no engine served the bundle).
+    serving: list[ServedRun]
 
 
-# verification.json's format: 2 since its run figures left it (bundles before that carry no schema_version).
-BUNDLE_RECORD_VERSION = 2
+# verification.json's format: 3 since `serving` lists the engine runs (the serving contract became
+# serving_contract); 2 since its run figures left it (bundles before that carry no format_version).
+BUNDLE_RECORD_VERSION = 3
 # Figures that change from run to run (timings, speed, memory): a run's report holds them, the bundle's never.
 RUN_FIGURES = ("seconds", "peak_rss_gb")
 
@@ -322,7 +325,7 @@ def verification_report(runtime: RuntimeReport, *, files: FilesCheck, digest: st
         "bundle": runtime["bundle"],
         "ok": runtime["ok"] and all(part["ok"] for part in (gguf, equivalence, *(served or [])) if part is not None),
         "integrity": files,
-        "serving": runtime["serving"],
+        "serving_contract": runtime["serving"],
         "prompts": [_beside_reference(result, equivalence) for result in runtime["prompts"]],
         "probes": [_beside_reference(result, equivalence) for result in runtime["probes"]],
         "environment": runtime["environment"],
@@ -330,13 +333,12 @@ def verification_report(runtime: RuntimeReport, *, files: FilesCheck, digest: st
         "digest": digest,
         "remote_code": remote_code,
         "skipped": skipped,
+        "serving": served or [],
     }
     if gguf is not None:
         report["gguf"] = gguf
     if equivalence is not None:
         report["equivalence"] = _comparison(equivalence)
-    if served is not None:
-        report["served"] = served
     return report
 
 
@@ -354,10 +356,8 @@ def bundle_record(report: VerificationReport) -> VerificationReport:
     if gguf is not None:
         record["gguf"] = {**gguf, "files": [{k: v for k, v in f.items() if k != "load_seconds"}  # type: ignore
                                             for f in gguf["files"]]}
-    served = report.get("served")
-    if served is not None:
-        record["served"] = [{k: v for k, v in run.items()  # type: ignore[misc]
-                             if k not in ("startup_seconds", "seconds")} for run in served]
+    record["serving"] = [{k: v for k, v in run.items()  # type: ignore[misc]
+                          if k not in ("startup_seconds", "seconds")} for run in report["serving"]]
     return record
 
 
@@ -388,7 +388,7 @@ EMPTY_EXPECTATION: RecordedExpectation = {"contains": [], "not_contains": [], "e
 def failure_message(report: VerificationReport) -> str | None:
     """One line per failed check: the prompt, the unmet expectation and the answer; None if all passed."""
     lines = [f"integrity: {p}" for p in report["integrity"]["problems"]]
-    lines += [f"serving: {p}" for p in report["serving"]["problems"]]
+    lines += [f"serving: {p}" for p in report["serving_contract"]["problems"]]
     for result in report["prompts"] + report["probes"]:
         if not result["ok"]:
             lines.append(
@@ -403,7 +403,7 @@ def failure_message(report: VerificationReport) -> str | None:
                     f"{compared['max_abs_logit_diff']:.4g} vs tolerance {compared['tolerance']:.4g}, "
                     f"{compared['greedy_disagreements']} greedy tokens differ from {equivalence['reference']}"
                 )
-    for run in report.get("served", []):
+    for run in report["serving"]:
         lines += served_problems(run)
     gguf = report.get("gguf")
     if gguf:
@@ -547,7 +547,7 @@ def report_table(report: VerificationReport) -> Table:
     table.add_row("integrity", check_verdict(integrity["ok"]), f"{integrity['files']} files against manifest.json")
     for name, digest in report["remote_code"].items():
         table.add_row("model code", "runs", f"{name} sha256:{digest[:16]}…")
-    serving = report["serving"]
+    serving = report["serving_contract"]
     table.add_row("serving", check_verdict(serving["ok"]),
                   "; ".join(serving["problems"]) or "eos ids, chat template, vocabulary")
     for warning in serving["warnings"]:
@@ -571,7 +571,7 @@ def report_table(report: VerificationReport) -> Table:
     if gguf:
         table.add_row("gguf", "",
                       f"{gguf['runtime']}, {gguf['threads']} threads, greedy, each file's own chat template")
-    for run in report.get("served", []):
+    for run in report["serving"]:
         table.add_row(f"served {run['engine']}", check_verdict(run["ok"]),
                       f"{served_summary(run)} ({run['mode']}; {' '.join(run['flags'])})")
         for served in run["answers"]:

@@ -340,6 +340,7 @@ class ServedBundle:
     max_new_tokens: int | None  # generation_config.json's, which vLLM makes every request's default max_tokens
     system_prompt: str | None  # the spec's chat.system_prompt, sent by the example request
     example_prompt: str  # the first verification prompt: the example request asks it
+    tensor_parallel_size: int | None = None  # verify.vllm_tensor_parallel_size: the GPUs vLLM splits the model over
 
 
 @dataclass(frozen=True)
@@ -403,6 +404,8 @@ def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
     served_as = f"{name}-base" if separate else name
     arguments = vllm_arguments(folder, name=name, separate=separate, max_lora_rank=bundle.max_lora_rank,
                                context_length=bundle.context_length, trust_remote_code=bundle.trust_remote_code)
+    if arguments is not None and bundle.tensor_parallel_size:
+        arguments += ["--tensor-parallel-size", str(bundle.tensor_parallel_size)]
     vllm = "vllm serve " + shlex.join(arguments) if arguments is not None else None
     vllm_notes = ["vLLM reads `generation_config.json` for its default sampling and stop tokens "
                   "(`--generation-config vllm` ignores it)", *template_note]

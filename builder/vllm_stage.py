@@ -101,8 +101,10 @@ def serving_recorded(bundle: Path) -> ServingStage | None:
         recorded = read_json(bundle / "verification.json")
     except ModelpackError:
         return None
-    asked = any(run.get("engine") == ENGINE for run in recorded.get("served") or [] if isinstance(run, dict)) or any(
-        isinstance(s, dict) and s.get("check") == ENGINE for s in recorded.get("skipped") or [])
+    runs = recorded.get("serving")  # a list of engine runs since format 3 (before it, the serving contract)
+    served = [run for run in runs if isinstance(run, dict)] if isinstance(runs, list) else []
+    skipped = [s for s in recorded.get("skipped") or [] if isinstance(s, dict)]
+    asked = any(run.get("engine") == ENGINE for run in served) or any(s.get("check") == ENGINE for s in skipped)
     return not_asked("the bundle's spec asks for it to be served in vLLM (verify.serve) and no vLLM interpreter was "
                      "given here (pass --vllm-python, the Python of a virtualenv with vllm)") if asked else None
 

@@ -73,6 +73,7 @@ def vllm_serve() -> argparse.ArgumentParser:
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--lora-modules", nargs="+")
     parser.add_argument("--max-lora-rank", type=int, choices=[1, 8, 16, 32, 64, 128, 256, 320, 512])
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int)
     return parser
 
 
@@ -147,6 +148,14 @@ def test_every_command_parses_with_its_runtimes_flags_and_names_the_model_reques
     assert parsed(commands["TGI"].command).model_id == "/data/med"
     for command in commands.values():
         parsed(command.command)
+
+
+@pytest.mark.parametrize("mode", ["merge", "separate"])
+def test_vllms_command_splits_the_model_over_the_gpus_the_spec_names(mode):
+    assert parsed(next(c for c in serving_commands(served(mode=mode)) if c.runtime == "vLLM").command) \
+        .tensor_parallel_size is None  # one GPU unless the spec says otherwise
+    vllm = next(c for c in serving_commands(served(mode=mode, tensor_parallel_size=4)) if c.runtime == "vLLM")
+    assert parsed(vllm.command).tensor_parallel_size == 4
 
 
 @pytest.mark.parametrize("mode", ["merge", "separate"])

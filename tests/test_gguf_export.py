@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from builder import gguf_export, gguf_facts
@@ -277,11 +278,32 @@ def test_provenance_comes_from_the_card_and_names_no_local_path(models, adapters
     bundle = build_bundle(plan_from_spec(spec), verify=False).bundle
     fields = reader_fields(bundle / "gguf" / "tiny-med-bf16.gguf")
     assert fields["general.license"] == "apache-2.0"
-    assert fields["general.tags"] == ["medical", "lora"] and fields["general.languages"] == ["zh", "en"]
+    assert fields["general.tags"] == ["medical", "lora", "modelpack"] and fields["general.languages"] == ["zh", "en"]
+    front_matter = (bundle / "README.md").read_text(encoding="utf-8").split("---\n")[1]
+    assert fields["general.tags"] == yaml.safe_load(front_matter)["tags"]  # the card's tags, as the Hub shows them
     assert fields["general.base_model.count"] == 1 and fields["general.base_model.0.organization"] == "Qwen"
     assert fields["general.base_model.0.repo_url"] == "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct"
     texts = [v for k, v in fields.items() if k.startswith("general.") and isinstance(v, str)]
     assert not any(str(tmp_path) in text or "/home/" in text for text in texts)
+
+
+@pytest.mark.parametrize(("generation", "expected"), [
+    # greedy: temperature 0 is llama.cpp's greedy path; top_k/top_p/min_p mean nothing there and are not written
+    ({"do_sample": False}, {"temp": 0.0, "penalty_repeat": 1.0}),
+    ({"do_sample": False, "repetition_penalty": 1.2}, {"temp": 0.0, "penalty_repeat": 1.2, "penalty_last_n": -1}),
+    # sampling: the spec's values; min_p 0, transformers' (none), not llama.cpp's 0.05
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1},
+     {"temp": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.0, "penalty_repeat": 1.1, "penalty_last_n": -1}),
+], ids=["greedy", "greedy-penalty", "sampling"])
+def test_sampling_keys_decode_as_the_bundles_generation_config(models, adapters, tmp_path, generation, expected):
+    base = models("qwen2", tied=True, dtype=torch.bfloat16)
+    spec = write_spec(tmp_path, base, adapters(base), generation=generation, export={"gguf": {"types": ["bf16"]}})
+    bundle = build_bundle(plan_from_spec(spec), verify=False).bundle
+    fields = reader_fields(bundle / "gguf" / "tiny-med-bf16.gguf")
+    sampling = {k.removeprefix("general.sampling."): v for k, v in fields.items() if k.startswith("general.sampling.")}
+    assert sampling == pytest.approx(expected)
+    assert isinstance(sampling["temp"], float)
+    assert all(isinstance(sampling[key], int) for key in ("top_k", "penalty_last_n") if key in sampling)
 
 
 # --- refusals, before any work ------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_build_json_names_the_check_that_did_not_run_and_keeps_the_runs_figures_
     assert run_report["digest"] == output["digest"] and run_report["verification"]["runtime"]["load_seconds"] > 0
     recorded = json.loads((bundle / "verification.json").read_text(encoding="utf-8"))
     jsonschema.validate(recorded, output_schemas()["verification"])
-    assert recorded["format_version"] == 2 and "runtime" not in recorded
+    assert recorded["format_version"] == 3 and "runtime" not in recorded
     assert "seconds" not in recorded["equivalence"] and "peak_rss_gb" not in recorded["equivalence"]
 
 

@@ -42,7 +42,7 @@ def test_an_untouched_bundle_passes_and_reports_every_check(bundle):
     files = len(json.loads((bundle / "manifest.json").read_text())["files"])
     assert report["integrity"] == {"ok": True, "files": files,
                                    "problems": [], "checked_by": f"modelpack {builder.__version__}"}
-    assert report["serving"]["ok"]
+    assert report["serving_contract"]["ok"] and report["serving"] == []  # no serving engine was asked for
     assert [r["prompt"] for r in report["prompts"]] == ["你好"] and [r["prompt"] for r in report["probes"]] == ["hi"]
     assert set(report["environment"]) >= {"python", "torch", "transformers"}
     runtime = report["runtime"]  # the speed is the answers' own: at most max_new_tokens for each of the 2 answers
@@ -179,7 +179,7 @@ def test_dora_adapter_in_separate_mode_gets_a_vllm_warning(tmp_path, models, ada
     spec = write_spec(tmp_path, base, adapter, output={"mode": "separate"})
     report = build_bundle(plan_from_spec(spec), verify=True, device="cpu").verification
     assert report["ok"] and report["equivalence"]["reference"] == "bundle merged in memory"
-    warnings = report["serving"]["warnings"]
+    warnings = report["serving_contract"]["warnings"]
     assert any("DoRA adapters (use_dora) are not supported by vLLM" in w for w in warnings)
     assert len(warnings) == 1
 
@@ -204,9 +204,10 @@ def test_the_report_is_assembled_whole_from_its_parts():
     files = {"ok": True, "files": 9, "problems": [], "checked_by": "modelpack 0.1.0"}
     report = verification_report(runtime, files=files, digest=DIGEST_PLACEHOLDER, remote_code={}, skipped=skipped,
                                  gguf=gguf, equivalence=equivalence)
-    # verification.json's keys in the order it has always had them
-    assert list(report) == ["bundle", "ok", "integrity", "serving", "prompts", "probes", "environment", "runtime",
-                            "digest", "remote_code", "skipped", "gguf", "equivalence"]
+    # verification.json's keys in their order; `serving` lists the engine runs (format 3), none here
+    assert list(report) == ["bundle", "ok", "integrity", "serving_contract", "prompts", "probes", "environment",
+                            "runtime", "digest", "remote_code", "skipped", "serving", "gguf", "equivalence"]
+    assert report["serving_contract"] == runtime["serving"] and report["serving"] == []
     assert report["ok"] is False  # the GGUF check failed
     assert report["integrity"] is files and report["skipped"] == skipped and report["digest"] == DIGEST_PLACEHOLDER
     # the reference's answers beside the bundle's, keyed as the spec names the adapters; the comparison without them

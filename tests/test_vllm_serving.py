@@ -122,7 +122,7 @@ def test_every_answer_served_in_vllm_is_token_identical_to_the_bundles(served_de
     result, bundle = served_demo(mode)
     assert result.exit_code == 0, result.output
     report = json.loads((bundle / "verification.json").read_text(encoding="utf-8"))
-    [run] = report["served"]
+    [run] = report["serving"]
     assert {k: run[k] for k in ("engine", "version", "mode", "device", "prompts", "identical", "ok")} == {
         "engine": "vllm", "version": "0.32.0", "mode": "merged" if mode == "merge" else "lora", "device": "cpu",
         "prompts": 5, "identical": 5, "ok": True}
@@ -139,7 +139,7 @@ def test_every_answer_served_in_vllm_is_token_identical_to_the_bundles(served_de
     assert ("served in vLLM 0.32.0 on CPU: 5/5 answers token-identical; a request without a system message "
             "answers the same as with the default one") in card
     run_file = json.loads(bundle.with_name(f"{name}.run.json").read_text(encoding="utf-8"))
-    assert run_file["verification"]["served"][0]["startup_seconds"] > 0
+    assert run_file["verification"]["serving"][0]["startup_seconds"] > 0
     assert "not run" not in result.stdout.splitlines()[-1]
 
 
@@ -156,7 +156,7 @@ def test_a_template_vllm_renders_differently_fails_a_received_bundles_verificati
     assert result.exit_code == 3, result.output
     report = json.loads(result.stdout)
     assert report["prompts"][0]["ok"]  # in transformers the bundle answers as trained
-    [run] = report["served"]
+    [run] = report["serving"]
     assert not run["ok"] and run["identical"] == 0 and run["mode"] == "merged"
     divergence = run["first_divergence"]
     assert divergence["part"] == "prompt" and not divergence["near_tie"]
@@ -193,7 +193,7 @@ def test_without_a_vllm_interpreter_the_stage_is_reported_not_run(tmp_path, mode
     assert result.stdout.splitlines()[-1].endswith("; not run: vllm (see the report)")
     bundle = tmp_path / "dist" / "tiny-med"
     report = json.loads((bundle / "verification.json").read_text(encoding="utf-8"))
-    assert "served" not in report
+    assert report["serving"] == []
     assert [s["check"] for s in report["skipped"]] == ["vllm"]
     assert "--vllm-python" in report["skipped"][0]["reason"]
     # A receiver is told too: the bundle's report shows the build was asked to serve it.
