@@ -4,13 +4,18 @@ user-error test makes. Test modules import from here, never from conftest."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 import torch
 
 from builder.dtypes import BY_NAME, Dtype
@@ -422,3 +427,45 @@ def ollama_prompts(renderer: Path, modelfile: str, conversations: list[list[dict
     assert process.returncode == 0, process.stderr
     output = json.loads(process.stdout)
     return output["commands"], output["prompts"]
+
+
+# pip's words when no package index can be reached (the only reason to skip, and never under CI=true).
+OFFLINE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
+                   "Network is unreachable", "ConnectTimeoutError", "ProxyError", "No route to host")
+
+
+def environment_unavailable(message: str) -> NoReturn:
+    """A test whose environment (a registry, a venv, a tool) cannot be had: skipped on a developer's machine, failed
+    under CI=true, where every environment the suite needs must be made."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def cached_venv(label: str, key: list, pip_steps: list[list[str]]) -> str:
+    """bin/python of a virtualenv made on first use by running each of pip_steps (pip's arguments) in it, cached per
+    Python version and key outside the repo, so that reruns and clean clones share it; concurrent test sessions wait
+    for one creator, and a failed creation leaves nothing behind."""
+    root = Path(os.environ.get("MODELPACK_TEST_VENVS", Path.home() / ".cache" / "modelpack-test-venvs"))
+    digest = hashlib.sha256(json.dumps([sys.version, *key]).encode()).hexdigest()[:10]
+    folder = root / f"{label}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
+    python, complete = folder / "bin" / "python", folder / ".modelpack-complete"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+            output = ""
+            for step in pip_steps:
+                run = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *step],
+                                     capture_output=True, text=True, timeout=1800)
+                output += run.stdout + run.stderr
+                if run.returncode != 0:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    if any(marker in output for marker in OFFLINE_MARKERS):
+                        environment_unavailable(f"pip cannot reach a package index to create {folder}: "
+                                                + output.strip().splitlines()[-1])
+                    pytest.fail(f"creating the {label} venv failed:\n{output[-4000:]}")
+            complete.write_text(output)
+    return str(python)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,49 +11,20 @@ from typer.testing import CliRunner
 
 from builder.build import build_bundle, plan_from_spec
 from builder.cli import app
-from helpers import SEED_SAMPLES, qwen_base, random_checkpoint, run_python, subprocess_env, write_spec
+from helpers import SEED_SAMPLES, cached_venv, qwen_base, random_checkpoint, run_python, subprocess_env, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 # The oldest libraries a bundle supports; torch is pinned to the CPU wheel on this machine's disk.
 OLD_STACK = ["torch==2.13.0", "transformers==4.49.*", "peft==0.13.*", "tiktoken", "safetensors", "accelerate"]
 QUESTION = SEED_SAMPLES[0][0]
-# pip's words when no package index can be reached (the only reason to skip instead of failing).
-OFFLINE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
-                   "Network is unreachable", "ConnectTimeoutError", "ProxyError", "No route to host")
-
-
-def venv_folder() -> Path:
-    """Cached per Python version and requirement set, outside the repo so that reruns and clean clones share it."""
-    root = Path(os.environ.get("MODELPACK_TEST_VENVS", Path.home() / ".cache" / "modelpack-test-venvs"))
-    key = hashlib.sha256(json.dumps([sys.version, OLD_STACK, (REPO / "constraints.txt").read_text()]).encode())
-    return root / f"tf4.49-peft0.13-py{sys.version_info.major}{sys.version_info.minor}-{key.hexdigest()[:10]}"
 
 
 @pytest.fixture(scope="session")
 def old_python() -> str:
     """bin/python of a virtualenv with transformers 4.49 and peft 0.13, created on first use."""
-    folder = venv_folder()
-    python, complete = folder / "bin" / "python", folder / ".modelpack-complete"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / ".lock", "w") as lock:  # concurrent test sessions wait for one creator
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not complete.is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-            install = subprocess.run(
-                [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-c",
-                 str(REPO / "constraints.txt"), *OLD_STACK],
-                capture_output=True, text=True, timeout=1200,
-            )
-            output = install.stdout + install.stderr
-            if install.returncode != 0:
-                shutil.rmtree(folder, ignore_errors=True)
-                if any(marker in output for marker in OFFLINE_MARKERS):
-                    pytest.skip(f"pip cannot reach a package index to create {folder}: "
-                                + output.strip().splitlines()[-1])
-                pytest.fail(f"creating the transformers 4.49 venv failed:\n{output[-4000:]}")
-            complete.write_text(output)
-    return str(python)
+    constraints = str(REPO / "constraints.txt")
+    return cached_venv("tf4.49-peft0.13", [OLD_STACK, (REPO / "constraints.txt").read_text()],
+                       [["install", "-c", constraints, *OLD_STACK]])
 
 
 @pytest.fixture(scope="module")

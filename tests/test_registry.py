@@ -43,7 +43,7 @@ from builder.model_artifact import (
 )
 from builder.registry import Credentials, RegistryClient, docker_credentials, parse_reference
 from builder.trust import bundle_digest
-from helpers import subprocess_env, tree_snapshot
+from helpers import environment_unavailable, subprocess_env, tree_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 # model-spec v0.0.7's schema/config-schema.json, as its repository has it (commit 6440437b): the copy is exact.
@@ -84,10 +84,7 @@ def _start_registry(folder: Path, *, htpasswd: Path | None = None):
     """docker-registry on a free loopback port with a filesystem store in folder; (Registry, process)."""
     program = shutil.which("docker-registry")
     if program is None:
-        message = "docker-registry is not installed (apt-get install -y docker-registry skopeo)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        environment_unavailable("docker-registry is not installed (apt-get install -y docker-registry skopeo)")
     folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     auth = f"auth:\n  htpasswd:\n    realm: modelpack-test\n    path: {htpasswd}\n" if htpasswd else ""
@@ -339,10 +336,7 @@ def test_a_credential_helper_answers_for_its_registry(tmp_path, monkeypatch):
 def test_skopeo_sees_the_artifact_type_the_config_and_one_layer_per_file(registry, bundle, tmp_path):
     skopeo = shutil.which("skopeo")
     if skopeo is None:
-        message = "skopeo is not installed (apt-get install -y docker-registry skopeo)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        environment_unavailable("skopeo is not installed (apt-get install -y docker-registry skopeo)")
     pushed = _push(bundle, f"{registry.host}/models/tiny-med:v1")
     raw = subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false",
                           f"docker://{registry.host}/models/tiny-med:v1"], capture_output=True, check=True).stdout

