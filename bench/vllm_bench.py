@@ -9,7 +9,7 @@ The 1.5b inputs are bench/merge_bench.py's (a random Qwen2-1.5B-shaped bf16 base
 --workdir), seen with bench/verify_bench.py's tokenizer that has a token for every row; their spec has one prompt
 and one probe of `max_new_tokens: 16` (random weights answer noise, which is compared token for token all the
 same). Each build's own figures are read from its run file (DIR.run.json): the whole build (`timings.total`),
-verification (`timings.verify`), and the stage's own (`served[0].seconds`, start to stop, and `startup_seconds`,
+verification (`timings.verify`), and the stage's own (`serving[0].seconds`, start to stop, and `startup_seconds`,
 until /health answered). The others' CPU share while it ran is recorded: the machine is shared. The JSON result
 lands in WORKDIR/results/.
 """
