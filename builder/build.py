@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from builder.card import render_card
 from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
 from builder.formatting import dump_json
-from builder.gguf_facts import gguf_path
+from builder.gguf_facts import DEFAULT_MAX_MEAN_KLD, QUANTIZED_TYPES, gguf_path, source_gguf_type
 from builder.manifest import bundle_files, find_machine_paths, machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
 from builder.refusals import require_merge_device
@@ -32,7 +33,7 @@ from builder.render import (
 )
 from builder.report import VerificationReport, bundle_record, failure_message, skipped_failure
 from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder, require_text_path
-from builder.spec import VerifySpec, load_spec
+from builder.spec import Spec, VerifySpec, load_spec
 from builder.staging import check_output_location, publish, staged_output
 from builder.subprocesses import verifying_python
 from builder.trust import seal
@@ -120,19 +121,23 @@ def build_bundle(plan: BuildPlan, *, force: bool = False, verify: bool = True, d
             weights = write_weights(plan, staging, on_bytes=on_bytes)
             context, chat = files.result()
         timings["write"] = time.perf_counter() - started
-        if spec.export.gguf is not None:
-            export_started = time.perf_counter()
-            _export_gguf(plan, staging, chat, progress=progress)
-            timings["export"] = time.perf_counter() - export_started
-        provenance = _provenance(plan, _source_fingerprints(plan, weights.sources))
-        manifest = write_manifest(staging, provenance, known_sha256=weights.written)
+        # The 16-bit GGUF the quantized variants are made from and measured against, when not shipped: beside the
+        # staging folder (on its disk), removed with this block.
+        with tempfile.TemporaryDirectory(prefix=f"{staging.name}.gguf-source-", dir=staging.parent) as scratch:
+            gguf_reference = None
+            if spec.export.gguf is not None:
+                export_started = time.perf_counter()
+                gguf_reference = _export_gguf(plan, staging, chat, Path(scratch), progress=progress)
+                timings["export"] = time.perf_counter() - export_started
+            provenance = _provenance(plan, _source_fingerprints(plan, weights.sources))
+            manifest = write_manifest(staging, provenance, known_sha256=weights.written)
 
-        verification = None
-        if verify:
-            verify_started = time.perf_counter()
-            verification = _verify(plan, staging, manifest, device=device, strict=strict, serving=serving,
-                                   progress=progress)
-            timings["verify"] = time.perf_counter() - verify_started
+            verification = None
+            if verify:
+                verify_started = time.perf_counter()
+                verification = _verify(plan, staging, manifest, device=device, strict=strict, serving=serving,
+                                       gguf_reference=gguf_reference, progress=progress)
+                timings["verify"] = time.perf_counter() - verify_started
 
         digest = _finalise(plan, staging, context, provenance, manifest, verification)
         publish(staging, dest)
@@ -188,18 +193,35 @@ def _write_files(plan: BuildPlan, staging: Path) -> tuple[RenderContext, ChatFac
         (staging / name).write_bytes(content)
     if context.modelfile is not None:
         _write(staging / "gguf" / "Modelfile", context.modelfile)
+    for name, text in context.variant_modelfiles.items():
+        _write(staging / "gguf" / name, text)
     return context, chat
 
 
-def _export_gguf(plan: BuildPlan, staging: Path, chat: ChatFacts, *, progress: Progress) -> None:
-    """The GGUF files, from the merged weights and tokenizer files already staged (export.gguf)."""
+def _export_gguf(plan: BuildPlan, staging: Path, chat: ChatFacts, scratch: Path, *,
+                 progress: Progress) -> Path | None:
+    """The GGUF files, from the merged weights and tokenizer files already staged (export.gguf): the gguf library's
+    types, then llama.cpp's quantized variants from the 16-bit GGUF (in `scratch` when not listed). Returns the
+    16-bit GGUF that is not shipped, which verification measures the variants against (None when shipped or none)."""
     # Imported here: gguf and numpy are the exporter's alone, and every light command imports this module.
-    from builder.gguf_export import export_gguf
+    from builder.gguf_export import export_gguf, quantize_gguf
 
     assert plan.spec.export.gguf is not None
-    names = {t: gguf_path(plan.spec.name, t) for t in plan.spec.export.gguf.types}
+    types: list[str] = list(plan.spec.export.gguf.types)
+    names = {t: gguf_path(plan.spec.name, t) for t in types}
+    source = source_gguf_type(types, plan.out_dtype.name)
+    outputs: dict[str, Path] = {t: staging / name for t, name in names.items() if t not in QUANTIZED_TYPES}
+    unshipped = None
+    if source is not None and source not in outputs:
+        unshipped = outputs[source] = scratch / Path(gguf_path(plan.spec.name, source)).name
     progress(f"exporting GGUF: {', '.join(names.values())}")
-    export_gguf(plan, staging, chat, {t: staging / name for t, name in names.items()})
+    export_gguf(plan, staging, chat, outputs)
+    for gguf_type in types:
+        if gguf_type in QUANTIZED_TYPES:
+            assert source is not None
+            progress(f"quantizing GGUF with llama.cpp: {names[gguf_type]}")
+            quantize_gguf(outputs[source], staging / names[gguf_type], gguf_type)
+    return unshipped
 
 
 def serving_stage(verify: VerifySpec, vllm_python: Path | None,
@@ -217,7 +239,7 @@ def serving_stage(verify: VerifySpec, vllm_python: Path | None,
 
 
 def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | None, strict: bool,
-            serving: ServingStage | None, progress: Progress) -> VerificationReport:
+            serving: ServingStage | None, gguf_reference: Path | None, progress: Progress) -> VerificationReport:
     """Reload-and-chat verification of the staged bundle; a failed check (with strict, also one that did not run)
     stops the build (exit 3)."""
     spec = plan.spec
@@ -234,12 +256,24 @@ def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | Non
         known_sha256={name: meta["sha256"] for name, meta in manifest["files"].items()},
         staged=True,
         serving=serving,
+        gguf_reference=gguf_reference,
+        gguf_budget=gguf_budget(spec),
+        gguf_eval_text=spec.export.gguf.eval_text if spec.export.gguf is not None else None,
         progress=progress,
     )
     message = failure_message(verification) or (skipped_failure(verification) if strict else None)
     if message:
         raise VerificationError(message, report=verification)
     return verification
+
+
+def gguf_budget(spec: Spec) -> dict | None:
+    """export.gguf.budget per quantized type listed, modelpack's default mean KLD where the spec names none."""
+    if spec.export.gguf is None:
+        return None
+    budget = spec.export.gguf.budget
+    return {t: {"max_mean_kld": budget.max_mean_kld.get(t, DEFAULT_MAX_MEAN_KLD[t]), "min_top1": budget.min_top1}
+            for t in spec.export.gguf.types if t in DEFAULT_MAX_MEAN_KLD}
 
 
 def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance: dict, manifest: dict,

@@ -19,6 +19,7 @@ from builder.report import (
     AnswerParting,
     Equivalence,
     GgufCheck,
+    GgufFile,
     PromptResult,
     Skipped,
     VerificationReport,
@@ -111,11 +112,30 @@ class GgufParting:
 
 
 @dataclass(frozen=True)
+class GgufVariantRow:
+    """A GGUF file as written (read back from it) and, when quantized, its quality against the 16-bit GGUF."""
+
+    file: str
+    size: str  # "12.3 MB"
+    bits_per_weight: str
+    tensor_types: str  # "Q6_K 71% (12 tensors), Q8_0 ..."
+    mean_kld: str  # "" where not measured
+    p99_kld: str
+    top1: str  # "93.1%"
+    tokens: str
+    budget: str  # "mean KLD <= 0.02, top-1 >= 0.0%", or "reported, not gated"
+    verdict: str
+
+
+@dataclass(frozen=True)
 class GgufSection:
     runtime: str
     threads: int
     files: list[GgufRow]
     partings: list[GgufParting]
+    variants: list[GgufVariantRow]
+    reference: str | None  # the 16-bit GGUF the quantized files were measured against
+    few_positions: int | None  # the fewest positions a variant was scored on, when under FEW_POSITIONS
 
 
 @dataclass(frozen=True)
@@ -394,7 +414,34 @@ def gguf_section(gguf: GgufCheck) -> GgufSection:
     partings = [GgufParting(f["file"], a["prompt"], a["answer"], a["difference"]["position"],
                             parting_score(a["difference"]))
                 for f in gguf["files"] for a in f["answers"] if a["difference"] is not None]
-    return GgufSection(gguf["runtime"], gguf["threads"], rows, partings)
+    measured = [f["quality"] for f in gguf["files"] if "quality" in f]
+    fewest = min((q["tokens"] for q in measured), default=None)
+    return GgufSection(gguf["runtime"], gguf["threads"], rows, partings,
+                       [gguf_variant_row(f) for f in gguf["files"] if "bytes" in f],
+                       measured[0]["reference"] if measured else None,
+                       fewest if fewest is not None and fewest < FEW_POSITIONS else None)
+
+
+# Fewer scored positions than this and a variant's mean KLD is a rough figure (llama.cpp scores wikitext's
+# hundreds of thousands): the card says so.
+FEW_POSITIONS = 2000
+
+
+def gguf_variant_row(file: GgufFile) -> GgufVariantRow:
+    mix = ", ".join(f"{name} {100 * t['share']:.0f}% ({t['tensors']} tensors)"
+                    for name, t in file.get("tensor_types", {}).items())
+    quality = file.get("quality")
+    if quality is None:
+        figures = ("", "", "", "", "")
+    else:
+        gated = quality["max_mean_kld"] is not None
+        figures = (f"{quality['mean_kld']:.4g}", f"{quality['p99_kld']:.4g}", f"{100 * quality['top1']:.1f}%",
+                   str(quality["tokens"]),
+                   f"mean KLD <= {quality['max_mean_kld']:.4g}, top-1 >= {100 * (quality['min_top1'] or 0):.1f}%"
+                   if gated else "reported, not gated")
+    return GgufVariantRow(file["file"], f"{file.get('bytes', 0) / 1e6:.1f} MB",
+                          f"{file.get('bits_per_weight', 0):.2f}", mix, *figures,
+                          verdict=check_verdict(quality["ok"]) if quality is not None else "")
 
 
 def parting_score(part: AnswerParting) -> PartingScore | None:

@@ -9,9 +9,12 @@ epsilon), the loader decides, and a comment says so.
 from __future__ import annotations
 
 import base64
+import ctypes
 import fnmatch
 import json
+import logging
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,11 +27,12 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
 from builder.chat import ChatFacts
-from builder.errors import SourceError
+from builder.errors import OutputError, SourceError
 from builder.finite import ggml_block_finite
 from builder.gguf_facts import (
     EXPERT,
     NORM_EPSILON_KEYS,
+    QUANTIZED_TYPES,
     GgufArchitecture,
     VocabularySource,
     embedded_chat_template,
@@ -652,3 +656,26 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
                                          tensor_endianess=gguf.GGUFEndian.LITTLE)
         finally:
             writer.close()
+
+
+def quantize_gguf(source: Path, out: Path, gguf_type: str) -> None:
+    """One quantized variant (a gguf_facts.QUANTIZED_TYPES mix) written by llama.cpp's own quantizer from the 16-bit
+    GGUF, with its default parameters (no importance matrix; llama.cpp picks each tensor's type, falling back for
+    rows whose length its k-quant blocks of 256 do not divide)."""
+    import llama_cpp  # the `gguf` extra's; refuse_unexportable refused a spec asking for it without
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZED_TYPES[gguf_type])
+    params.nthread = os.cpu_count() or 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # llama-cpp-python prints llama.cpp's log (a line per tensor here) unless its logger's level is above it.
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0
+    finally:
+        log.setLevel(level)
+    if failed:
+        raise OutputError(f"{source}: llama.cpp could not quantize it to {gguf_type} ({out.name})")
+

@@ -169,6 +169,16 @@ NORM_EPSILON_KEYS = {"rms": ("rms_norm_eps", "norm_eps"), "layer": ("layer_norm_
 # Spec type -> (elements per block, bytes per block) of its 2-D weights: gguf.GGML_QUANT_SIZES of F16, BF16, Q8_0
 # (a test holds this table to the library's).
 GGUF_BLOCK_SIZES = {"f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34)}
+# Spec type -> llama.cpp's file type (llama_cpp.LLAMA_FTYPE_MOSTLY_*) for the mixes llama.cpp's own quantizer
+# (llama_model_quantize) makes from the 16-bit GGUF; the `gguf` library has no k-quants.
+QUANTIZED_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+                   "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                   "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+SIXTEEN_BIT_TYPES = ("bf16", "f16")
+# The quality budget's default mean KL divergence per variant against the 16-bit GGUF: llama.cpp's published
+# Llama-3-8B wikitext-2 figures (Q8_0 0.0014, Q6_K 0.0055, Q4_K_M 0.031) times about three, for a fine-tune's short
+# verification text and small models quantizing worse than 8B; the types without a published figure interpolated.
+DEFAULT_MAX_MEAN_KLD = {"q8_0": 0.005, "q6_k": 0.02, "q5_k_m": 0.05, "q5_0": 0.06, "q4_k_m": 0.1, "q4_0": 0.15}
 F32_BYTES = 4
 # tokenizer.json Split patterns -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre). llama.cpp implements each
 # with its own copy of the regex; src/llama-vocab.cpp quotes the tokenizer.json original beside it.
@@ -210,6 +220,21 @@ def gguf_path(name: str, gguf_type: str) -> str:
     return f"gguf/{name}-{gguf_type}.gguf"
 
 
+def source_gguf_type(types: list[str], bundle_dtype: str) -> str | None:
+    """The 16-bit GGUF llama.cpp's quantizer reads for the quantized types: the first 16-bit type listed, else the
+    bundle's own (bf16 for a bfloat16 bundle, f16 otherwise), made outside the bundle; None without quantized types."""
+    if not any(t in QUANTIZED_TYPES for t in types):
+        return None
+    listed = [t for t in types if t in SIXTEEN_BIT_TYPES]
+    return listed[0] if listed else ("bf16" if bundle_dtype == "bfloat16" else "f16")
+
+
+def llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def gguf_architecture(config: dict, config_file: Path) -> GgufArchitecture:
     """The export's entry for a Hugging Face config, or a user error naming it and the supported ones."""
     architectures = config.get("architectures") or [None]
@@ -227,6 +252,14 @@ def refuse_unexportable(spec: Spec, base: BaseModelFolder, *, tensor_names: list
     """Everything that would stop the GGUF export, checked at plan time before any work (no-op without export.gguf)."""
     if spec.export.gguf is None:
         return
+    quantized = [t for t in spec.export.gguf.types if t in QUANTIZED_TYPES]
+    eval_text = spec.export.gguf.eval_text
+    if eval_text is not None and not eval_text.is_file():
+        raise SpecError(f"{spec_file}: export.gguf.eval_text {eval_text} is not a file")
+    if quantized and not llama_cpp_installed():
+        raise SpecError(f"{spec_file}: export.gguf.types {', '.join(quantized)} are made by llama.cpp's own quantizer, "
+                        "and llama-cpp-python is not installed in modelpack's environment; install the extra with "
+                        "`python -m pip install 'modelpack-lora[gguf]'`, or list only f16, bf16 and q8_0")
     if spec.output.mode != "merge":
         raise SpecError(f"{spec_file}: export.gguf converts merged weights; set `output.mode: merge` to export GGUF "
                         "(or remove export.gguf)")
@@ -498,7 +531,8 @@ def skipped_tensor(name: str) -> bool:
 def estimated_gguf_bytes(shapes: list[tuple[int, ...]], gguf_type: str) -> int:
     """A bound for one GGUF file's size: its tensors (2-D in the type, the rest F32) plus 8 MB for the header,
     metadata and vocabulary (a 152k-token vocabulary with merges takes about 5 MB)."""
-    block, size = GGUF_BLOCK_SIZES[gguf_type]
+    # A quantized mix keeps no tensor wider than Q8_0 (its fallback type) where its source is 16-bit.
+    block, size = GGUF_BLOCK_SIZES.get(gguf_type, GGUF_BLOCK_SIZES["q8_0"])
     total = 8 << 20
     for shape in shapes:
         elements = math.prod(shape)

@@ -4,7 +4,7 @@ the Jinja environment every template prints in (the card's rows are card.py's)."
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import PureWindowsPath
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ from builder.serving import (
     ollama_template,
     render_modelfile,
     serving_commands,
+    variant_modelfile_name,
 )
 from builder.sizing import KvCache, kv_cache
 from builder.spec import hub_model_id
@@ -94,6 +95,8 @@ class RenderContext:
     serving: list[ServingCommand]
     ollama: OllamaTemplate | None  # with a GGUF export: the Modelfile's TEMPLATE, or why it has none
     modelfile: str | None  # gguf/Modelfile, with a GGUF export
+    # gguf/Modelfile.<type> for each GGUF type after the first (serving.variant_modelfile_name) -> its text
+    variant_modelfiles: dict[str, str] = field(default_factory=dict)
 
 
 def adapter_card_view(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterCardView:
@@ -137,11 +140,12 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
     gguf_types = spec.export.gguf.types if spec.export.gguf is not None and spec.output.mode == "merge" else []
     ollama = ollama_template(chat, generation) if gguf_types else None
     kv = kv_cache(plan.base.config)
-    modelfile = render_modelfile(
-        name=spec.name, gguf_type=gguf_types[0], template=ollama, chat=chat, generation=generation,
+    modelfiles = {gguf_type: render_modelfile(
+        name=spec.name, gguf_type=gguf_type, template=ollama, chat=chat, generation=generation,
         system_prompt=spec.chat.system_prompt, modelpack_version=builder.__version__,
-        license=spec.card.license or "other", context_length=kv.context_length,
-    ) if ollama is not None else None
+        license=spec.card.license or "other", context_length=kv.context_length, variant=i > 0,
+    ) for i, gguf_type in enumerate(gguf_types)} if ollama is not None else {}
+    modelfile = modelfiles.get(gguf_types[0]) if gguf_types else None
     served = ServedBundle(
         name=spec.name, mode=spec.output.mode, trust_remote_code=trust_remote_code,
         has_chat_template=chat.template is not None,
@@ -183,6 +187,7 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
         serving=serving_commands(served),
         ollama=ollama,
         modelfile=modelfile,
+        variant_modelfiles={variant_modelfile_name(t): text for t, text in list(modelfiles.items())[1:]},
     )
 
 

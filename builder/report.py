@@ -155,6 +155,26 @@ class GgufAnswer(TypedDict):
 
 
 @with_config(_STRICT)
+class GgufTensorType(TypedDict):
+    tensors: int
+    share: float  # of the file's weights
+
+
+@with_config(_STRICT)
+class GgufQuality(TypedDict):
+    """A quantized file against the 16-bit GGUF in llama.cpp on the same token stream (gguf_check.measure)."""
+
+    reference: str  # the 16-bit GGUF's file name
+    tokens: int  # positions scored
+    mean_kld: float  # KL(p_16bit || p_variant) of the next-token distributions, mean over the positions
+    p99_kld: float
+    top1: float  # share of positions whose top token agrees
+    max_mean_kld: float | None  # the budget (None: reported, not gated)
+    min_top1: float | None
+    ok: bool
+
+
+@with_config(_STRICT)
 class GgufFile(TypedDict):
     file: str  # relative to the bundle: gguf/NAME-<type>.gguf
     type: str
@@ -165,6 +185,12 @@ class GgufFile(TypedDict):
     tokenization: NotRequired[TokenDifference | None]
     answers: list[GgufAnswer]  # the verification prompts, then the probes
     ok: bool
+    # read back from the file: its size, 8 * tensor data bytes / weights, and type name -> its tensors and share of
+    # weights as written (llama.cpp falls back where a row's length is not a multiple of 256); absent before
+    bytes: NotRequired[int]
+    bits_per_weight: NotRequired[float]
+    tensor_types: NotRequired[dict[str, GgufTensorType]]
+    quality: NotRequired[GgufQuality]  # quantized files, measured where a 16-bit GGUF was at hand
 
 
 @with_config(_STRICT)
@@ -415,6 +441,12 @@ def failure_message(report: VerificationReport) -> str | None:
                              f"{tokens['bundle']!r}): the file's vocabulary or pre-tokenizer is not the bundle's")
             for answer in file["answers"]:
                 lines += gguf_problems(file, answer, bundle_answers.get(answer["prompt"], ""))
+            if (measured := file.get("quality")) is not None and not measured["ok"]:
+                lines.append(f"gguf: {file['file']}: over its quality budget against {measured['reference']}: mean "
+                             f"KL divergence {measured['mean_kld']:.4g} (budget {measured['max_mean_kld']:.4g}), "
+                             f"top token agreeing at {100 * measured['top1']:.1f}% of {measured['tokens']} "
+                             f"positions (budget {100 * (measured['min_top1'] or 0):.1f}%); raise "
+                             "export.gguf.budget or drop the type")
     return "verification failed:\n  " + "\n  ".join(lines) if lines else None
 
 

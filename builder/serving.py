@@ -268,14 +268,20 @@ def gguf_file_name(name: str, gguf_type: str) -> str:
     return f"{name}-{gguf_type}.gguf"
 
 
+def variant_modelfile_name(gguf_type: str) -> str:
+    """The Modelfile of a GGUF type after the first, beside gguf/Modelfile (which serves the first)."""
+    return f"Modelfile.{gguf_type}"
+
+
 def render_modelfile(*, name: str, gguf_type: str, template: OllamaTemplate, chat: ChatFacts, generation: dict,
                      system_prompt: str | None, modelpack_version: str, license: str = "other",
-                     context_length: int | None = None) -> str:
+                     context_length: int | None = None, variant: bool = False) -> str:
     """gguf/Modelfile: the first GGUF export with the bundle's license id, prompt format, system prompt, stops,
-    sampling and context length."""
+    sampling and context length; with variant, gguf/Modelfile.<type>, the same for another type."""
+    created = f"{name}:{gguf_type} -f {variant_modelfile_name(gguf_type)}" if variant else f"{name} -f Modelfile"
     lines = [
         f"# Ollama Modelfile for {name}, written by modelpack {modelpack_version}.",
-        f"# ollama create {name} -f Modelfile   (FROM is relative to this file's folder)",
+        f"# ollama create {created}   (FROM is relative to this file's folder)",
         f"FROM ./{gguf_file_name(name, gguf_type)}",
         "",
         "# The model card's license id (README.md's front matter).",
@@ -450,7 +456,10 @@ def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
             commands.append(ServingCommand(
                 "Ollama", f"ollama create {name} -f {folder}/gguf/Modelfile",
                 ["`ollama serve` (or the Ollama app) listens on port 11434; `ollama run " + name + "` chats in the "
-                 "terminal"], 11434, name, _health(11434, "/api/version"), _curl(11434, name, bundle)))
+                 "terminal"] + [f"`gguf/{file}`: `ollama create {name}:{gguf_type} -f "
+                                f"{folder}/gguf/{variant_modelfile_name(gguf_type)}`"
+                                for file, gguf_type in _variants(bundle)[1:]],
+                11434, name, _health(11434, "/api/version"), _curl(11434, name, bundle)))
         others = bundle.gguf_files[1:]
         llama_context = f" -c {bundle.context_length}" if bundle.context_length else ""
         commands.append(ServingCommand(
@@ -462,3 +471,8 @@ def serving_commands(bundle: ServedBundle) -> list[ServingCommand]:
             8080, name, _health(8080), _curl(8080, name, bundle),
         ))
     return commands
+
+
+def _variants(bundle: ServedBundle) -> list[tuple[str, str]]:
+    """Each GGUF file in gguf/ with its type (files are named NAME-<type>.gguf), the Modelfile's first."""
+    return [(file, file.removeprefix(f"{bundle.name}-").removesuffix(".gguf")) for file in bundle.gguf_files]

@@ -365,13 +365,40 @@ class VerifySpec(_Section):
         return value
 
 
+class GgufBudget(_Section):
+    """The quality budget of the quantized GGUF variants against the 16-bit GGUF (gguf_facts.DEFAULT_MAX_MEAN_KLD)."""
+
+    max_mean_kld: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict, description=(
+        "Type -> the largest mean KL divergence KL(p_16bit || p_variant) allowed; a type not named gets modelpack's "
+        "default (q8_0 0.005, q6_k 0.02, q5_k_m 0.05, q5_0 0.06, q4_k_m 0.1, q4_0 0.15)."))
+    min_top1: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description=(
+        "The smallest share of positions whose top token agrees with the 16-bit GGUF's, for every variant."))
+
+    @field_validator("max_mean_kld")
+    @classmethod
+    def _quantized_types(cls, value: dict[str, float]) -> dict[str, float]:
+        known = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0")
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a quantized GGUF type ({', '.join(known)})")
+        return value
+
+
 class GgufExportSpec(_Section):
     """GGUF files for llama.cpp and Ollama, written into the bundle's gguf/ folder from the merged weights."""
 
-    types: Annotated[list[Literal["f16", "bf16", "q8_0"]], Field(min_length=1)] = Field(
+    types: Annotated[list[Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0"]],
+                     Field(min_length=1)] = Field(
         description="One gguf/NAME-<type>.gguf per type; the first is the one gguf/Modelfile serves. "
-        "q8_0 is quantized by llama.cpp's own gguf library."
+        "q8_0 is quantized by llama.cpp's own gguf library; q6_k, q5_k_m, q4_k_m, q5_0 and q4_0 by llama.cpp's "
+        "quantizer (llama-cpp-python, the `gguf` extra) from the 16-bit GGUF, which is made even when not listed."
     )
+    budget: GgufBudget = Field(default_factory=GgufBudget, description=(
+        "How far each quantized variant may move the 16-bit GGUF's next-token distributions, measured in llama.cpp "
+        "on the verification prompts, their answers and the probes; a variant over it fails verification."))
+    eval_text: SpecPath | None = Field(default=None, description=(
+        "A UTF-8 text file (held-out data of the fine-tune's own kind) also scored when measuring the quantized "
+        "variants, in chunks of 512 tokens; about 2,000 tokens or more give a firm figure."))
 
     @field_validator("types")
     @classmethod

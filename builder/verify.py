@@ -102,7 +102,8 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
                   sources_unavailable: str = NO_SOURCES,
                   compare_base: bool = False, max_memory: str | None = None, trust_remote_code: bool = False,
                   expected_digest: str | None = None, known_sha256: dict[str, str] | None = None, staged: bool = False,
-                  serving: ServingStage | None = None,
+                  serving: ServingStage | None = None, gguf_reference: Path | None = None,
+                  gguf_budget: dict | None = None, gguf_eval_text: Path | None = None,
                   progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """Check the bundle's files in this process, then run `load.py --verify` in a subprocess that cannot import
     modelpack, then its GGUF files in llama.cpp, then (with the sources) the equivalence check; return the report,
@@ -115,11 +116,15 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     staged: a build's staging folder, whose manifest.json is written again once the card and this report are added,
     so the report records DIGEST_PLACEHOLDER, which trust.seal replaces with the final digest. The report is
     returned whether or not the checks passed; `failure_message` says what failed. serving: the serving stage
-    (verify.serve), run after the other checks, or reported as not run with its reason.
+    (verify.serve), run after the other checks, or reported as not run with its reason. gguf_reference: the 16-bit
+    GGUF the quantized ones are measured against when the bundle ships none; gguf_budget: type -> {max_mean_kld,
+    min_top1} that fails a variant over it (without it the figures are reported); gguf_eval_text: a text file scored
+    too.
     """
     python = verifying_python(python)
     steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=compare_base,
-                   trust_remote_code=trust_remote_code, progress=progress, serving=serving)
+                   trust_remote_code=trust_remote_code, progress=progress, serving=serving,
+                   gguf_reference=gguf_reference, gguf_budget=gguf_budget, gguf_eval_text=gguf_eval_text)
     if staged:  # the build's own staging folder, written by this process: checked in place
         manifest = read_manifest(bundle)
         progress("checking every file against manifest.json")
@@ -163,6 +168,16 @@ class _Steps:
     trust_remote_code: bool
     progress: Callable[[str], None]
     serving: ServingStage | None = None
+    gguf_reference: Path | None = None
+    gguf_budget: dict | None = None
+    gguf_eval_text: Path | None = None
+
+    def _gguf_quality_options(self) -> tuple[str, ...]:
+        """gguf_check.py's options for measuring the quantized files (its --reference, --budget and --eval-text)."""
+        reference = ("--reference", str(self.gguf_reference)) if self.gguf_reference is not None else ()
+        budget = ("--budget", json.dumps(self.gguf_budget)) if self.gguf_budget is not None else ()
+        text = ("--eval-text", str(self.gguf_eval_text)) if self.gguf_eval_text is not None else ()
+        return (*reference, *budget, *text)
 
     def run(self, bundle: Path, manifest: dict, integrity: Integrity, digest: str, sources: ReferenceSources | None,
             sources_unavailable: str, *, snapshot: Snapshot | None = None,
@@ -197,7 +212,8 @@ class _Steps:
             progress(f"verification step 1 done in {time.perf_counter() - started:.1f}s")
             runtime_report = read_runtime_report(json.loads(report_path.read_text(encoding="utf-8")), python=python)
             gguf, gguf_skipped = _check_gguf(bundle, manifest, runtime_report["prompts"] + runtime_report["probes"],
-                                             python, workdir, progress, pass_fds=pass_fds)
+                                             python, workdir, progress, pass_fds=pass_fds,
+                                             quality=self._gguf_quality_options())
             served, served_skipped = [], []
             if self.serving is not None and self.serving.engine is None:
                 served_skipped.append(Skipped(check="vllm", reason=self.serving.reason))
@@ -229,7 +245,8 @@ class _Steps:
 
 
 def _check_gguf(bundle: Path, manifest: dict, answers: list[PromptResult], python: str, workdir: str,
-                progress: Callable[[str], None], *, pass_fds: tuple[int, ...] = ()) -> tuple[GgufCheck | None,
+                progress: Callable[[str], None], *, pass_fds: tuple[int, ...] = (),
+                quality: tuple[str, ...] = ()) -> tuple[GgufCheck | None,
                                                                                               list[Skipped]]:
     """The bundle's GGUF files answering the verification prompts inside llama.cpp (builder/runtime/gguf_check.py),
     compared with the bundle's answers; reported as skipped, with the command that installs it, where the verifying
@@ -252,7 +269,7 @@ def _check_gguf(bundle: Path, manifest: dict, answers: list[PromptResult], pytho
     answers_path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
     output = Path(workdir) / "gguf.json"
     _run([python, str(GGUF_CHECK_SCRIPT), "--bundle", str(bundle), "--answers", str(answers_path), "--report",
-          str(output), *files], workdir, output, progress,
+          str(output), *quality, *files], workdir, output, progress,
          what="the GGUF check could not run the bundle's GGUF files in llama.cpp", pass_fds=pass_fds)
     return read_gguf_check(json.loads(output.read_text(encoding="utf-8")), python=python), []
 

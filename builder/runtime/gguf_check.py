@@ -28,6 +28,11 @@ For every GGUF file and every verification prompt and probe (with the bundle's s
   tie, beyond it a failure. For other types (q8_0, or one that rounds the bundle's weights) the same is reported and
   never failed.
 - The spec's expectations are checked on the GGUF's answer, as on the bundle's.
+- Each file's size, bits per weight and tensor-type mix are read back from it (gguf.GGUFReader).
+- Each quantized file (q8_0 and llama.cpp's mixes) is measured against the 16-bit GGUF (--reference, else the bundle's
+  bf16/f16 file) on the same token stream, every prompt and probe followed by the bundle's answer, as
+  `llama-perplexity --kl-divergence` measures: per position KL(p_16bit || p_variant) of the next-token distributions
+  (mean, 99th percentile) and whether the top tokens agree; with --budget, a variant over it fails.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +65,13 @@ CONTINUATION_ANCHOR = "\n"
 SPLIT_CHARACTER = "\ufffd"
 # Export type -> the bundle dtype whose weights it holds unchanged (the answers must then be the same).
 LOSSLESS_FROM = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+# The 16-bit types a quantized file is measured against, and the types measured (modelpack's gguf_facts names them).
+SIXTEEN_BIT = ("bf16", "f16")
+QUANTIZED = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0")
+# The length of the held-out text's chunks (export.gguf.eval_text), each scored from its first token.
+EVAL_CHUNK = 512
+# Positions whose divergence is computed at once (float64 copies of their logits): about 100 MB for 152k tokens.
+DIVERGENCE_ROWS = 64
 
 
 class Prompt(NamedTuple):
@@ -216,6 +229,122 @@ def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
         bindings.llama_model_default_params = defaults
 
 
+def contents(path: Path) -> dict:
+    """What the file holds, read back from it (gguf.GGUFReader): its size, the bits per weight of its tensor data
+    (8 * data bytes / weights) and the tensor types actually written, each with its tensor count and share of weights
+    (llama.cpp's quantizer falls back to other types where a row's length is not a multiple of 256). Empty where the
+    verifying interpreter lacks the `gguf` library (llama-cpp-python does not bring it): the report then omits them."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return {}
+
+    tensors = GGUFReader(path).tensors
+    weights = sum(int(t.n_elements) for t in tensors)
+    data = sum(int(t.n_bytes) for t in tensors)
+    mix: dict[str, dict] = {}
+    for tensor in tensors:
+        entry = mix.setdefault(tensor.tensor_type.name, {"tensors": 0, "weights": 0})
+        entry["tensors"] += 1
+        entry["weights"] += int(tensor.n_elements)
+    return {"bytes": path.stat().st_size, "bits_per_weight": round(8 * data / weights, 3),
+            "tensor_types": {name: {"tensors": e["tensors"], "share": round(e["weights"] / weights, 4)}
+                             for name, e in sorted(mix.items(), key=lambda item: -item[1]["weights"])}}
+
+
+def log_softmax(rows: Any) -> Any:
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.float64)
+    shifted = rows - rows.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def divergence(reference_logits: Any, variant_logits: Any) -> tuple[Any, Any]:
+    """Per position, KL(p_reference || p_variant) of the next-token distributions (softmax of the full logits), as
+    `llama-perplexity --kl-divergence` scores them, and whether the two top tokens agree. In blocks of DIVERGENCE_ROWS
+    positions: float64 rows of a 152k vocabulary are 1.2 MB each, and a block needs a few copies."""
+    import numpy as np
+
+    klds, agreements = [], []
+    for start in range(0, len(reference_logits), DIVERGENCE_ROWS):
+        reference = log_softmax(reference_logits[start:start + DIVERGENCE_ROWS])
+        variant = log_softmax(variant_logits[start:start + DIVERGENCE_ROWS])
+        klds.append(np.maximum((np.exp(reference) * (reference - variant)).sum(axis=-1), 0.0))
+        agreements.append(reference.argmax(axis=-1) == variant.argmax(axis=-1))
+    return np.concatenate(klds), np.concatenate(agreements)
+
+
+def quality(kld: Any, top1: Any, budget: dict | None) -> dict:
+    """The figures of one variant over every scored position, against its budget (None: reported, not gated)."""
+    import numpy as np
+
+    figures = {"tokens": int(len(kld)), "mean_kld": float(np.mean(kld)), "p99_kld": float(np.percentile(kld, 99)),
+               "top1": float(np.mean(top1))}
+    if budget is None:
+        return {**figures, "max_mean_kld": None, "min_top1": None, "ok": True}
+    return {**figures, **budget,
+            "ok": figures["mean_kld"] <= budget["max_mean_kld"] and figures["top1"] >= budget["min_top1"]}
+
+
+def token_stream(prompts: list[Prompt], tokenizer) -> list[list[int]]:
+    """What every variant is scored on: each verification prompt and probe as the bundle renders it, followed by the
+    bundle's answer to it."""
+    return [p.bundle_ids + (continuation_ids(tokenizer, p.bundle_answer) if p.bundle_answer else [])
+            for p in prompts]
+
+
+def text_chunks(text: str, tokenizer) -> list[list[int]]:
+    """A held-out text as the bundle's tokenizer splits it, in chunks of EVAL_CHUNK tokens (the last may be shorter;
+    one of a single token predicts nothing and is left out)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [ids[i:i + EVAL_CHUNK] for i in range(0, len(ids), EVAL_CHUNK) if len(ids[i:i + EVAL_CHUNK]) > 1]
+
+
+def sequence_logits(path: Path, stream: list[list[int]]) -> Iterator[Any]:
+    """llama.cpp's next-token logits at every position of each sequence of the stream, one sequence at a time (each
+    array is llama.cpp's own buffer, overwritten by the next sequence)."""
+    import llama_cpp
+
+    threads = machine_threads()
+    with plain_cpu_buffers(llama_cpp):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(len(s) for s in stream) + 8, n_threads=threads,
+                              n_threads_batch=threads, seed=0, logits_all=True, verbose=False)
+    try:
+        for ids in stream:
+            llm.reset()
+            llm.eval(ids)
+            yield llm.scores[:len(ids)]
+    finally:
+        llm.close()
+
+
+def reference_logits(path: Path, stream: list[list[int]], folder: Path) -> list:
+    """The 16-bit file's logits for the whole stream, kept in a memory-mapped file in folder rather than in memory
+    (2,000 positions over a 152k vocabulary are 1.2 GB of float32): one array per sequence."""
+    import numpy as np
+
+    total, rows, offset, sequences = sum(len(ids) for ids in stream), None, 0, []
+    for logits in sequence_logits(path, stream):
+        if rows is None:
+            rows = np.memmap(folder / "reference-logits.f32", dtype=np.float32, mode="w+",
+                             shape=(total, logits.shape[1]))
+        rows[offset:offset + len(logits)] = logits
+        sequences.append(rows[offset:offset + len(logits)])
+        offset += len(logits)
+    return sequences
+
+
+def measure(bundle: Path, reference: Path, variant: str, stream: list[list[int]], reference_rows: list,
+            budget: dict | None) -> dict:
+    """One quantized variant against the 16-bit GGUF on the same token stream, sequence by sequence."""
+    import numpy as np
+
+    scored = [divergence(r, v) for r, v in zip(reference_rows, sequence_logits(bundle / variant, stream), strict=True)]
+    return {"reference": reference.name, **quality(np.concatenate([k for k, _ in scored]),
+                                                   np.concatenate([t for _, t in scored]), budget)}
+
+
 def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: str, system: str | None,
                max_new_tokens: int, tokenizer, check) -> dict:
     """Load one GGUF in llama.cpp and answer every prompt greedily with its embedded chat template."""
@@ -288,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answers", type=Path, required=True,
                         help="JSON list of {prompt, answer} from the bundle, prompts then probes")
     parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--reference", type=Path,
+                        help="the 16-bit GGUF the quantized files are measured against (default: the bundle's)")
+    parser.add_argument("--budget", type=json.loads, default=None,
+                        help='JSON {type: {"max_mean_kld": x, "min_top1": y}}; without it the figures are reported')
+    parser.add_argument("--eval-text", type=Path, help="a text file scored too, in chunks of EVAL_CHUNK tokens")
     parser.add_argument("files", nargs="+", help="the GGUF files, relative to the bundle")
     args = parser.parse_args(argv)
 
@@ -313,6 +447,23 @@ def main(argv: list[str] | None = None) -> int:
         check.progress(f"gguf: loading {name} in llama.cpp")
         files.append(check_file(args.bundle, name, prompts, bundle_dtype=facts.dtype, system=facts.system_prompt,
                                 max_new_tokens=facts.verify_max_new_tokens, tokenizer=tokenizer, check=check))
+    sixteen_bit = [n for n in args.files if export_type(n) in SIXTEEN_BIT]
+    reference = args.reference or (args.bundle / sixteen_bit[0] if sixteen_bit else None)
+    quantized = [f for f in files if f["type"] in QUANTIZED]
+    if reference is not None and quantized:
+        check.progress(f"gguf: scoring {len(quantized)} quantized file(s) against {reference.name}")
+        stream = token_stream(prompts, tokenizer)
+        if args.eval_text is not None:
+            stream += text_chunks(args.eval_text.read_text(encoding="utf-8"), tokenizer)
+        with tempfile.TemporaryDirectory(prefix="modelpack-gguf-logits-") as folder:
+            reference_rows = reference_logits(reference, stream, Path(folder))
+            for entry in quantized:
+                budget = args.budget.get(entry["type"]) if args.budget is not None else None
+                entry["quality"] = measure(args.bundle, reference, entry["file"], stream, reference_rows, budget)
+                entry["ok"] = entry["ok"] and entry["quality"]["ok"]
+            del reference_rows  # the memory map, before its folder goes
+    for entry in files:
+        entry.update(contents(args.bundle / entry["file"]))
     report = {"ok": all(f["ok"] for f in files), "runtime": f"llama-cpp-python {metadata.version('llama_cpp_python')}",
               "threads": machine_threads(), "files": files}
     args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
