@@ -5,6 +5,7 @@ are refused with nothing written; credentials come from a docker config; skopeo 
 from __future__ import annotations
 
 import base64
+import fcntl
 import http.server
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -80,11 +82,30 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Debian's packages for a real registry and an independent reader of it.
+DEBIAN_PACKAGES = ["docker-registry", "skopeo"]
+
+
+def debian_tool(program: str) -> str:
+    """The path of one of DEBIAN_PACKAGES' programs, installed with apt-get on first use where the tests run as root
+    (as CI does), the way the test venvs are made on first use; elsewhere it must be installed already."""
+    found = shutil.which(program)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        with open(Path(tempfile.gettempdir()) / "modelpack-test-apt.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for one installer
+            if shutil.which(program) is None:
+                quiet = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *DEBIAN_PACKAGES]):
+                    subprocess.run(command, env=quiet, capture_output=True, timeout=900)
+        found = shutil.which(program)
+    if found is None:
+        environment_unavailable(f"{program} is not installed (apt-get install -y {' '.join(DEBIAN_PACKAGES)})")
+    return found
+
+
 def _start_registry(folder: Path, *, htpasswd: Path | None = None):
     """docker-registry on a free loopback port with a filesystem store in folder; (Registry, process)."""
-    program = shutil.which("docker-registry")
-    if program is None:
-        environment_unavailable("docker-registry is not installed (apt-get install -y docker-registry skopeo)")
+    program = debian_tool("docker-registry")
     folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     auth = f"auth:\n  htpasswd:\n    realm: modelpack-test\n    path: {htpasswd}\n" if htpasswd else ""
@@ -334,9 +355,7 @@ def test_a_credential_helper_answers_for_its_registry(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ an independent reader
 
 def test_skopeo_sees_the_artifact_type_the_config_and_one_layer_per_file(registry, bundle, tmp_path):
-    skopeo = shutil.which("skopeo")
-    if skopeo is None:
-        environment_unavailable("skopeo is not installed (apt-get install -y docker-registry skopeo)")
+    skopeo = debian_tool("skopeo")
     pushed = _push(bundle, f"{registry.host}/models/tiny-med:v1")
     raw = subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false",
                           f"docker://{registry.host}/models/tiny-med:v1"], capture_output=True, check=True).stdout
