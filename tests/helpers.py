@@ -469,3 +469,29 @@ def cached_venv(label: str, key: list, pip_steps: list[list[str]]) -> str:
                     pytest.fail(f"creating the {label} venv failed:\n{output[-4000:]}")
             complete.write_text(output)
     return str(python)
+
+
+def valid_output(name: str, text: str) -> dict:
+    """A --json output, parsed and validated against schemas/NAME.schema.json."""
+    import jsonschema
+
+    output = json.loads(text)
+    schema_file = Path(__file__).resolve().parents[1] / "schemas" / f"{name}.schema.json"
+    schema = json.loads(schema_file.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(schema).validate(output)
+    return output
+
+
+def signing_key_pair(folder: Path) -> tuple[Path, Path]:
+    """An elliptic-curve key pair in PEM files in folder (made here), for `sign` and `verify --public-key`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / "private.pem", folder / "public.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public

@@ -20,21 +20,13 @@ from builder.build import build_bundle, plan_from_spec, run_file_path
 from builder.cli import app
 from builder.json_outputs import output_schemas
 from builder.manifest import find_machine_paths, machine_paths
-from helpers import tree_snapshot, write_spec
+from helpers import tree_snapshot, valid_output, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def valid(name: str, text: str) -> dict:
-    """A --json output, parsed and validated against schemas/NAME.schema.json."""
-    output = json.loads(text)
-    schema = json.loads((REPO / "schemas" / f"{name}.schema.json").read_text(encoding="utf-8"))
-    jsonschema.Draft202012Validator(schema).validate(output)
-    return output
 
 
 def test_the_committed_schemas_match_the_outputs_shapes():
@@ -84,7 +76,7 @@ def built(spec):
 
 
 def test_build_json_names_the_check_that_did_not_run_and_keeps_the_runs_figures_beside_the_bundle(built, spec):
-    output = valid("build", built.stdout)
+    output = valid_output("build", built.stdout)
     bundle = spec.parent / "dist" / "first"
     assert output["ok"] and output["verified"] and output["not_run"] == ["gguf"]
     assert output["run_file"] == str(run_file_path(bundle)) == str(bundle.parent / "first.run.json")
@@ -115,10 +107,10 @@ def test_strict_fails_a_build_and_a_verify_with_a_check_that_did_not_run(spec, b
     result = run("verify", bundle, "--python", _verify_python(spec), "--strict", "--json")
     assert result.exit_code == 3, result.output
     assert "gguf did not run" in result.output
-    assert valid("verify", result.stdout)["skipped"][0]["check"] == "gguf"
+    assert valid_output("verify", result.stdout)["skipped"][0]["check"] == "gguf"
     result = run("verify", bundle, "--python", _verify_python(spec), "--json")
     assert result.exit_code == 0, result.output
-    assert valid("verify", result.stdout)["not_run"] == ["gguf"]
+    assert valid_output("verify", result.stdout)["not_run"] == ["gguf"]
 
 
 def _verify_python(spec: Path) -> str:
@@ -139,7 +131,7 @@ def test_two_builds_into_differently_named_folders_are_byte_identical(spec, buil
 def test_a_device_that_is_none_is_refused_before_any_work(spec, device, tmp_path):
     result = run("build", spec, "--device", device, "--dry-run", "--json")
     assert result.exit_code == 2, result.output
-    assert valid("error", result.stdout)["error"].startswith(f"--device {device!r} is not a device")
+    assert valid_output("error", result.stdout)["error"].startswith(f"--device {device!r} is not a device")
     assert run("verify", tmp_path, "--device", device).exit_code == 2
     written = write_spec(tmp_path, *_sources_of(spec), verify={"device": device})
     assert run("validate", written).exit_code == 2
@@ -158,25 +150,25 @@ def test_every_device_load_py_takes_is_accepted(spec, device):
 
 
 def test_every_light_commands_json_validates(spec, sources, tmp_path):
-    version = valid("version", run("--version", "--json").stdout)
+    version = valid_output("version", run("--version", "--json").stdout)
     assert version["schema_version"] == 1
-    assert valid("validate", run("validate", spec, "--json").stdout)["ok"]
-    plan = valid("build-plan", run("build", spec, "--dry-run", "--json").stdout)
+    assert valid_output("validate", run("validate", spec, "--json").stdout)["ok"]
+    plan = valid_output("build-plan", run("build", spec, "--dry-run", "--json").stdout)
     assert plan["verification"]["checks"] == ["integrity", "serving", "equivalence", "answers", "gguf"]
     base, adapter = sources
-    assert valid("inspect", run("inspect", base, "--json").stdout)["kind"] == "base model"
-    assert valid("inspect", run("inspect", adapter, "--json").stdout)["kind"] == "adapter checkpoint"
+    assert valid_output("inspect", run("inspect", base, "--json").stdout)["kind"] == "base model"
+    assert valid_output("inspect", run("inspect", adapter, "--json").stdout)["kind"] == "adapter checkpoint"
     trainer = tmp_path / "run"
     (trainer / "checkpoint-5").mkdir(parents=True)
     for file in adapter.iterdir():
         if file.is_file():
             (trainer / "checkpoint-5" / file.name).write_bytes(file.read_bytes())
-    found = valid("inspect", run("inspect", trainer, "--json").stdout)
+    found = valid_output("inspect", run("inspect", trainer, "--json").stdout)
     assert found["chosen_checkpoint"] == {"name": "checkpoint-5", "rule": "only", "reason": "the only checkpoint"}
     drafted = run("init", trainer / "checkpoint-5", "--base", base, "-o", tmp_path / "drafted.yaml", "--json")
-    assert valid("init", drafted.stdout)["checkpoint"]["rule"] == "given", drafted.output
+    assert valid_output("init", drafted.stdout)["checkpoint"]["rule"] == "given", drafted.output
     missing = run("validate", tmp_path / "missing.yaml", "--json")
-    assert missing.exit_code == 2 and valid("error", missing.stdout)["exit_code"] == 2
+    assert missing.exit_code == 2 and valid_output("error", missing.stdout)["exit_code"] == 2
 
 
 def test_inspect_and_sign_of_a_bundle_validate(built, spec, tmp_path):
@@ -184,7 +176,7 @@ def test_inspect_and_sign_of_a_bundle_validate(built, spec, tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     bundle = spec.parent / "dist" / "first"
-    found = valid("inspect", run("inspect", bundle, "--json").stdout)
+    found = valid_output("inspect", run("inspect", bundle, "--json").stdout)
     assert found["bundle"]["files"] == len(json.loads((bundle / "manifest.json").read_text())["files"])
     card = (bundle / "README.md").read_text(encoding="utf-8")
     assert f"Files listed in manifest.json and checked against it: {found['bundle']['files']}." in card
@@ -199,7 +191,7 @@ def test_inspect_and_sign_of_a_bundle_validate(built, spec, tmp_path):
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     signed = run("sign", copy, "--key", key, "--json")
     assert signed.exit_code == 0, signed.output
-    assert valid("sign", signed.stdout)["digest"] == json.loads(built.stdout)["digest"]
+    assert valid_output("sign", signed.stdout)["digest"] == json.loads(built.stdout)["digest"]
 
 
 # ------------------------------------------------------------------------------ paths of the build machine

@@ -21,7 +21,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
 import pytest
 from typer.testing import CliRunner
 
@@ -45,7 +44,7 @@ from builder.model_artifact import (
 )
 from builder.registry import Credentials, RegistryClient, docker_credentials, parse_reference
 from builder.trust import bundle_digest
-from helpers import environment_unavailable, subprocess_env, tree_snapshot
+from helpers import environment_unavailable, signing_key_pair, subprocess_env, tree_snapshot, valid_output
 
 REPO = Path(__file__).resolve().parents[1]
 # model-spec v0.0.7's schema/config-schema.json, as its repository has it (commit 6440437b): the copy is exact.
@@ -55,13 +54,6 @@ USER, PASSWORD = "deployer", "s3cret-Pa55"
 
 def run(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def valid(name: str, text: str) -> dict:
-    output = json.loads(text)
-    schema = json.loads((REPO / "schemas" / f"{name}.schema.json").read_text(encoding="utf-8"))
-    jsonschema.Draft202012Validator(schema).validate(output)
-    return output
 
 
 # ------------------------------------------------------------------------------ the registry
@@ -164,7 +156,7 @@ def no_docker_config(tmp_path, monkeypatch):
 def _push(bundle: Path, reference: str) -> dict:
     result = run("push", bundle, reference, "--plain-http", "--quiet", "--json")
     assert result.exit_code == 0, result.output
-    return valid("push", result.stdout)
+    return valid_output("push", result.stdout)
 
 
 # ------------------------------------------------------------------------------ round trip
@@ -182,7 +174,7 @@ def test_a_pushed_bundle_pulls_back_by_digest_byte_identical_and_proved(registry
     dest = tmp_path / "deployed" / "qwen-tiny-med"
     result = run("pull", pushed["artifact"], dest, "--plain-http", "--json")
     assert result.exit_code == 0, result.output
-    pulled = valid("pull", result.stdout)
+    pulled = valid_output("pull", result.stdout)
     assert pulled["anchor"] == "artifact digest" and pulled["warnings"] == []
     assert pulled["bundle_digest"] == pushed["bundle_digest"] and pulled["files"] == len(files)
     assert tree_snapshot(dest) == tree_snapshot(bundle)
@@ -215,9 +207,9 @@ def test_a_pull_by_tag_proves_integrity_only_unless_given_the_bundle_digest(regi
     result = run("pull", f"{registry.host}/models/tiny-med:v1", tmp_path / "b", "--plain-http",
                  "--digest", pushed["bundle_digest"], "--json")
     assert result.exit_code == 0, result.output
-    assert valid("pull", result.stdout)["anchor"] == "bundle digest"
+    assert valid_output("pull", result.stdout)["anchor"] == "bundle digest"
     chunked = run("push", bundle, f"{registry.host}/models/chunked:v1", "--plain-http", "--chunk-mb", "1", "--json")
-    assert chunked.exit_code == 0 and valid("push", chunked.stdout)["digest"] == pushed["digest"], chunked.output
+    assert chunked.exit_code == 0 and valid_output("push", chunked.stdout)["digest"] == pushed["digest"], chunked.output
 
 
 def test_a_wrong_digest_is_refused_with_nothing_written(registry, bundle, tmp_path):
@@ -226,31 +218,17 @@ def test_a_wrong_digest_is_refused_with_nothing_written(registry, bundle, tmp_pa
     dest = tmp_path / "dest"
     result = run("pull", f"{registry.host}/models/tiny-med:v1", dest, "--plain-http", "--digest", other, "--json")
     assert result.exit_code == 3, result.output
-    assert valid("error", result.stdout)["error"].count(other) == 1 and pushed["bundle_digest"] in result.output
+    assert valid_output("error", result.stdout)["error"].count(other) == 1 and pushed["bundle_digest"] in result.output
     result = run("pull", f"{registry.host}/models/tiny-med@{other}", dest, "--plain-http")
     assert result.exit_code == 2 and "has no manifest" in result.output, result.output
     assert not dest.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".dest")]
 
 
-def _key_pair(folder: Path) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir()
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / "private.pem", folder / "public.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
-
-
 def test_a_signed_bundle_pulls_proved_by_the_senders_key_and_is_refused_with_another(registry, bundle, tmp_path):
     signed = tmp_path / "signed" / bundle.name
     shutil.copytree(bundle, signed)
-    private, public = _key_pair(tmp_path / "keys")
-    _, stranger = _key_pair(tmp_path / "stranger")
+    private, public = signing_key_pair(tmp_path / "keys")
+    _, stranger = signing_key_pair(tmp_path / "stranger")
     assert run("sign", signed, "--key", private).exit_code == 0
     pushed = _push(signed, f"{registry.host}/models/tiny-med:signed")
     result = run("pull", f"{registry.host}/models/tiny-med:signed", tmp_path / "other", "--plain-http",
@@ -260,7 +238,7 @@ def test_a_signed_bundle_pulls_proved_by_the_senders_key_and_is_refused_with_ano
     result = run("pull", f"{registry.host}/models/tiny-med:signed", tmp_path / "ok", "--plain-http",
                  "--public-key", public, "--json")
     assert result.exit_code == 0, result.output
-    assert valid("pull", result.stdout)["anchor"] == "signature" and pushed["layers"] == len(
+    assert valid_output("pull", result.stdout)["anchor"] == "signature" and pushed["layers"] == len(
         json.loads((bundle / MANIFEST).read_text())["files"]) + 2  # the signature travels inside the artifact
     assert tree_snapshot(tmp_path / "ok") == tree_snapshot(signed)
 
@@ -286,7 +264,7 @@ def test_errors_for_an_unreachable_registry_a_missing_tag_and_a_bad_reference(re
     result = run("pull", f"{closed}/models/x:v1", tmp_path / "x", "--plain-http")
     assert result.exit_code == 2 and f"cannot reach the registry {closed}" in result.output
     result = run("pull", f"{registry.host}/models/nothing:v9", tmp_path / "x", "--plain-http", "--json")
-    assert result.exit_code == 2 and "has no tag v9" in valid("error", result.stdout)["error"]
+    assert result.exit_code == 2 and "has no tag v9" in valid_output("error", result.stdout)["error"]
     result = run("pull", f"{registry.host}/models/nothing:v9", tmp_path / "x")
     assert result.exit_code == 2 and "--plain-http" in result.output  # TLS to a plain registry says the fix
     assert run("push", bundle, "models/x:v1").exit_code == 2  # no registry host
@@ -326,7 +304,7 @@ def test_credentials_from_a_docker_config_in_home_authenticate_and_are_never_pri
             "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}}}))
         pushed = run("push", bundle, reference, "--plain-http", "--json")
         assert pushed.exit_code == 0, pushed.output
-        artifact = valid("push", pushed.stdout)["artifact"]
+        artifact = valid_output("push", pushed.stdout)["artifact"]
         pulled = run("pull", artifact, tmp_path / "pulled", "--plain-http")
         assert pulled.exit_code == 0, pulled.output
         assert tree_snapshot(tmp_path / "pulled") == tree_snapshot(bundle)

@@ -18,7 +18,7 @@ from builder.errors import VerificationError
 from builder.manifest import write_manifest
 from builder.trust import BUNDLE_RUNTIME, DIGEST_PLACEHOLDER, bundle_digest, check_integrity, code_files, seal
 from builder.verify import verify_bundle
-from helpers import RUNTIME, assert_user_error, import_file, write_spec
+from helpers import RUNTIME, assert_user_error, import_file, signing_key_pair, write_spec
 
 # A tampered load.py that would leave this file behind if it ever ran (at import, before anything else).
 MARKER = "tampered-load-py-ran"
@@ -237,24 +237,10 @@ def test_model_code_runs_only_with_trust_remote_code(bundle, tmp_path):
         "files"]["modeling_extra.py"]["sha256"]}
 
 
-def _key_pair(folder: Path) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir()
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / "private.pem", folder / "public.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
-
-
 def test_a_signed_bundle_verifies_with_the_senders_key_and_not_after_tampering(bundle, tmp_path):
     pytest.importorskip("model_signing")
-    private, public = _key_pair(tmp_path / "sender")
-    _, stranger = _key_pair(tmp_path / "stranger")
+    private, public = signing_key_pair(tmp_path / "sender")
+    _, stranger = signing_key_pair(tmp_path / "stranger")
     signed = run("sign", bundle, "--key", private)
     assert signed.exit_code == 0, signed.output
     assert (bundle / "model.sig").is_file()
@@ -355,7 +341,7 @@ def test_a_sources_table_of_another_shape_is_refused_once_the_digest_proved_it(b
 @pytest.mark.parametrize("signature", [b"", b"{", b"x" * 100, b'{"mediaType": 3}'])
 def test_a_truncated_or_foreign_signature_fails_the_check(bundle, tmp_path, signature):
     pytest.importorskip("model_signing")
-    _, public = _key_pair(tmp_path / "sender")
+    _, public = signing_key_pair(tmp_path / "sender")
     (bundle / "model.sig").write_bytes(signature)
     assert_user_error(run("verify", bundle, "--public-key", public), 3, "signature check with")
 
