@@ -19,7 +19,7 @@ from builder.card import render_card
 from builder.chat import ChatFacts, read_chat_facts
 from builder.errors import SourceError, VerificationError
 from builder.formatting import dump_json
-from builder.gguf_facts import DEFAULT_MAX_MEAN_KLD, QUANTIZED_TYPES, gguf_path, source_gguf_type
+from builder.gguf_facts import QUANTIZED_TYPES, gguf_path, source_gguf_type
 from builder.manifest import bundle_files, find_machine_paths, machine_paths, sha256_file, write_manifest
 from builder.plan import BuildPlan, plan_build
 from builder.refusals import require_merge_device
@@ -33,7 +33,7 @@ from builder.render import (
 )
 from builder.report import VerificationReport, bundle_record, failure_message, skipped_failure
 from builder.sources import read_adapter_checkpoint, read_base_model, read_tokenizer_folder, require_text_path
-from builder.spec import Spec, VerifySpec, load_spec
+from builder.spec import VerifySpec, load_spec
 from builder.staging import check_output_location, publish, staged_output
 from builder.subprocesses import verifying_python
 from builder.trust import seal
@@ -257,7 +257,6 @@ def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | Non
         staged=True,
         serving=serving,
         gguf_reference=gguf_reference,
-        gguf_budget=gguf_budget(spec),
         gguf_eval_text=spec.export.gguf.eval_text if spec.export.gguf is not None else None,
         progress=progress,
     )
@@ -265,15 +264,6 @@ def _verify(plan: BuildPlan, staging: Path, manifest: dict, *, device: str | Non
     if message:
         raise VerificationError(message, report=verification)
     return verification
-
-
-def gguf_budget(spec: Spec) -> dict | None:
-    """export.gguf.budget per quantized type listed, modelpack's default mean KLD where the spec names none."""
-    if spec.export.gguf is None:
-        return None
-    budget = spec.export.gguf.budget
-    return {t: {"max_mean_kld": budget.max_mean_kld.get(t, DEFAULT_MAX_MEAN_KLD[t]), "min_top1": budget.min_top1}
-            for t in spec.export.gguf.types if t in DEFAULT_MAX_MEAN_KLD}
 
 
 def _finalise(plan: BuildPlan, staging: Path, context: RenderContext, provenance: dict, manifest: dict,

@@ -124,7 +124,8 @@ class GgufVariantRow:
     top1: str  # "93.1%"
     tokens: str
     budget: str  # "mean KLD <= 0.02, top-1 >= 0.0%", or "reported, not gated"
-    verdict: str
+    expectations: str  # gguf_expectations, with "(required)" where they fail the file
+    verdict: str  # within its budget; "" where not measured
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class GgufSection:
     partings: list[GgufParting]
     variants: list[GgufVariantRow]
     reference: str | None  # the 16-bit GGUF the quantized files were measured against
+    reference_made: bool  # made from the bundle's weights for the measurement, not one of its files
     few_positions: int | None  # the fewest positions a variant was scored on, when under FEW_POSITIONS
 
 
@@ -414,11 +416,12 @@ def gguf_section(gguf: GgufCheck) -> GgufSection:
     partings = [GgufParting(f["file"], a["prompt"], a["answer"], a["difference"]["position"],
                             parting_score(a["difference"]))
                 for f in gguf["files"] for a in f["answers"] if a["difference"] is not None]
-    measured = [f["quality"] for f in gguf["files"] if "quality" in f]
-    fewest = min((q["tokens"] for q in measured), default=None)
+    measured = [f for f in gguf["files"] if "tokens" in f]
+    fewest = min((f["tokens"] for f in measured), default=None)
+    reference = measured[0].get("reference") if measured else None
     return GgufSection(gguf["runtime"], gguf["threads"], rows, partings,
-                       [gguf_variant_row(f) for f in gguf["files"] if "bytes" in f],
-                       measured[0]["reference"] if measured else None,
+                       [gguf_variant_row(f) for f in gguf["files"] if "bytes" in f], reference,
+                       reference is not None and all(f["file"].rsplit("/", 1)[-1] != reference for f in gguf["files"]),
                        fewest if fewest is not None and fewest < FEW_POSITIONS else None)
 
 
@@ -428,20 +431,22 @@ FEW_POSITIONS = 2000
 
 
 def gguf_variant_row(file: GgufFile) -> GgufVariantRow:
-    mix = ", ".join(f"{name} {100 * t['share']:.0f}% ({t['tensors']} tensors)"
-                    for name, t in file.get("tensor_types", {}).items())
-    quality = file.get("quality")
-    if quality is None:
+    shares = file.get("weight_shares", {})
+    mix = ", ".join(f"{name} {100 * shares.get(name, 0):.0f}% ({count} tensors)"
+                    for name, count in file.get("tensor_types", {}).items())
+    if "tokens" not in file:
         figures = ("", "", "", "", "")
     else:
-        gated = quality["max_mean_kld"] is not None
-        figures = (f"{quality['mean_kld']:.4g}", f"{quality['p99_kld']:.4g}", f"{100 * quality['top1']:.1f}%",
-                   str(quality["tokens"]),
-                   f"mean KLD <= {quality['max_mean_kld']:.4g}, top-1 >= {100 * (quality['min_top1'] or 0):.1f}%"
-                   if gated else "reported, not gated")
+        budget = file.get("budget")
+        figures = (f"{file.get('mean_kld', 0):.4g}", f"{file.get('p99_kld', 0):.4g}",
+                   f"{100 * file.get('top1', 0):.1f}%", str(file["tokens"]),
+                   f"mean KLD <= {budget['max_mean_kld']:.4g}, top-1 >= {100 * budget['min_top1']:.1f}%"
+                   if budget is not None else "reported, not gated")
+    required = " (required)" if file.get("expectations_required", True) else ""
     return GgufVariantRow(file["file"], f"{file.get('bytes', 0) / 1e6:.1f} MB",
                           f"{file.get('bits_per_weight', 0):.2f}", mix, *figures,
-                          verdict=check_verdict(quality["ok"]) if quality is not None else "")
+                          expectations=gguf_expectations(file) + required,
+                          verdict=check_verdict(file.get("within_budget", True)) if "tokens" in file else "")
 
 
 def parting_score(part: AnswerParting) -> PartingScore | None:

@@ -227,6 +227,8 @@ def verify(
     max_memory: Annotated[str | None, typer.Option(
         help='per-device limits when accelerate spreads the model, e.g. "0=20GiB,1=20GiB,cpu=64GiB"')] = None,
     report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
+    eval_text: Annotated[Path | None, typer.Option(
+        help="a held-out UTF-8 text, also scored when measuring the quantized GGUF files")] = None,
     vllm_python: VllmPython = None,
     vllm_tensor_parallel_size: VllmTensorParallelSize = None,
     strict: Strict = False,
@@ -249,7 +251,7 @@ def verify(
     console = _console(quiet)
     report = reverify_bundle(bundle, expected_digest=digest, public_key=public_key, trust_remote_code=trust_remote_code,
                              python=python, device=device, max_memory=max_memory, serving=serving,
-                             progress=console.say)
+                             gguf_eval_text=eval_text, progress=console.say)
     if report_path:
         try:
             report_path.write_text(dump_json(report), encoding="utf-8")

@@ -542,7 +542,7 @@ def add_sampling(writer: gguf.GGUFWriter, generation: dict) -> None:
             getattr(writer, method)(kind(value))
 
 
-def add_provenance(writer: gguf.GGUFWriter, plan: BuildPlan) -> None:
+def add_provenance(writer: gguf.GGUFWriter, *, plan: BuildPlan) -> None:
     """general.license, tags, languages and base_model.*, as the converter writes them from a model card
     (gguf.Metadata), from the spec's card section (the tags as the card's front matter lists them) and the base's Hub
     id: never a local path, which would name the build machine's folders."""
@@ -617,17 +617,36 @@ def gguf_model_name(name: str, arch: GgufArchitecture, vocabulary: GgufVocabular
 
 
 def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[str, Path]) -> None:
-    """Write one GGUF file per type (outputs: spec type -> path) from the weights and tokenizer already in `bundle`.
+    """Write one GGUF file per type (outputs: spec type -> path) from the weights and tokenizer already in `bundle`."""
+    write_gguf(bundle, outputs, name=plan.spec.name, locations=bundle_tensor_locations(plan, bundle),
+               chat_template=embedded_chat_template(chat, plan.base.generation_config),
+               end_of_turn_id=chat.end_of_turn_id, provenance=partial(add_provenance, plan=plan))
+
+
+def reference_gguf(bundle: Path, out: Path, gguf_type: str, *, name: str) -> None:
+    """The 16-bit GGUF of a received bundle's merged weights, which its quantized GGUF files are measured against when
+    it ships none: the same tensors and vocabulary as the build's (its logits are what matters), without the chat
+    template and card facts, which the measurement does not read. The weights are the bundle's top-level safetensors
+    files in name order (model.safetensors, or its numbered shards)."""
+    files = sorted(p for p in bundle.glob("*.safetensors") if p.is_file())
+    locations = [location for file in files for location in read_safetensors_header(file).values()]
+    write_gguf(bundle, {gguf_type: out}, name=name, locations=locations, chat_template=None, end_of_turn_id=None,
+               provenance=None)
+
+
+def write_gguf(bundle: Path, outputs: dict[str, Path], *, name: str, locations: list[TensorLocation],
+               chat_template: str | None, end_of_turn_id: int | None,
+               provenance: Callable[[gguf.GGUFWriter], None] | None) -> None:
+    """One GGUF file per type (outputs: spec type -> path) from the tensors at `locations` and the tokenizer and
+    configs in `bundle`.
 
     Every tensor's name, shape and type is declared first, so the header, metadata and tensor index are written
     before any data; then each tensor streams from the bundle's safetensors in row blocks.
     """
     config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))  # as shipped: untied, resized
     arch = gguf_architecture(config, bundle / "config.json")
-    locations = bundle_tensor_locations(plan, bundle)
     vocabulary = read_vocabulary(bundle, arch, config["vocab_size"])
     special = special_vocabulary(bundle, arch, vocabulary)
-    template = embedded_chat_template(chat, plan.base.generation_config)
     generation_file = bundle / "generation_config.json"  # the spec's generation settings over the base's
     generation = json.loads(generation_file.read_text(encoding="utf-8")) if generation_file.is_file() else {}
     for gguf_type, out in outputs.items():
@@ -636,12 +655,13 @@ def export_gguf(plan: BuildPlan, bundle: Path, chat: ChatFacts, outputs: dict[st
         writer = gguf.GGUFWriter(out, arch.name)
         try:
             writer.add_type(gguf.GGUFType.MODEL)
-            writer.add_name(gguf_model_name(plan.spec.name, arch, vocabulary))
-            add_provenance(writer, plan)
+            writer.add_name(gguf_model_name(name, arch, vocabulary))
+            if provenance is not None:
+                provenance(writer)
             add_sampling(writer, generation)
             add_model_parameters(writer, arch, config, file_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            add_tokenizer(writer, vocabulary, special, chat_template=template, end_of_turn_id=chat.end_of_turn_id)
+            add_tokenizer(writer, vocabulary, special, chat_template=chat_template, end_of_turn_id=end_of_turn_id)
             tensors = plan_gguf_tensors(arch, config, locations, qtype)
             for tensor in tensors:
                 writer.add_tensor_info(tensor.name, tensor.stored_shape, np.dtype(tensor.stored_dtype), tensor.nbytes,

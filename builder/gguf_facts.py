@@ -220,13 +220,47 @@ def gguf_path(name: str, gguf_type: str) -> str:
     return f"gguf/{name}-{gguf_type}.gguf"
 
 
+def gguf_file_type(name: str) -> str:
+    """The type of an exported GGUF file from its name, gguf/NAME-<type>.gguf (gguf_path)."""
+    return name.rsplit("/", 1)[-1].removesuffix(".gguf").rsplit("-", 1)[-1].lower()
+
+
 def source_gguf_type(types: list[str], bundle_dtype: str) -> str | None:
-    """The 16-bit GGUF llama.cpp's quantizer reads for the quantized types: the first 16-bit type listed, else the
-    bundle's own (bf16 for a bfloat16 bundle, f16 otherwise), made outside the bundle; None without quantized types."""
-    if not any(t in QUANTIZED_TYPES for t in types):
+    """The 16-bit GGUF llama.cpp's quantizer reads for its types and every quantized file (q8_0 too) is measured
+    against: the first 16-bit type listed, else the bundle's own (bf16 for a bfloat16 bundle, f16 otherwise), made
+    outside the bundle; None without quantized types."""
+    if not any(t in DEFAULT_MAX_MEAN_KLD for t in types):
         return None
     listed = [t for t in types if t in SIXTEEN_BIT_TYPES]
     return listed[0] if listed else ("bf16" if bundle_dtype == "bfloat16" else "f16")
+
+
+def variant_budgets(spec: Spec) -> dict[str, dict]:
+    """Each quantized GGUF type the spec lists -> its quality budget {max_mean_kld, min_top1, expectations}: the
+    type's own under export.gguf.budget.types, else the budget's value for every variant, else (mean KLD) modelpack's
+    default for the type. The bundle's facts carry it, so that `modelpack verify` gates the variants as the build
+    did."""
+    gguf = spec.export.gguf
+    if gguf is None:
+        return {}
+    budgets: dict[str, dict] = {}
+    overrides: dict[str, Any] = {str(t): budget for t, budget in gguf.budget.types.items()}
+    for gguf_type in gguf.types:
+        if gguf_type not in DEFAULT_MAX_MEAN_KLD:
+            continue
+        own = overrides.get(gguf_type)
+        budgets[gguf_type] = {
+            "max_mean_kld": _first(own and own.max_mean_kld, gguf.budget.max_mean_kld,
+                                   DEFAULT_MAX_MEAN_KLD[gguf_type]),
+            "min_top1": _first(own and own.min_top1, gguf.budget.min_top1),
+            "expectations": _first(own and own.expectations, gguf.budget.expectations),
+        }
+    return budgets
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is set (neither None nor a missing override)."""
+    return next(v for v in values if v is not None)
 
 
 def llama_cpp_installed() -> bool:

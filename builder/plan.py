@@ -19,7 +19,7 @@ from builder.adapter_match import TIED_HEAD, AdapterMatch, LoraDelta, TokenRows,
 from builder.chat import refuse_runaway_spec_template
 from builder.dtypes import FLOAT32, OUTPUT_DTYPES, Dtype
 from builder.errors import SourceError
-from builder.gguf_facts import estimated_gguf_bytes, refuse_unexportable
+from builder.gguf_facts import estimated_gguf_bytes, refuse_unexportable, source_gguf_type
 from builder.refusals import (
     refuse_chatless,
     refuse_oversized_tokenizer,
@@ -94,7 +94,9 @@ class BuildPlan:
     untie_embeddings: bool = False
     vocab_size: int | None = None
     warnings: tuple[str, ...] = field(default=())
-    gguf_bytes: int = 0  # a bound for the GGUF export's files (export.gguf)
+    # a bound for the GGUF export's files (export.gguf), and the 16-bit GGUF the quantized ones are made from when it
+    # is not shipped (written beside the bundle while it builds, on the same disk)
+    gguf_bytes: int = 0
     # As asked (output.merge_device, or build's --merge-device); weights.merge_device_for resolves it on this machine.
     merge_device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Separate mode with several adapters: the one adapter the bundle ships, their concatenation.
@@ -227,7 +229,7 @@ def plan_build(spec: Spec, base: BaseModelFolder, adapters: tuple[WeightedAdapte
         vocab_size=vocab_size,
         warnings=_warnings(base, adapters, untie=untie, concat=concat, tokenizer=tokenizer),
         gguf_bytes=sum(estimated_gguf_bytes([t.source.shape for t in tensors], gguf_type)
-                       for gguf_type in (spec.export.gguf.types if spec.export.gguf else [])),
+                       for gguf_type in gguf_files_made(spec, out_dtype.name)),
         merge_device=spec.output.merge_device,
         concatenation=concat,
         tokenizer=tokenizer,
@@ -324,3 +326,8 @@ def _dedupe(copies: list[FileCopy]) -> list[FileCopy]:
     return list(by_dest.values())
 
 
+def gguf_files_made(spec: Spec, bundle_dtype: str) -> list[str]:
+    """The GGUF types a build writes: those listed, and the 16-bit source of the quantized ones when not listed."""
+    types: list[str] = list(spec.export.gguf.types) if spec.export.gguf is not None else []
+    source = source_gguf_type(types, bundle_dtype)
+    return types + ([source] if source is not None and source not in types else [])

@@ -16,7 +16,7 @@ import builder
 from builder.adapter_compose import WeightedAdapter
 from builder.chat import ChatFacts
 from builder.formatting import dump_json
-from builder.gguf_facts import embedded_chat_template
+from builder.gguf_facts import embedded_chat_template, variant_budgets
 from builder.plan import BuildPlan
 from builder.remote_code import distribution_name, third_party_imports
 from builder.runtime.load import FACTS_FILE
@@ -43,6 +43,7 @@ RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "token
 FACT_FIELDS = (
     "name", "modelpack_version", "mode", "dtype", "trust_remote_code", "system_prompt", "has_chat_template",
     "end_of_turn_token", "verify_max_new_tokens", "prompts", "probes", "remote_code_files", "remote_code_imports",
+    "gguf_budget",
 )
 
 
@@ -97,6 +98,8 @@ class RenderContext:
     modelfile: str | None  # gguf/Modelfile, with a GGUF export
     # gguf/Modelfile.<type> for each GGUF type after the first (serving.variant_modelfile_name) -> its text
     variant_modelfiles: dict[str, str] = field(default_factory=dict)
+    # quantized GGUF type -> its quality budget (gguf_facts.variant_budgets), which every verification applies
+    gguf_budget: dict[str, dict] = field(default_factory=dict)
 
 
 def adapter_card_view(plan: BuildPlan, weighted: WeightedAdapter) -> AdapterCardView:
@@ -188,6 +191,7 @@ def build_context(plan: BuildPlan, *, generation: dict, chat: ChatFacts) -> Rend
         ollama=ollama,
         modelfile=modelfile,
         variant_modelfiles={variant_modelfile_name(t): text for t, text in list(modelfiles.items())[1:]},
+        gguf_budget=variant_budgets(spec),
     )
 
 

@@ -365,29 +365,47 @@ class VerifySpec(_Section):
         return value
 
 
+QuantizedGgufType = Literal["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0"]
+KldBudget = Annotated[float, Field(gt=0)]
+Top1Budget = Annotated[float, Field(ge=0, le=1)]
+
+
+class GgufTypeBudget(_Section):
+    """One quantized type's own budget: whatever it names replaces export.gguf.budget's value for that type."""
+
+    max_mean_kld: KldBudget | None = None
+    min_top1: Top1Budget | None = None
+    expectations: bool | None = None
+
+
 class GgufBudget(_Section):
-    """The quality budget of the quantized GGUF variants against the 16-bit GGUF (gguf_facts.DEFAULT_MAX_MEAN_KLD)."""
+    """The quality budget of the quantized GGUF variants against the 16-bit GGUF: one value for every variant, with
+    per-type overrides under `types` (expected divergence differs about six-fold between q6_k and q4_k_m)."""
 
-    max_mean_kld: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict, description=(
-        "Type -> the largest mean KL divergence KL(p_16bit || p_variant) allowed; a type not named gets modelpack's "
-        "default (q8_0 0.005, q6_k 0.02, q5_k_m 0.05, q5_0 0.06, q4_k_m 0.1, q4_0 0.15)."))
-    min_top1: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description=(
+    max_mean_kld: KldBudget | None = Field(default=None, description=(
+        "The largest mean KL divergence KL(p_16bit || p_variant) allowed, for every variant; default: modelpack's "
+        "per type (q8_0 0.005, q6_k 0.02, q5_k_m 0.05, q5_0 0.06, q4_k_m 0.1, q4_0 0.15)."))
+    min_top1: Top1Budget = Field(0.0, description=(
         "The smallest share of positions whose top token agrees with the 16-bit GGUF's, for every variant."))
+    expectations: bool = Field(False, description=(
+        "Require the spec's verification expectations of the quantized answers too (by default they are reported: "
+        "a quantized file rounds the weights, and a 4-bit answer may word things otherwise)."))
+    types: dict[QuantizedGgufType, GgufTypeBudget] = Field(default_factory=dict, description=(
+        "Per-type overrides, e.g. {q4_k_m: {max_mean_kld: 0.1}}."))
 
-    @field_validator("max_mean_kld")
+    @field_validator("max_mean_kld", mode="before")
     @classmethod
-    def _quantized_types(cls, value: dict[str, float]) -> dict[str, float]:
-        known = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0")
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"{', '.join(unknown)}: not a quantized GGUF type ({', '.join(known)})")
+    def _one_value(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            raise ValueError("one number for every variant; per-type budgets go under export.gguf.budget.types, "
+                             "e.g. types: {q4_k_m: {max_mean_kld: 0.1}}")
         return value
 
 
 class GgufExportSpec(_Section):
     """GGUF files for llama.cpp and Ollama, written into the bundle's gguf/ folder from the merged weights."""
 
-    types: Annotated[list[Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0"]],
+    types: Annotated[list[Literal["f16", "bf16"] | QuantizedGgufType],
                      Field(min_length=1)] = Field(
         description="One gguf/NAME-<type>.gguf per type; the first is the one gguf/Modelfile serves. "
         "q8_0 is quantized by llama.cpp's own gguf library; q6_k, q5_k_m, q4_k_m, q5_0 and q4_0 by llama.cpp's "
@@ -407,6 +425,14 @@ class GgufExportSpec(_Section):
         if repeated:
             raise ValueError(f"each GGUF type once: {', '.join(repeated)} is listed more than once")
         return value
+
+    @model_validator(mode="after")
+    def _budgets_of_listed_types(self) -> GgufExportSpec:
+        unlisted = [t for t in self.budget.types if t not in self.types]
+        if unlisted:
+            raise ValueError(f"budget.types names {', '.join(unlisted)}, which export.gguf.types does not list: list "
+                             "it or drop its budget")
+        return self
 
 
 class ExportSpec(_Section):

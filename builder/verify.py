@@ -6,6 +6,7 @@ import dataclasses
 import importlib.resources
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from builder.configs import adapter_config
 from builder.dtypes import BY_NAME
 from builder.errors import ModelpackError, VerificationError
 from builder.formatting import dump_json
+from builder.gguf_facts import gguf_file_type, gguf_path, source_gguf_type
 from builder.interrupts import interrupts_deferred, raise_if_interrupted
 from builder.manifest import read_manifest, sha256_file
 from builder.report import (
@@ -38,6 +40,7 @@ from builder.report import (
 from builder.runtime.bundle_check import PROGRESS_MARKER
 from builder.runtime.load import FACTS_FILE
 from builder.sources import read_json, shown_path
+from builder.spec import NAME_PATTERN
 from builder.subprocesses import describe_crash, die_with_parent, model_code_env, verifying_python
 from builder.trust import (
     DIGEST_PLACEHOLDER,
@@ -103,7 +106,7 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
                   compare_base: bool = False, max_memory: str | None = None, trust_remote_code: bool = False,
                   expected_digest: str | None = None, known_sha256: dict[str, str] | None = None, staged: bool = False,
                   serving: ServingStage | None = None, gguf_reference: Path | None = None,
-                  gguf_budget: dict | None = None, gguf_eval_text: Path | None = None,
+                  gguf_eval_text: Path | None = None,
                   progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """Check the bundle's files in this process, then run `load.py --verify` in a subprocess that cannot import
     modelpack, then its GGUF files in llama.cpp, then (with the sources) the equivalence check; return the report,
@@ -117,14 +120,13 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
     so the report records DIGEST_PLACEHOLDER, which trust.seal replaces with the final digest. The report is
     returned whether or not the checks passed; `failure_message` says what failed. serving: the serving stage
     (verify.serve), run after the other checks, or reported as not run with its reason. gguf_reference: the 16-bit
-    GGUF the quantized ones are measured against when the bundle ships none; gguf_budget: type -> {max_mean_kld,
-    min_top1} that fails a variant over it (without it the figures are reported); gguf_eval_text: a text file scored
-    too.
+    GGUF the quantized ones are measured against when the bundle ships none (each within the budget its facts give
+    its type); gguf_eval_text: a text file scored too.
     """
     python = verifying_python(python)
     steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=compare_base,
                    trust_remote_code=trust_remote_code, progress=progress, serving=serving,
-                   gguf_reference=gguf_reference, gguf_budget=gguf_budget, gguf_eval_text=gguf_eval_text)
+                   gguf_reference=gguf_reference, gguf_eval_text=gguf_eval_text)
     if staged:  # the build's own staging folder, written by this process: checked in place
         manifest = read_manifest(bundle)
         progress("checking every file against manifest.json")
@@ -138,14 +140,19 @@ def verify_bundle(bundle: Path, *, python: str | os.PathLike | None = None, devi
 def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_key: Path | None = None,
                     trust_remote_code: bool = False, python: str | os.PathLike | None = None, device: str = "auto",
                     max_memory: str | None = None, serving: ServingStage | None = None,
+                    gguf_eval_text: Path | None = None,
                     progress: Callable[[str], None] = lambda line: None) -> VerificationReport:
     """A received bundle, from a private snapshot of it: its signature (when a key is given), then the checks of
     verify_bundle against the sources manifest.json names when they are on this machine (else equivalence is
     reported as skipped, saying why). serving: the serving stage when the receiver gave a vLLM interpreter; without
-    one it is reported as not run where the bundle's own report shows the build served it."""
+    one it is reported as not run where the bundle's own report shows the build served it. gguf_eval_text: the
+    receiver's held-out text, scored too when measuring the quantized GGUF files (the build's is not shipped)."""
     python = verifying_python(python)
+    if gguf_eval_text is not None:
+        require_text_file(gguf_eval_text, option="--eval-text")
     steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=False,
-                   trust_remote_code=trust_remote_code, progress=progress, serving=serving)
+                   trust_remote_code=trust_remote_code, progress=progress, serving=serving,
+                   gguf_eval_text=gguf_eval_text)
     with received_snapshot(bundle, expected_digest=expected_digest, progress=progress) as snapshot:
         if public_key is not None:
             progress("checking the signature")
@@ -155,6 +162,18 @@ def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_
         sources, unavailable = recorded_sources(snapshot.manifest)
         return steps.run(snapshot.folder, snapshot.manifest, snapshot.integrity, snapshot.digest, sources,
                          unavailable or NO_SOURCES, snapshot=snapshot, origin=bundle)
+
+
+def require_text_file(path: Path, *, option: str) -> None:
+    """A text file the user names on the command line: readable UTF-8, else exit 2 naming it."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ModelpackError(f"{option} {shown_path(path)}: cannot read it ({exc.strerror}); name a UTF-8 text "
+                             "file") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelpackError(f"{option} {shown_path(path)}: not UTF-8 text (byte {exc.start}); name a UTF-8 text "
+                             "file") from exc
 
 
 @dataclass(frozen=True)
@@ -169,15 +188,13 @@ class _Steps:
     progress: Callable[[str], None]
     serving: ServingStage | None = None
     gguf_reference: Path | None = None
-    gguf_budget: dict | None = None
     gguf_eval_text: Path | None = None
 
     def _gguf_quality_options(self) -> tuple[str, ...]:
-        """gguf_check.py's options for measuring the quantized files (its --reference, --budget and --eval-text)."""
+        """gguf_check.py's options for measuring the quantized files (its --reference and --eval-text)."""
         reference = ("--reference", str(self.gguf_reference)) if self.gguf_reference is not None else ()
-        budget = ("--budget", json.dumps(self.gguf_budget)) if self.gguf_budget is not None else ()
         text = ("--eval-text", str(self.gguf_eval_text)) if self.gguf_eval_text is not None else ()
-        return (*reference, *budget, *text)
+        return (*reference, *text)
 
     def run(self, bundle: Path, manifest: dict, integrity: Integrity, digest: str, sources: ReferenceSources | None,
             sources_unavailable: str, *, snapshot: Snapshot | None = None,
@@ -263,6 +280,9 @@ def _check_gguf(bundle: Path, manifest: dict, answers: list[PromptResult], pytho
             f"run in llama.cpp; install it there with `python -m pip install '{llama_cpp_requirement()}'` (pip builds "
             "llama.cpp from source, several minutes) and verify again"
         ))]
+    if not any(part == "--reference" for part in quality):
+        reference = _measuring_reference(bundle, files, workdir, progress)
+        quality = (*quality, "--reference", str(reference)) if reference is not None else quality
     progress("gguf: answering the verification prompts in llama.cpp")
     answers_path = Path(workdir) / "gguf-answers.json"
     entries = [{"prompt": r["prompt"], "answer": r["answer"]} for r in answers]
@@ -291,6 +311,33 @@ def _check_equivalence(bundle: Path, sources: ReferenceSources, answer_logits: P
     _run(command + (["--compare-base"] if compare_base else []), workdir, equivalence_path, progress,
          what="the equivalence check could not load the bundle and its sources", pass_fds=pass_fds)
     return read_equivalence(json.loads(equivalence_path.read_text(encoding="utf-8")), python=python)
+
+
+def _measuring_reference(bundle: Path, files: list[str], workdir: str,
+                         progress: Callable[[str], None]) -> Path | None:
+    """The 16-bit GGUF that a received bundle's quantized GGUF files are measured against when it ships none, made
+    from its merged weights in the working folder as the build made it (gguf_export.reference_gguf); None when a
+    16-bit file is shipped or nothing is quantized."""
+    types = [gguf_file_type(name) for name in files]
+    facts = read_json(bundle / FACTS_FILE)
+    gguf_type = source_gguf_type(types, str(facts.get("dtype")))
+    if gguf_type is None or gguf_type in types:
+        return None
+    name = facts.get("name")
+    if not isinstance(name, str) or re.fullmatch(NAME_PATTERN, name) is None:
+        raise VerificationError(f"verification failed: {bundle.name}/{FACTS_FILE} names the bundle {name!r}, which "
+                                "is no bundle name modelpack writes")
+    # Imported here: the exporter's gguf and numpy serve this one step.
+    from builder.gguf_export import reference_gguf
+
+    out = Path(workdir) / Path(gguf_path(name, gguf_type)).name
+    progress(f"gguf: making {out.name} from the bundle's weights, to measure its quantized files against")
+    try:
+        reference_gguf(bundle, out, gguf_type, name=name)
+    except ModelpackError as exc:
+        raise VerificationError(f"verification failed: the bundle's quantized GGUF files cannot be measured: making "
+                                f"the 16-bit GGUF from its weights failed: {exc}") from exc
+    return out
 
 
 def gguf_files(manifest: dict) -> list[str]:

@@ -15,11 +15,21 @@ Produces, deterministically and offline (CPU, 2 threads):
                             learning is, thanks) with the medical adapter active and frozen, so the two compose:
                             ``specs/demo_two_adapters.yaml`` builds base + medical + general-chat.
 * ``demo/README.md``        what all this is.
+* ``demo/wide/``            a second base and medical adapter for quantized GGUF variants (``--wide`` below).
 
     python scripts/make_demo.py --general-chat-only
 
 retrains only ``demo/general-chat/`` on the committed base and medical adapter (and rewrites its README section),
 leaving their bytes alone: the full run is deterministic on one machine, not across CPUs.
+
+    python scripts/make_demo.py --wide
+
+writes ``demo/wide/`` only (nothing else in ``demo/`` is touched; the full run ends with it): a base whose every
+weight row is a multiple of 256 long (hidden 256, intermediate 768), so llama.cpp writes real k-quant blocks (Q6_K,
+Q5_K, Q4_K) instead of falling back to Q8_0 / Q5_0 as it does for ``demo/base``'s 128-long rows; the same tokenizer
+files as ``demo/base``; bfloat16 weights, as real bases ship; pre-trained on the corpus minus a held-out section,
+which is written as ``demo/wide/held-out.md`` (the text ``specs/demo_quantized.yaml`` measures its quantized GGUF
+variants on); and a medical adapter ``demo/wide/checkpoint-<N>/`` held to the same checks as the small one.
 
 ``demo/corpus.md`` is the committed copy of the seed tutorial
 (``/work/shared/seed/qwen_lora_medical_usage.md``); it is kept across runs and only
@@ -115,6 +125,19 @@ GENERAL_LORA = dict(r=4, lora_alpha=8)
 # Required worst-case teacher-forced logit margin (target logit minus best other logit)
 # of the bf16 merged model, so that bf16 rounding noise cannot flip a greedy token.
 BF16_MARGIN = 1.0
+# demo/wide/: the second base, for quantized GGUF variants. llama.cpp quantizes a tensor with a k-quant only when its
+# rows are a multiple of 256 long (QK_K) and falls back to a legacy type otherwise; every row here (hidden 256, the
+# kv projections' 256, ffn_down's 768) is. Same vocabulary as demo/base: the embedding rows are 256 long too.
+WIDE = DEMO / "wide"
+WIDE_MODEL = dict(MODEL, hidden_size=256, intermediate_size=768)
+WIDE_FAKE_BASE_PATH = "/home/Work/muyu_qwen/models/qwen/Qwen2-wide-demo"
+WIDE_FAKE_OUTPUT_DIR = "/home/Work/muyu_qwen/finetune/output_qwen2_wide_lora_medical"
+# The held-out section of the corpus (withheld from the wide base's pre-training): from the tutorial's note on the
+# fine-tuned answers to just before its closing chat tests; about 6,600 characters, 2,100 tokens of the demo tokenizer.
+HELD_OUT_FROM = "对于这条样本，虽然每次的回答都不一样"  # a paragraph (indented by em spaces) of its own
+HELD_OUT_UNTIL = "```python\n# 对话测试"
+TOKENIZER_FILES = ("chat_template.jinja", "merges.txt", "special_tokens_map.json", "tokenizer.json",
+                   "tokenizer_config.json", "vocab.json")
 
 
 def log(msg: str) -> None:
@@ -389,15 +412,17 @@ def base_chat_pairs(corpus: str, samples) -> list[tuple[str, str]]:
     return out
 
 
-def build_base(tok, corpus: str, samples, out: Path):
+def build_base(tok, corpus: str, samples, out: Path, *, dims: dict = MODEL, dtype: torch.dtype = torch.float32):
+    """Pre-train a Qwen2 base of ``dims`` on ``corpus`` and save it in ``dtype``; returns the model as saved (float32
+    values, rounded to ``dtype`` first), so an adapter is trained on the weights that ship."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     eot = tok.convert_tokens_to_ids(ENDOFTEXT)
     im_end = tok.convert_tokens_to_ids(IM_END)
     config = Qwen2Config(
         vocab_size=len(tok),
-        **MODEL,
-        max_window_layers=MODEL["num_hidden_layers"],
+        **dims,
+        max_window_layers=dims["num_hidden_layers"],
         tie_word_embeddings=True,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
@@ -457,15 +482,15 @@ def build_base(tok, corpus: str, samples, out: Path):
         f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}"
     )
 
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.to(dtype).save_pretrained(str(out), safe_serialization=True)
+    model.to(torch.float32)
     # transformers 4.x reads rope_theta / torch_dtype at the top level; v5 writes
     # rope_parameters / dtype.  Keep both.
     cpath = out / "config.json"
     cj = json.loads(cpath.read_text(encoding="utf-8"))
     cj["rope_theta"] = 10000.0
     cj.setdefault("rope_parameters", {"rope_theta": 10000.0, "rope_type": "default"})
-    cj["torch_dtype"] = "float32"
-    cj["dtype"] = "float32"
+    cj["torch_dtype"] = cj["dtype"] = str(dtype).removeprefix("torch.")
     cj["bos_token_id"] = eot
     cj["eos_token_id"] = im_end
     if cj.get("pad_token_id") is None:
@@ -664,7 +689,7 @@ def write_general_chat_section(results: dict) -> None:
 # --------------------------------------------------------------------------- checkpoint files
 
 
-def write_trainer_leftovers(ckpt: Path, opt, history, steps, n_examples):
+def write_trainer_leftovers(ckpt: Path, opt, history, steps, n_examples, *, output_dir: str = FAKE_OUTPUT_DIR):
     epochs = float(steps)  # one optimizer step per epoch: the 3 samples form one batch
     log_history = [
         {
@@ -720,7 +745,7 @@ def write_trainer_leftovers(ckpt: Path, opt, history, steps, n_examples):
     (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
     training_args = {
-        "output_dir": FAKE_OUTPUT_DIR,
+        "output_dir": output_dir,
         "per_device_train_batch_size": n_examples,
         "gradient_accumulation_steps": 1,
         "learning_rate": FINETUNE["lr"],
@@ -756,16 +781,16 @@ def write_trainer_leftovers(ckpt: Path, opt, history, steps, n_examples):
     )
 
 
-def fix_adapter_files(ckpt: Path):
+def fix_adapter_files(ckpt: Path, *, base_path: str = FAKE_BASE_PATH):
     acfg = ckpt / "adapter_config.json"
     cj = json.loads(acfg.read_text(encoding="utf-8"))
-    cj["base_model_name_or_path"] = FAKE_BASE_PATH
+    cj["base_model_name_or_path"] = base_path
     cj["target_modules"] = sorted(cj["target_modules"])  # peft writes a set: hash-seed dependent order
     acfg.write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     readme = ckpt / "README.md"
     if readme.exists():
         txt = readme.read_text(encoding="utf-8")
-        txt = re.sub(r"(?m)^base_model:.*$", f"base_model: {FAKE_BASE_PATH}", txt)
+        txt = re.sub(r"(?m)^base_model:.*$", f"base_model: {base_path}", txt)
         readme.write_text(txt, encoding="utf-8")
 
 
@@ -794,6 +819,29 @@ def verify_from_disk(base_dir: Path, ckpt: Path, samples):
     results["answers"] = [tok.decode(o, skip_special_tokens=True) for o in outs]
     results["base_answers"] = [tok.decode(o, skip_special_tokens=True) for o in base_outs]
     return results
+
+
+def checked_from_disk(base_dir: Path, ckpt: Path, samples) -> dict:
+    """verify_from_disk's results, or exit when the saved files miss an answer or the base alone has one."""
+    results = verify_from_disk(base_dir, ckpt, samples)
+    if not (results["peft"] and results["merged_fp32"] and results["merged_bf16"]):
+        sys.exit(f"reloaded bundle does not reproduce the answers: {results}")
+    if any(results["base_reproduces"]):
+        sys.exit(f"the base model alone already reproduces an answer: {results}")
+    return results
+
+
+def save_checkpoint(model, opt, history, steps: int, n_examples: int, ckpt: Path, *,
+                    base_path: str = FAKE_BASE_PATH, output_dir: str = FAKE_OUTPUT_DIR) -> None:
+    """The adapter as a Trainer checkpoint of the training machine: adapter files plus trainer leftovers."""
+    # as if the base had been loaded from the training machine's path
+    model.peft_config["default"].base_model_name_or_path = base_path
+    inner = model.get_base_model()
+    inner.name_or_path = base_path
+    inner.config._name_or_path = base_path
+    model.save_pretrained(str(ckpt), safe_serialization=True)
+    fix_adapter_files(ckpt, base_path=base_path)
+    write_trainer_leftovers(ckpt, opt, history, steps, n_examples, output_dir=output_dir)
 
 
 # --------------------------------------------------------------------------- README
@@ -872,10 +920,96 @@ System prompt (the first message of every training conversation): `{SYSTEM_PROMP
     (DEMO / "README.md").write_text(txt, encoding="utf-8")
 
 
+# --------------------------------------------------------------------------- demo/wide
+
+
+def split_held_out(corpus: str) -> tuple[str, str]:
+    """(held-out section, the rest): from the line of HELD_OUT_FROM up to HELD_OUT_UNTIL, cut out whole."""
+    found = corpus.find(HELD_OUT_FROM)
+    start = corpus.rfind("\n", 0, found) + 1
+    end = corpus.find(HELD_OUT_UNTIL, found)
+    if found < 0 or end < 0:
+        sys.exit(f"the held-out section ({HELD_OUT_FROM!r} .. {HELD_OUT_UNTIL!r}) is not in {CORPUS}")
+    return corpus[start:end], corpus[:start] + corpus[end:]
+
+
+def write_wide_readme(tok, base, steps: int, ckpt_name: str, n_lora: int, held_out: str, results: dict) -> None:
+    c = base.config
+    n_base = sum(p.numel() for p in base.parameters())
+    held_tokens = len(tok(held_out, add_special_tokens=False)["input_ids"])
+    txt = f"""# demo/wide/ — a base for quantized GGUF variants
+
+Generated by `python scripts/make_demo.py --wide` (deterministic, CPU, offline; about a minute on 2 cores), which
+writes this folder only. Built by `specs/demo_quantized.yaml` into q6_k and q4_k_m GGUF variants, each measured
+against the 16-bit GGUF.
+
+Why a second base: llama.cpp writes a k-quant (Q6_K, Q5_K, Q4_K) only for tensors whose rows are a multiple of 256
+long and falls back to a legacy type (Q8_0, Q5_0, ...) for the others; `../base/` has hidden size 128, so its
+k-quant files hold no k-quant blocks. Here every row is 256 or 768 long.
+
+| path | what |
+| --- | --- |
+| `base/` | `Qwen2ForCausalLM`, bfloat16 `model.safetensors` (as real bases ship), `config.json`, `generation_config.json`, and the tokenizer files of `../base/`, copied unchanged |
+| `held-out.md` | a section of `../corpus.md` ({len(held_out):,} characters, {held_tokens:,} tokens) left out of this base's pre-training: the text the quantized variants are scored on (`export.gguf.eval_text`) |
+| `{ckpt_name}/` | peft LoRA adapter trained {steps} steps on the three QA pairs of `../README.md` ({", ".join(SAMPLE_IDS)}), plus the same Trainer leftovers as `../{next(DEMO.glob("checkpoint-*")).name}/` |
+
+- Base: hidden_size {c.hidden_size}, intermediate_size {c.intermediate_size}, {c.num_hidden_layers} layers,
+  {c.num_attention_heads} attention heads, {c.num_key_value_heads} kv heads, vocab_size {c.vocab_size},
+  max_position_embeddings {c.max_position_embeddings}, tied embeddings, {n_base:,} parameters. Pre-trained like
+  `../base/` ({PRETRAIN['steps']} steps of {PRETRAIN['batch']}x{PRETRAIN['seq_len']} tokens, float32) on the corpus
+  without `held-out.md` plus the tutorial's other chat exchanges, then rounded to bfloat16; the adapter is trained on
+  the rounded weights.
+- Adapter: `LoraConfig(r={LORA['r']}, lora_alpha={LORA['lora_alpha']}, target_modules={LORA_TARGETS})`, {n_lora:,}
+  trainable parameters, `base_model_name_or_path` `{WIDE_FAKE_BASE_PATH}` (a path of the fictional training machine).
+  Greedy decoding through the chat template reproduces the three answers exactly, then `<|im_end|>`, for the peft
+  model, the merged float32 model and the merged model cast to bfloat16 (worst teacher-forced margin
+  {results['bf16_margin']:.2f}), checked after reloading the saved files; the base alone produces none of them.
+"""  # noqa: E501 (Markdown table rows cannot wrap)
+    (WIDE / "README.md").write_text(txt, encoding="utf-8")
+
+
+def make_wide() -> None:
+    """demo/wide/: base, held-out text, medical adapter and README; nothing else in demo/ is touched."""
+    t0 = time.time()
+    set_determinism()
+    corpus = load_corpus()
+    samples = extract_samples(corpus)
+    held_out, pretrain_text = split_held_out(corpus)
+    if WIDE.exists():
+        shutil.rmtree(WIDE)
+    base_dir = WIDE / "base"
+    base_dir.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(DEMO / "base" / name, base_dir / name)
+    (WIDE / "held-out.md").write_text(held_out, encoding="utf-8")
+    tok = check_tokenizer(base_dir, corpus)
+    examples = build_sft_examples(tok, samples)
+    log(f"held-out section: {len(held_out)} chars, {len(tok(held_out, add_special_tokens=False)['input_ids'])} tokens")
+
+    base, _ = build_base(tok, pretrain_text, samples, base_dir, dims=WIDE_MODEL, dtype=torch.bfloat16)
+    t1 = time.time()
+    log("training LoRA adapter:")
+    model, opt, history, steps, _ = train_adapter(base, tok, examples)
+    t2 = time.time()
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ckpt_name = f"checkpoint-{steps}"
+    save_checkpoint(model, opt, history, steps, len(examples), WIDE / ckpt_name,
+                    base_path=WIDE_FAKE_BASE_PATH, output_dir=WIDE_FAKE_OUTPUT_DIR)
+    results = checked_from_disk(base_dir, WIDE / ckpt_name, samples)
+    write_wide_readme(tok, base, steps, ckpt_name, n_lora, held_out, results)
+    log(f"time: base pre-train {t1 - t0:.1f}s, adapter {t2 - t1:.1f}s ({steps} steps), total {time.time() - t0:.1f}s")
+    log(f"  total demo/wide size: {sum(p.stat().st_size for p in WIDE.rglob('*') if p.is_file()) / 1e6:.2f} MB")
+    for s, a in zip(samples, results["answers"], strict=True):
+        log(f"[{s['id']}] A: {a}")
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--wide"]:
+        make_wide()
+        return
     if sys.argv[1:] == ["--general-chat-only"]:
         corpus = load_corpus()
         medical = next(DEMO.glob("checkpoint-*"))
@@ -911,20 +1045,8 @@ def main() -> None:
 
     ckpt_name = f"checkpoint-{steps}"
     ckpt = DEMO / ckpt_name
-    # as if the base had been loaded from the training machine's path
-    model.peft_config["default"].base_model_name_or_path = FAKE_BASE_PATH
-    inner = model.get_base_model()
-    inner.name_or_path = FAKE_BASE_PATH
-    inner.config._name_or_path = FAKE_BASE_PATH
-    model.save_pretrained(str(ckpt), safe_serialization=True)
-    fix_adapter_files(ckpt)
-    write_trainer_leftovers(ckpt, opt, history, steps, len(examples))
-
-    results = verify_from_disk(base_dir, ckpt, samples)
-    if not (results["peft"] and results["merged_fp32"] and results["merged_bf16"]):
-        sys.exit(f"reloaded bundle does not reproduce the answers: {results}")
-    if any(results["base_reproduces"]):
-        sys.exit(f"the base model alone already reproduces an answer: {results}")
+    save_checkpoint(model, opt, history, steps, len(examples), ckpt)
+    results = checked_from_disk(base_dir, ckpt, samples)
     write_readme(tok, base, samples, examples, steps, ckpt_name, n_base, n_lora, results)
     log("training the general-chat adapter on top of the medical one:")
     write_general_chat_section(train_general_chat(base_dir, ckpt, DEMO / GENERAL_CHAT, samples))
@@ -955,6 +1077,8 @@ def main() -> None:
         log(f"[{s['id']}] Q: {s['question']}")
         log(f"    A: {a}")
         log(f"    base alone: {b[:60]}...")
+    log("\n=== demo/wide ===")
+    make_wide()
 
 
 if __name__ == "__main__":

@@ -104,17 +104,19 @@ def test_the_rest_of_an_answer_is_tokenized_as_a_continuation(tmp_path):
     assert tokenizer.convert_ids_to_tokens(gguf_check.continuation_ids(tokenizer, " 12")) == ["▁", "1", "2"]
 
 
-@pytest.mark.parametrize(("answer", "prompt_difference", "exact", "failures", "ok"), [
-    ("same", None, True, [], True),
-    ("other", None, True, [], False),  # bf16 of a bfloat16 bundle: must be the same
-    ("other", None, False, [], True),  # q8_0: reported, not failed
-    ("other", None, False, ["contains 'x'"], False),  # expectations hold for every type
-    ("same", {"position": 3, "bundle": "\n", "gguf": "\t"}, False, [], False),  # wrong tokens fail every type
+@pytest.mark.parametrize(("answer", "prompt_difference", "exact", "failures", "required", "ok"), [
+    ("same", None, True, [], True, True),
+    ("other", None, True, [], True, False),  # bf16 of a bfloat16 bundle: must be the same
+    ("other", None, False, [], False, True),  # q8_0: reported, not failed
+    ("other", None, True, ["contains 'x'"], True, False),  # a 16-bit file must meet the expectations
+    ("other", None, False, ["contains 'x'"], False, True),  # a quantized one's are reported by default...
+    ("other", None, False, ["contains 'x'"], True, False),  # ...and required when its budget says so
+    ("same", {"position": 3, "bundle": "\n", "gguf": "\t"}, False, [], False, False),  # wrong tokens fail every type
 ])
-def test_a_gguf_answer_is_judged_by_its_type(answer, prompt_difference, exact, failures, ok):
+def test_a_gguf_answer_is_judged_by_its_type(answer, prompt_difference, exact, failures, required, ok):
     prompt = gguf_check.Prompt("q", [1, 2, 3, 4], "same", {})
     result = gguf_check.judge(prompt, answer=answer, prompt_difference=prompt_difference, answer_difference=None,
-                              exact=exact, failures=failures)
+                              exact=exact, failures=failures, expectations_required=required)
     assert result["ok"] is ok and result["equal"] is (answer == "same")
 
 

@@ -12,9 +12,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
+from typer.testing import CliRunner
 
 from builder.build import build_bundle, plan_from_spec
+from builder.cli import app
 from builder.errors import SpecError, VerificationError
+from builder.gguf_facts import DEFAULT_MAX_MEAN_KLD, estimated_gguf_bytes, variant_budgets
+from builder.report import failure_message
+from builder.spec import load_spec
+from builder.verify import reverify_bundle
 from helpers import RUNTIME, import_file, make_adapter, make_base_model, tree_snapshot, write_spec
 
 sys.path.insert(0, str(RUNTIME))
@@ -79,19 +85,20 @@ def test_the_reported_contents_are_the_files(built):
         counts: dict[str, int] = {}
         for tensor in tensors:
             counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-        assert {k: v["tensors"] for k, v in entry["tensor_types"].items()} == counts
-        assert sum(v["share"] for v in entry["tensor_types"].values()) == pytest.approx(1, abs=1e-3)
+        assert entry["tensor_types"] == counts
+        assert entry["weight_shares"].keys() == counts.keys()
+        assert sum(entry["weight_shares"].values()) == pytest.approx(1, abs=1e-3)
 
 
 def test_each_variant_is_measured_against_the_16_bit_gguf(built):
     files = files_of(built)
     for entry in files.values():
-        quality = entry["quality"]
-        assert quality["reference"] == "tiny-med-bf16.gguf"
-        assert quality["tokens"] > 1000  # the prompts' and probes' few hundred, and the held-out text's
-        assert 0 < quality["mean_kld"] <= quality["max_mean_kld"]
-        assert quality["p99_kld"] >= quality["mean_kld"] and 0 <= quality["top1"] <= 1 and quality["ok"]
-    assert files["q6_k"]["quality"]["mean_kld"] < files["q4_k_m"]["quality"]["mean_kld"]
+        assert entry["reference"] == "tiny-med-bf16.gguf"
+        assert entry["tokens"] > 1000  # the prompts' and probes' few hundred, and the held-out text's
+        assert 0 < entry["mean_kld"] <= entry["budget"]["max_mean_kld"]
+        assert entry["p99_kld"] >= entry["mean_kld"] and 0 <= entry["top1"] <= 1
+        assert entry["within_budget"] and entry["ok"]
+    assert files["q6_k"]["mean_kld"] < files["q4_k_m"]["mean_kld"]
     card = (built.bundle / "README.md").read_text()
     assert "tiny-med-q4_k_m.gguf" in card and "mean KLD" in card and "fewer than 2,000" in card
 
@@ -111,7 +118,7 @@ def test_a_variant_over_its_budget_fails_the_build_and_leaves_the_bundle(built, 
     root, base, adapter = wide
     before = tree_snapshot(built.bundle)
     spec = write_spec(root, base, adapter, output={"dtype": "bfloat16"},
-                      export={"gguf": {"types": ["q4_0"], "budget": {"max_mean_kld": {"q4_0": 1e-9}}}},
+                      export={"gguf": {"types": ["q4_0"], "budget": {"max_mean_kld": 1e-9}}},
                       verify={"max_new_tokens": 4, "prompts": PROMPTS[:1]})
     with pytest.raises(VerificationError, match=r"tiny-med-q4_0.gguf: over its quality budget .*\(budget 1e-09\)"):
         build_bundle(plan_from_spec(spec), verify=True, device="cpu", force=True)
@@ -126,7 +133,7 @@ def test_rows_not_a_multiple_of_256_fall_back_and_the_report_says_so(tmp_path, m
     result = build_bundle(plan_from_spec(spec), verify=True, device="cpu")
     mix = files_of(result)["q6_k"]["tensor_types"]
     assert "Q6_K" not in mix and "Q8_0" in mix  # llama.cpp's Q6_K -> Q8_0 fallback for 64-wide rows
-    assert files_of(result)["q6_k"]["quality"]["reference"] == "tiny-med-bf16.gguf"  # the shipped one
+    assert files_of(result)["q6_k"]["reference"] == "tiny-med-bf16.gguf"  # the shipped one
 
 
 def test_without_llama_cpp_a_spec_asking_for_k_quants_is_refused(tmp_path, models, adapters, monkeypatch):
@@ -137,3 +144,110 @@ def test_without_llama_cpp_a_spec_asking_for_k_quants_is_refused(tmp_path, model
     monkeypatch.setattr(builder.gguf_facts, "llama_cpp_installed", lambda: False)
     with pytest.raises(SpecError, match=r"q4_k_m .*modelpack-lora\[gguf\]"):
         plan_from_spec(spec)
+
+
+def test_one_budget_for_every_variant_with_per_type_overrides(tmp_path, models, adapters):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), export={"gguf": {
+        "types": ["bf16", "q8_0", "q6_k", "q4_k_m"],
+        "budget": {"max_mean_kld": 0.03, "min_top1": 0.5,
+                   "types": {"q4_k_m": {"max_mean_kld": 0.2, "expectations": True}, "q8_0": {"min_top1": 0.9}}}}})
+    assert variant_budgets(load_spec(spec)) == {
+        "q8_0": {"max_mean_kld": 0.03, "min_top1": 0.9, "expectations": False},
+        "q6_k": {"max_mean_kld": 0.03, "min_top1": 0.5, "expectations": False},
+        "q4_k_m": {"max_mean_kld": 0.2, "min_top1": 0.5, "expectations": True},
+    }
+    spec = write_spec(tmp_path, base, adapters(base), export={"gguf": {"types": ["q6_k", "q4_0"]}})
+    assert variant_budgets(load_spec(spec)) == {  # modelpack's defaults, reported answers
+        "q6_k": {"max_mean_kld": DEFAULT_MAX_MEAN_KLD["q6_k"], "min_top1": 0.0, "expectations": False},
+        "q4_0": {"max_mean_kld": DEFAULT_MAX_MEAN_KLD["q4_0"], "min_top1": 0.0, "expectations": False},
+    }
+
+
+@pytest.mark.parametrize(("budget", "message"), [
+    ({"max_mean_kld": {"q4_k_m": 0.1}}, r"export\.gguf\.budget\.max_mean_kld.*per-type budgets go under "
+                                        r"export\.gguf\.budget\.types"),
+    ({"types": {"q4_0": {"max_mean_kld": 0.1}}}, r"budget\.types names q4_0, which export\.gguf\.types does not list"),
+    ({"types": {"bf16": {"max_mean_kld": 0.1}}}, r"export\.gguf\.budget\.types"),
+    ({"min_top1": 1.5}, r"export\.gguf\.budget\.min_top1"),
+    ({"types": {"q4_k_m": {"max_mean_kld": 0}}}, r"max_mean_kld"),
+])
+def test_a_budget_that_cannot_be_applied_is_refused_naming_the_key(tmp_path, models, adapters, budget, message):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), export={"gguf": {"types": ["q4_k_m"], "budget": budget}})
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec)
+
+
+def test_the_bundle_carries_each_variants_budget_for_its_receivers(built):
+    facts = json.loads((built.bundle / "modelpack_bundle.json").read_text())
+    assert facts["gguf_budget"] == {t: {"max_mean_kld": DEFAULT_MAX_MEAN_KLD[t], "min_top1": 0.0,
+                                        "expectations": False} for t in ("q6_k", "q4_k_m")}
+    for entry in files_of(built).values():
+        assert entry["budget"] == facts["gguf_budget"][entry["type"]]
+
+
+def test_the_16_bit_source_counts_in_the_disk_the_build_needs(tmp_path, models, adapters):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), output={"dtype": "bfloat16"},
+                      export={"gguf": {"types": ["q4_k_m"]}})
+    plan = plan_from_spec(spec)
+    shapes = [t.source.shape for s in plan.shards for t in s.tensors]
+    assert plan.gguf_bytes == estimated_gguf_bytes(shapes, "q4_k_m") + estimated_gguf_bytes(shapes, "bf16")
+
+
+def test_quantized_answers_are_held_to_the_expectations_only_when_the_budget_says_so(built, wide):
+    """The bundle meets an expectation that one quantized file's answer misses: reported by default, a failed build
+    (exit 3) with budget.expectations."""
+    root, base, adapter = wide
+    bundle_answers = {r["prompt"]: r["answer"] for r in built.verification["prompts"]}
+    gguf_type, prompt = next((f["type"], a["prompt"]) for f in built.verification["gguf"]["files"]
+                             for a in f["answers"] if a["prompt"] in bundle_answers and not a["equal"])
+    folder = root / "expectations"
+    folder.mkdir()
+    prompts = [{"prompt": prompt, "expect": {"equals": bundle_answers[prompt]}}]
+
+    def build(expectations: bool):
+        spec = write_spec(folder, base, adapter, output={"dtype": "bfloat16"},
+                          export={"gguf": {"types": [gguf_type], "budget": {"expectations": expectations}}},
+                          verify={"max_new_tokens": 8, "prompts": prompts})
+        return build_bundle(plan_from_spec(spec), verify=True, device="cpu", force=True)
+
+    reported = build(expectations=False)
+    (entry,) = reported.verification["gguf"]["files"]
+    assert entry["ok"] and not entry["expectations_required"] and entry["answers"][0]["failures"]
+    assert "missed (reported, not required)" in (reported.bundle / "README.md").read_text()
+    with pytest.raises(VerificationError, match=rf"gguf: gguf/tiny-med-{gguf_type}.gguf: prompt .*: expected "):
+        build(expectations=True)
+
+
+def test_a_receiver_remeasures_the_variants_against_the_16_bit_gguf_made_from_the_bundle(built, wide):
+    """The bundle ships no 16-bit GGUF: verify makes it from the bundle's weights and, scoring the same held-out
+    text, gets the build's figures exactly (the same tensors, so the same logits)."""
+    root, _, _ = wide
+    received = reverify_bundle(built.bundle, device="cpu", gguf_eval_text=root / "held-out.txt")
+    assert failure_message(received) is None
+    measured = {f["type"]: f for f in received["gguf"]["files"]}
+    for gguf_type, entry in files_of(built).items():
+        for key in ("reference", "tokens", "mean_kld", "p99_kld", "top1", "budget", "within_budget", "tensor_types"):
+            assert measured[gguf_type][key] == entry[key], key
+    assert "bf16" not in measured  # made in verify's working folder, not part of the bundle
+
+
+def test_verify_refuses_an_eval_text_it_cannot_read(built, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for path, reason in ((tmp_path / "missing.txt", "cannot read it"), (tmp_path / "latin1.txt", "not UTF-8")):
+        result = CliRunner().invoke(app, ["verify", str(built.bundle), "--eval-text", str(path)])
+        assert result.exit_code == 2, result.output
+        assert f"--eval-text {path}: {reason}" in result.output
+
+
+def test_a_q8_0_file_listed_alone_is_measured_too(tmp_path, models, adapters):
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), output={"dtype": "bfloat16"},
+                      export={"gguf": {"types": ["q8_0"]}}, verify={"max_new_tokens": 4, "prompts": PROMPTS[:1]})
+    result = build_bundle(plan_from_spec(spec), verify=True, device="cpu")
+    assert sorted(p.name for p in (result.bundle / "gguf").glob("*.gguf")) == ["tiny-med-q8_0.gguf"]
+    (entry,) = result.verification["gguf"]["files"]
+    assert entry["reference"] == "tiny-med-bf16.gguf" and entry["tokens"] > 0 and entry["within_budget"]
+    assert entry["budget"] == {"max_mean_kld": DEFAULT_MAX_MEAN_KLD["q8_0"], "min_top1": 0.0, "expectations": False}

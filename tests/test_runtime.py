@@ -23,6 +23,7 @@ FACTS = {
     "system_prompt": "be brief", "has_chat_template": True, "end_of_turn_token": "<|im_end|>",
     "verify_max_new_tokens": 8, "prompts": [{"prompt": "hi", "expect": {"contains": ["a"]}}], "probes": [],
     "remote_code_files": [], "remote_code_imports": [],
+    "gguf_budget": {"q4_k_m": {"max_mean_kld": 0.1, "min_top1": 0.0, "expectations": False}},
 }
 
 

@@ -27,12 +27,14 @@ For every GGUF file and every verification prompt and probe (with the bundle's s
   margin (llama.cpp's logit for its own token minus that for the bundle's); within the dtype's tolerance it is a near
   tie, beyond it a failure. For other types (q8_0, or one that rounds the bundle's weights) the same is reported and
   never failed.
-- The spec's expectations are checked on the GGUF's answer, as on the bundle's.
+- The spec's expectations are checked on the GGUF's answer, as on the bundle's: required of a 16-bit file, reported
+  for a quantized one unless its budget says `expectations` (the bundle's facts, gguf_budget).
 - Each file's size, bits per weight and tensor-type mix are read back from it (gguf.GGUFReader).
 - Each quantized file (q8_0 and llama.cpp's mixes) is measured against the 16-bit GGUF (--reference, else the bundle's
-  bf16/f16 file) on the same token stream, every prompt and probe followed by the bundle's answer, as
-  `llama-perplexity --kl-divergence` measures: per position KL(p_16bit || p_variant) of the next-token distributions
-  (mean, 99th percentile) and whether the top tokens agree; with --budget, a variant over it fails.
+  bf16/f16 file) on the same token stream, every prompt and probe followed by the bundle's answer, and the chunks of
+  --eval-text, as `llama-perplexity --kl-divergence` measures: per position KL(p_16bit || p_variant) of the
+  next-token distributions (mean, 99th percentile) and whether the top tokens agree; a variant over the budget the
+  bundle's facts give its type fails (a type without one is reported).
 """
 
 from __future__ import annotations
@@ -112,14 +114,15 @@ def token_difference(expected: list[int], got: list[int], piece) -> dict | None:
 
 
 def judge(prompt: Prompt, *, answer: str, prompt_difference: dict | None, answer_difference: dict | None,
-          exact: bool, failures: list[str]) -> dict:
+          exact: bool, failures: list[str], expectations_required: bool) -> dict:
     """One prompt's result: the prompt's ids must match; when exact, the answer must equal the bundle's unless the
-    two part at a near tie (see parting); the expectations must hold."""
+    two part at a near tie (see parting); the expectations must hold where required (else they are reported)."""
     equal = answer == prompt.bundle_answer
     near_tie = answer_difference is not None and answer_difference["near_tie"]
     return {"prompt": prompt.text, "answer": answer, "equal": equal, "difference": answer_difference,
             "prompt_tokens": len(prompt.bundle_ids), "prompt_difference": prompt_difference, "failures": failures,
-            "ok": prompt_difference is None and (equal or not exact or near_tie) and not failures}
+            "ok": (prompt_difference is None and (equal or not exact or near_tie)
+                   and not (failures and expectations_required))}
 
 
 def parting(scores, expected: list[int], end: int | None, *, dtype: str, piece) -> dict | None:
@@ -231,9 +234,10 @@ def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
 
 def contents(path: Path) -> dict:
     """What the file holds, read back from it (gguf.GGUFReader): its size, the bits per weight of its tensor data
-    (8 * data bytes / weights) and the tensor types actually written, each with its tensor count and share of weights
-    (llama.cpp's quantizer falls back to other types where a row's length is not a multiple of 256). Empty where the
-    verifying interpreter lacks the `gguf` library (llama-cpp-python does not bring it): the report then omits them."""
+    (8 * data bytes / weights), the tensor types actually written with their tensor counts, and each type's share of
+    the weights (llama.cpp's quantizer falls back to other types where a row's length is not a multiple of 256).
+    Empty where the verifying interpreter lacks the `gguf` library (llama-cpp-python does not bring it): the report
+    then omits them."""
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -247,9 +251,10 @@ def contents(path: Path) -> dict:
         entry = mix.setdefault(tensor.tensor_type.name, {"tensors": 0, "weights": 0})
         entry["tensors"] += 1
         entry["weights"] += int(tensor.n_elements)
+    ordered = sorted(mix.items(), key=lambda item: -item[1]["weights"])  # the type holding most weights first
     return {"bytes": path.stat().st_size, "bits_per_weight": round(8 * data / weights, 3),
-            "tensor_types": {name: {"tensors": e["tensors"], "share": round(e["weights"] / weights, 4)}
-                             for name, e in sorted(mix.items(), key=lambda item: -item[1]["weights"])}}
+            "tensor_types": {name: e["tensors"] for name, e in ordered},
+            "weight_shares": {name: round(e["weights"] / weights, 4) for name, e in ordered}}
 
 
 def log_softmax(rows: Any) -> Any:
@@ -276,15 +281,14 @@ def divergence(reference_logits: Any, variant_logits: Any) -> tuple[Any, Any]:
 
 
 def quality(kld: Any, top1: Any, budget: dict | None) -> dict:
-    """The figures of one variant over every scored position, against its budget (None: reported, not gated)."""
+    """The figures of one variant over every scored position, and whether they are within its budget
+    ({max_mean_kld, min_top1, ...}; None: reported, not gated)."""
     import numpy as np
 
     figures = {"tokens": int(len(kld)), "mean_kld": float(np.mean(kld)), "p99_kld": float(np.percentile(kld, 99)),
                "top1": float(np.mean(top1))}
-    if budget is None:
-        return {**figures, "max_mean_kld": None, "min_top1": None, "ok": True}
-    return {**figures, **budget,
-            "ok": figures["mean_kld"] <= budget["max_mean_kld"] and figures["top1"] >= budget["min_top1"]}
+    within = budget is None or (figures["mean_kld"] <= budget["max_mean_kld"] and figures["top1"] >= budget["min_top1"])
+    return {**figures, "budget": budget, "within_budget": within}
 
 
 def token_stream(prompts: list[Prompt], tokenizer) -> list[list[int]]:
@@ -335,18 +339,16 @@ def reference_logits(path: Path, stream: list[list[int]], folder: Path) -> list:
     return sequences
 
 
-def measure(bundle: Path, reference: Path, variant: str, stream: list[list[int]], reference_rows: list,
-            budget: dict | None) -> dict:
-    """One quantized variant against the 16-bit GGUF on the same token stream, sequence by sequence."""
+def measure(bundle: Path, variant: str, stream: list[list[int]], reference_rows: list, budget: dict | None) -> dict:
+    """One quantized variant against the 16-bit GGUF's logits on the same token stream, sequence by sequence."""
     import numpy as np
 
     scored = [divergence(r, v) for r, v in zip(reference_rows, sequence_logits(bundle / variant, stream), strict=True)]
-    return {"reference": reference.name, **quality(np.concatenate([k for k, _ in scored]),
-                                                   np.concatenate([t for _, t in scored]), budget)}
+    return quality(np.concatenate([k for k, _ in scored]), np.concatenate([t for _, t in scored]), budget)
 
 
 def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: str, system: str | None,
-               max_new_tokens: int, tokenizer, check) -> dict:
+               max_new_tokens: int, tokenizer, check, budgets: dict) -> dict:
     """Load one GGUF in llama.cpp and answer every prompt greedily with its embedded chat template."""
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -354,6 +356,7 @@ def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: 
     path = bundle / name
     gguf_type = export_type(name)
     exact = must_be_equal(gguf_type, bundle_dtype)
+    expectations_required = gguf_type not in QUANTIZED or budgets.get(gguf_type, {}).get("expectations", False)
     threads = machine_threads()
     # Room for every prompt and its answer, with slack for a tokenizer that splits a prompt finer than the bundle's
     # (that prompt then fails the ids comparison, but it still runs).
@@ -404,10 +407,10 @@ def check_file(bundle: Path, name: str, prompts: list[Prompt], *, bundle_dtype: 
         results.append(judge(
             prompt, answer=answer, exact=exact, answer_difference=difference,
             prompt_difference=token_difference(prompt.bundle_ids, ids, piece),
-            failures=check.check_expectations(answer, prompt.expect),
+            failures=check.check_expectations(answer, prompt.expect), expectations_required=expectations_required,
         ))
     return {"file": name, "type": gguf_type, "exact": exact, "load_seconds": round(load_seconds, 2),
-            "tokenization": tokenization, "answers": results,
+            "tokenization": tokenization, "answers": results, "expectations_required": expectations_required,
             "ok": tokenization is None and all(r["ok"] for r in results)}
 
 
@@ -419,8 +422,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--reference", type=Path,
                         help="the 16-bit GGUF the quantized files are measured against (default: the bundle's)")
-    parser.add_argument("--budget", type=json.loads, default=None,
-                        help='JSON {type: {"max_mean_kld": x, "min_top1": y}}; without it the figures are reported')
     parser.add_argument("--eval-text", type=Path, help="a text file scored too, in chunks of EVAL_CHUNK tokens")
     parser.add_argument("files", nargs="+", help="the GGUF files, relative to the bundle")
     args = parser.parse_args(argv)
@@ -446,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.files:
         check.progress(f"gguf: loading {name} in llama.cpp")
         files.append(check_file(args.bundle, name, prompts, bundle_dtype=facts.dtype, system=facts.system_prompt,
-                                max_new_tokens=facts.verify_max_new_tokens, tokenizer=tokenizer, check=check))
+                                max_new_tokens=facts.verify_max_new_tokens, tokenizer=tokenizer, check=check,
+                                budgets=facts.gguf_budget))
     sixteen_bit = [n for n in args.files if export_type(n) in SIXTEEN_BIT]
     reference = args.reference or (args.bundle / sixteen_bit[0] if sixteen_bit else None)
     quantized = [f for f in files if f["type"] in QUANTIZED]
@@ -458,9 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="modelpack-gguf-logits-") as folder:
             reference_rows = reference_logits(reference, stream, Path(folder))
             for entry in quantized:
-                budget = args.budget.get(entry["type"]) if args.budget is not None else None
-                entry["quality"] = measure(args.bundle, reference, entry["file"], stream, reference_rows, budget)
-                entry["ok"] = entry["ok"] and entry["quality"]["ok"]
+                entry.update(reference=reference.name, **measure(args.bundle, entry["file"], stream, reference_rows,
+                                                                 facts.gguf_budget.get(entry["type"])))
+                entry["ok"] = entry["ok"] and entry["within_budget"]
             del reference_rows  # the memory map, before its folder goes
     for entry in files:
         entry.update(contents(args.bundle / entry["file"]))

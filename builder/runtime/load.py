@@ -74,6 +74,9 @@ class BundleFacts:
     # The model's own code, which trust_remote_code runs, and the packages it imports (requirements.txt pins them).
     remote_code_files: list[str] = field(default_factory=list)
     remote_code_imports: list[str] = field(default_factory=list)
+    # Quantized GGUF type -> {max_mean_kld, min_top1, expectations}: how far each quantized GGUF file may move the
+    # 16-bit GGUF's next-token distributions, and whether its answers must meet the expectations (gguf_check.py).
+    gguf_budget: dict = field(default_factory=dict)
 
 
 class BundleLoadError(RuntimeError):
