@@ -231,6 +231,18 @@ def generate_adapter(folder: Path, base: Path, size: str, *, dtype: torch.dtype,
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
+def linked_weights(cached: Path, folder: Path) -> Path:
+    """A fresh folder holding links to a cached base's weights and configs, without its tokenizer files (which the
+    caller writes): another tokenizer over the same multi-GB weights without copying them."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for path in cached.iterdir():
+        if path.suffix in (".safetensors", ".json") and not path.name.startswith(("tokenizer", "special_tokens")):
+            (folder / path.name).symlink_to(path.resolve())
+    return folder
+
+
 def ensure_inputs(workdir: Path, size: str, *, adapter_dtype: str, seed: int) -> tuple[Path, Path]:
     """The cached base and adapter folders for this size, generated on first use (or when stale)."""
     root = workdir / "inputs" / f"qwen2-{size}-lora{LORA_RANK}-{adapter_dtype}"

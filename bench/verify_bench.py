@@ -21,7 +21,6 @@ import datetime
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import REPO, ensure_inputs, log, machine, versions  # noqa: E402
+from merge_bench import REPO, ensure_inputs, linked_weights, log, machine, versions  # noqa: E402
 
 PROMPT = "Hello, who are you?"
 PROBE = "什么是机器学习"
@@ -49,12 +48,7 @@ def full_vocabulary_base(cached: Path, folder: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     rows = json.loads((cached / "config.json").read_text())["vocab_size"]
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for path in cached.iterdir():
-        if path.suffix in (".safetensors", ".json") and not path.name.startswith(("tokenizer", "special_tokens")):
-            (folder / path.name).symlink_to(path.resolve())
+    linked_weights(cached, folder)
     # Byte-level BPE whose vocabulary is every byte, every pair of bytes, then byte triples up to the row count.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     pairs = [a + b for a in alphabet for b in alphabet]
