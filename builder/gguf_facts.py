@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.chat import QWEN_V1_DEFAULT_SYSTEM, ChatFacts
-from builder.errors import SourceError, SpecError
+from builder.errors import ModelpackError, SourceError, SpecError
+from builder.sources import require_eval_text
 
 if TYPE_CHECKING:
     from builder.sources import BaseModelFolder
@@ -288,8 +289,11 @@ def refuse_unexportable(spec: Spec, base: BaseModelFolder, *, tensor_names: list
         return
     quantized = [t for t in spec.export.gguf.types if t in QUANTIZED_TYPES]
     eval_text = spec.export.gguf.eval_text
-    if eval_text is not None and not eval_text.is_file():
-        raise SpecError(f"{spec_file}: export.gguf.eval_text {eval_text} is not a file")
+    if eval_text is not None:
+        try:
+            require_eval_text(eval_text, named="export.gguf.eval_text")
+        except ModelpackError as exc:
+            raise SpecError(f"{spec_file}: {exc}") from exc
     if quantized and not llama_cpp_installed():
         raise SpecError(f"{spec_file}: export.gguf.types {', '.join(quantized)} are made by llama.cpp's own quantizer, "
                         "and llama-cpp-python is not installed in modelpack's environment; install the extra with "

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import SourceError
+from builder.errors import ModelpackError, SourceError
 from builder.safetensors_io import TensorLocation, read_safetensors_header
 
 # Files a tokenizer may consist of; any of them present in a folder is copied as-is.
@@ -167,6 +167,27 @@ def json_depth(value: object) -> int:
             below.extend([v for v in children if type(v) in (dict, list)])
         level = below
     return depth
+
+
+# A held-out text scored when measuring quantized GGUF files (export.gguf.eval_text, verify --eval-text): read whole
+# and tokenized at once, so bounded; gguf_check scores at most its first EVAL_MAX_TOKENS tokens anyway.
+EVAL_TEXT_MAX_BYTES = 16 << 20
+
+
+def require_eval_text(path: Path, *, named: str) -> None:
+    """A held-out text: a readable UTF-8 file of at most EVAL_TEXT_MAX_BYTES, else exit 2 naming it and the fix."""
+    try:
+        size = path.stat().st_size
+        if size > EVAL_TEXT_MAX_BYTES:
+            raise ModelpackError(f"{named} {shown_path(path)}: {size / 2**20:.1f} MiB; held-out texts are scored up "
+                                 f"to their first 8,192 tokens, so give one of at most {EVAL_TEXT_MAX_BYTES >> 20} MiB")
+        path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ModelpackError(f"{named} {shown_path(path)}: cannot read it ({exc.strerror}); name a UTF-8 text "
+                             "file") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelpackError(f"{named} {shown_path(path)}: not UTF-8 text (byte {exc.start}); name a UTF-8 text "
+                             "file") from exc
 
 
 def shown_path(path: Path | str) -> str:

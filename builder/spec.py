@@ -416,7 +416,8 @@ class GgufExportSpec(_Section):
         "on the verification prompts, their answers and the probes; a variant over it fails verification."))
     eval_text: SpecPath | None = Field(default=None, description=(
         "A UTF-8 text file (held-out data of the fine-tune's own kind) also scored when measuring the quantized "
-        "variants, in chunks of 512 tokens; about 2,000 tokens or more give a firm figure."))
+        "variants, in chunks of 512 tokens, up to its first 8,192 tokens (at most 16 MiB); about 2,000 tokens or more "
+        "give a firm figure."))
 
     @field_validator("types")
     @classmethod

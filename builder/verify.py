@@ -39,7 +39,7 @@ from builder.report import (
 # The runtime's marker before its own progress lines (bundle_check.progress, which equivalence.py uses too).
 from builder.runtime.bundle_check import PROGRESS_MARKER
 from builder.runtime.load import FACTS_FILE
-from builder.sources import read_json, shown_path
+from builder.sources import read_json, require_eval_text, shown_path
 from builder.spec import NAME_PATTERN
 from builder.subprocesses import describe_crash, die_with_parent, model_code_env, verifying_python
 from builder.trust import (
@@ -149,7 +149,7 @@ def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_
     receiver's held-out text, scored too when measuring the quantized GGUF files (the build's is not shipped)."""
     python = verifying_python(python)
     if gguf_eval_text is not None:
-        require_text_file(gguf_eval_text, option="--eval-text")
+        require_eval_text(gguf_eval_text, named="--eval-text")
     steps = _Steps(python=python, device=device, max_memory=max_memory, compare_base=False,
                    trust_remote_code=trust_remote_code, progress=progress, serving=serving,
                    gguf_eval_text=gguf_eval_text)
@@ -162,18 +162,6 @@ def reverify_bundle(bundle: Path, *, expected_digest: str | None = None, public_
         sources, unavailable = recorded_sources(snapshot.manifest)
         return steps.run(snapshot.folder, snapshot.manifest, snapshot.integrity, snapshot.digest, sources,
                          unavailable or NO_SOURCES, snapshot=snapshot, origin=bundle)
-
-
-def require_text_file(path: Path, *, option: str) -> None:
-    """A text file the user names on the command line: readable UTF-8, else exit 2 naming it."""
-    try:
-        path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ModelpackError(f"{option} {shown_path(path)}: cannot read it ({exc.strerror}); name a UTF-8 text "
-                             "file") from exc
-    except UnicodeDecodeError as exc:
-        raise ModelpackError(f"{option} {shown_path(path)}: not UTF-8 text (byte {exc.start}); name a UTF-8 text "
-                             "file") from exc
 
 
 @dataclass(frozen=True)

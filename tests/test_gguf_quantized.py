@@ -251,3 +251,30 @@ def test_a_q8_0_file_listed_alone_is_measured_too(tmp_path, models, adapters):
     (entry,) = result.verification["gguf"]["files"]
     assert entry["reference"] == "tiny-med-bf16.gguf" and entry["tokens"] > 0 and entry["within_budget"]
     assert entry["budget"] == {"max_mean_kld": DEFAULT_MAX_MEAN_KLD["q8_0"], "min_top1": 0.0, "expectations": False}
+
+
+def test_a_held_out_text_is_scored_up_to_its_first_8192_tokens_in_chunks_of_512():
+    def tokenizer(text, add_special_tokens):
+        return {"input_ids": list(range(len(text)))}  # a token per character
+
+    chunks = gguf_check.text_chunks("x" * 20_000, tokenizer)
+    assert [len(c) for c in chunks] == [512] * 16 and chunks[-1][-1] == 8191
+    # the last token alone predicts nothing
+    assert [len(c) for c in gguf_check.text_chunks("x" * 1_025, tokenizer)] == [512, 512]
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"caf\xe9 au lait", r"not UTF-8 text \(byte 3\)"),
+    (None, r"17\.0 MiB; held-out texts are scored up to their first 8,192 tokens, so give one of at most 16 MiB"),
+])
+def test_a_held_out_text_that_cannot_be_scored_is_refused_at_validate(tmp_path, models, adapters, content, reason):
+    held_out = tmp_path / "held-out.txt"
+    if content is None:
+        with open(held_out, "wb") as f:  # sparse: 17 MiB of nothing on disk
+            f.truncate(17 << 20)
+    else:
+        held_out.write_bytes(content)
+    base = models("qwen2", tied=True, dtype=torch.float32)
+    spec = write_spec(tmp_path, base, adapters(base), export={"gguf": {"types": ["q8_0"], "eval_text": "held-out.txt"}})
+    with pytest.raises(SpecError, match=rf"export\.gguf\.eval_text .*held-out\.txt: {reason}"):
+        plan_from_spec(spec)

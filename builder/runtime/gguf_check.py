@@ -72,6 +72,9 @@ SIXTEEN_BIT = ("bf16", "f16")
 QUANTIZED = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_0", "q4_0")
 # The length of the held-out text's chunks (export.gguf.eval_text), each scored from its first token.
 EVAL_CHUNK = 512
+# The most tokens of it scored (16 chunks): every position costs a forward pass per file and keeps the 16-bit file's
+# logits on disk meanwhile (8,192 positions over a 152k vocabulary: 5 GB).
+EVAL_MAX_TOKENS = 16 * EVAL_CHUNK
 # Positions whose divergence is computed at once (float64 copies of their logits): about 100 MB for 152k tokens.
 DIVERGENCE_ROWS = 64
 
@@ -299,9 +302,9 @@ def token_stream(prompts: list[Prompt], tokenizer) -> list[list[int]]:
 
 
 def text_chunks(text: str, tokenizer) -> list[list[int]]:
-    """A held-out text as the bundle's tokenizer splits it, in chunks of EVAL_CHUNK tokens (the last may be shorter;
-    one of a single token predicts nothing and is left out)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    """A held-out text's first EVAL_MAX_TOKENS tokens as the bundle's tokenizer splits it, in chunks of EVAL_CHUNK
+    tokens (the last may be shorter; one of a single token predicts nothing and is left out)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:EVAL_MAX_TOKENS]
     return [ids[i:i + EVAL_CHUNK] for i in range(0, len(ids), EVAL_CHUNK) if len(ids[i:i + EVAL_CHUNK]) > 1]
 
 
