@@ -7,6 +7,7 @@ import importlib.resources
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -319,6 +320,14 @@ def _measuring_reference(bundle: Path, files: list[str], workdir: str,
     from builder.gguf_export import reference_gguf
 
     out = Path(workdir) / Path(gguf_path(name, gguf_type)).name
+    # 2 bytes a weight, from weights of the bundle's dtype; free space is the receiver's to find, so exit 2.
+    dtype = BY_NAME.get(str(facts.get("dtype")), BY_NAME["float32"])
+    needed = sum(p.stat().st_size for p in bundle.glob("*.safetensors")) * 2 // dtype.itemsize
+    free = shutil.disk_usage(workdir).free
+    if needed > free:
+        raise ModelpackError(f"measuring the bundle's quantized GGUF files needs the 16-bit GGUF made from its "
+                             f"weights, about {needed / 1e9:.1f} GB in {Path(workdir).parent}, which has "
+                             f"{free / 1e9:.1f} GB free; free space there or point TMPDIR at a larger disk")
     progress(f"gguf: making {out.name} from the bundle's weights, to measure its quantized files against")
     try:
         reference_gguf(bundle, out, gguf_type, name=name)

@@ -278,3 +278,20 @@ def test_a_held_out_text_that_cannot_be_scored_is_refused_at_validate(tmp_path, 
     spec = write_spec(tmp_path, base, adapters(base), export={"gguf": {"types": ["q8_0"], "eval_text": "held-out.txt"}})
     with pytest.raises(SpecError, match=rf"export\.gguf\.eval_text .*held-out\.txt: {reason}"):
         plan_from_spec(spec)
+
+
+def test_the_reference_logits_need_their_disk_before_they_are_written(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: .*1000000\.0 GB for 100 positions, and .* GB free; free space there"):
+        gguf_check.require_free_space(tmp_path, 10**15, 100)
+    gguf_check.require_free_space(tmp_path, 1, 100)
+
+
+def test_a_receiver_without_room_for_the_16_bit_gguf_is_told_where_and_how_much(built, monkeypatch):
+    import builder.verify
+
+    free = type("Usage", (), {"free": 1000})
+    monkeypatch.setattr(builder.verify.shutil, "disk_usage", lambda path: free)
+    result = CliRunner().invoke(app, ["verify", str(built.bundle), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "needs the 16-bit GGUF made from its weights, about" in result.output
+    assert "GB free; free space there or point TMPDIR at a larger disk" in result.output

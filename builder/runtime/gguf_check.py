@@ -334,12 +334,25 @@ def reference_logits(path: Path, stream: list[list[int]], folder: Path) -> list:
     total, rows, offset, sequences = sum(len(ids) for ids in stream), None, 0, []
     for logits in sequence_logits(path, stream):
         if rows is None:
+            require_free_space(folder, total * logits.shape[1] * logits.itemsize, total)
             rows = np.memmap(folder / "reference-logits.f32", dtype=np.float32, mode="w+",
                              shape=(total, logits.shape[1]))
         rows[offset:offset + len(logits)] = logits
         sequences.append(rows[offset:offset + len(logits)])
         offset += len(logits)
     return sequences
+
+
+def require_free_space(folder: Path, needed: int, positions: int) -> None:
+    """Stop with one sentence when the reference logits cannot fit where they are kept (a full disk would kill this
+    process with SIGBUS halfway through the memory map)."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise SystemExit(f"error: measuring the quantized GGUF files keeps the 16-bit file's logits on disk, "
+                         f"{needed / 1e9:.1f} GB for {positions} positions, and {folder.parent} has {free / 1e9:.1f} "
+                         "GB free; free space there or point TMPDIR at a larger disk")
 
 
 def measure(bundle: Path, variant: str, stream: list[list[int]], reference_rows: list, budget: dict | None) -> dict:
