@@ -380,6 +380,31 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Runs one command as `modelpack` does, in a fresh interpreter, then names the heavy modules it imported.
+_COMMAND_PROBE = """
+import json, sys
+from builder.cli import main
+sys.argv[0] = "modelpack"
+code = 0
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code or 0
+print("MODELPACK_PROBE " + json.dumps({"exit": code, "heavy": sorted(
+    m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))}), file=sys.stderr)
+"""
+
+
+def heavy_imports_of(args: list[str]) -> tuple[dict, str]:
+    """`modelpack ARGS` in a fresh interpreter: {exit, heavy (the torch, transformers and peft modules it imported)},
+    and its output for the assertion message."""
+    done = subprocess.run([sys.executable, "-c", _COMMAND_PROBE, *args], cwd=Path(__file__).resolve().parents[1],
+                          env=subprocess_env(NO_COLOR="1"), capture_output=True, text=True, timeout=120, check=False)
+    probe = [line for line in done.stderr.splitlines() if line.startswith("MODELPACK_PROBE ")]
+    assert probe, done.stderr
+    return json.loads(probe[-1].split(" ", 1)[1]), done.stdout + done.stderr
+
+
 def run_python(python: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
     process = subprocess.run([python, *args], cwd=cwd, env=env or subprocess_env(), capture_output=True,
                              text=True, encoding="utf-8", timeout=timeout)

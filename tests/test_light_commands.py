@@ -7,9 +7,7 @@ settings (transformers' GenerationConfig). The chat template environment has its
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from builder.dtypes import OLDEST_TORCH, SAFETENSORS_DTYPES, readable
 from builder.merge_blocks import FLOAT16_MAX
 from builder.sources import causal_lm_classes, causal_lm_literal
 from builder.spec import GenerationSpec
-from helpers import qwen_base, random_checkpoint, subprocess_env, write_spec
+from helpers import heavy_imports_of, qwen_base, random_checkpoint, write_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,20 +32,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "peft")
-# Runs one command as `modelpack` does, in a fresh interpreter, then names the heavy modules it imported.
-PROBE = f"""
-import json, sys
-from builder.cli import main
-sys.argv[0] = "modelpack"
-code = 0
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code or 0
-print("MODELPACK_PROBE " + json.dumps({{"exit": code, "heavy": sorted(
-    m for m in sys.modules if m.split(".")[0] in {HEAVY!r})}}), file=sys.stderr)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +89,8 @@ COMMANDS = {
 @pytest.mark.parametrize("command", COMMANDS)
 def test_light_commands_never_import_torch_transformers_or_peft(inputs, command):
     args = [arg.format_map({name: str(path) for name, path in inputs.items()}) for arg in COMMANDS[command]]
-    done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=REPO, env=subprocess_env(NO_COLOR="1"),
-                          capture_output=True, text=True, timeout=120, check=False)
-    probe = [line for line in done.stderr.splitlines() if line.startswith("MODELPACK_PROBE ")]
-    assert probe, done.stderr
-    found = json.loads(probe[-1].split(" ", 1)[1])
-    assert found["exit"] == 0, done.stdout + done.stderr  # a command that failed early proves nothing
+    found, output = heavy_imports_of(args)
+    assert found["exit"] == 0, output  # a command that failed early proves nothing
     assert found["heavy"] == []
 
 

@@ -44,7 +44,14 @@ from builder.model_artifact import (
 )
 from builder.registry import Credentials, RegistryClient, docker_credentials, parse_reference
 from builder.trust import bundle_digest
-from helpers import environment_unavailable, signing_key_pair, subprocess_env, tree_snapshot, valid_output
+from helpers import (
+    environment_unavailable,
+    heavy_imports_of,
+    signing_key_pair,
+    subprocess_env,
+    tree_snapshot,
+    valid_output,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # model-spec v0.0.7's schema/config-schema.json, as its repository has it (commit 6440437b): the copy is exact.
@@ -503,30 +510,12 @@ def test_a_blob_longer_than_its_descriptor_is_cut_and_refused(registry, tmp_path
 
 # ------------------------------------------------------------------------------ as a deployment runs it
 
-PROBE = """
-import json, sys
-from builder.cli import main
-sys.argv[0] = "modelpack"
-code = 0
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code or 0
-print("MODELPACK_PROBE " + json.dumps({"exit": code, "heavy": sorted(
-    m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))}), file=sys.stderr)
-"""
-
-
 def test_push_and_pull_in_a_fresh_process_import_no_torch_transformers_or_peft(registry, bundle, tmp_path):
     reference = f"{registry.host}/models/tiny-med:v1"
     for args in (["push", str(bundle), reference, "--plain-http"],
                  ["pull", reference, str(tmp_path / "pulled"), "--plain-http"]):
-        done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=REPO, env=subprocess_env(NO_COLOR="1"),
-                              capture_output=True, text=True, timeout=120, check=False)
-        probe = [line for line in done.stderr.splitlines() if line.startswith("MODELPACK_PROBE ")]
-        assert probe, done.stderr
-        found = json.loads(probe[-1].split(" ", 1)[1])
-        assert found == {"exit": 0, "heavy": []}, done.stdout + done.stderr
+        found, output = heavy_imports_of(args)
+        assert found == {"exit": 0, "heavy": []}, output
     assert tree_snapshot(tmp_path / "pulled") == tree_snapshot(bundle)
 
 
