@@ -295,3 +295,19 @@ def test_a_receiver_without_room_for_the_16_bit_gguf_is_told_where_and_how_much(
     assert result.exit_code == 2, result.output
     assert "needs the 16-bit GGUF made from its weights, about" in result.output
     assert "GB free; free space there or point TMPDIR at a larger disk" in result.output
+
+
+def test_the_quantized_types_are_one_list_wherever_they_are_named():
+    """The spec (the lowest layer), gguf_facts and the standalone gguf_check each name them; they must agree, and the
+    spec's description must state the defaults modelpack applies."""
+    from typing import get_args
+
+    from builder.gguf_facts import QUANTIZED_TYPES, SIXTEEN_BIT_TYPES
+    from builder.spec import GgufBudget, QuantizedGgufType
+
+    assert set(get_args(QuantizedGgufType)) == set(DEFAULT_MAX_MEAN_KLD) == set(gguf_check.QUANTIZED)
+    assert set(DEFAULT_MAX_MEAN_KLD) == {"q8_0", *QUANTIZED_TYPES}
+    assert set(gguf_check.SIXTEEN_BIT) == set(SIXTEEN_BIT_TYPES)
+    described = GgufBudget.model_fields["max_mean_kld"].description
+    for gguf_type, default in DEFAULT_MAX_MEAN_KLD.items():
+        assert f"{gguf_type} {default:g}" in described
